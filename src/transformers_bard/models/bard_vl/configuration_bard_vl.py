@@ -1,0 +1,74 @@
+"""BardVLConfig: Qwen3-VL's config plus the three fields block diffusion needs (DESIGN 2, 3.2).
+
+This file is exported next to the weights for ``trust_remote_code``: it imports only torch/transformers and
+its siblings.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.qwen3_vl.configuration_qwen3_vl import (
+    Qwen3VLConfig,
+    Qwen3VLTextConfig,
+    Qwen3VLVisionConfig,
+)
+
+# Upstream BARD-VL checkpoints use this id for `<|mask|>` and ship no string for it (DESIGN 2).
+UPSTREAM_MASK_TOKEN_ID = 151671
+# Qwen3-VL's embedding has this many rows; a config with a vocabulary at least this large is "Qwen-sized".
+QWEN_VOCAB_SIZE = 151936
+PROMPT_ATTENTION_CHOICES = ("block_causal", "causal")
+
+
+@strict
+class BardVLConfig(Qwen3VLConfig):
+    r"""
+    Configuration of a block-diffusion Qwen3-VL (BARD-VL). Every Qwen3-VL field keeps its meaning; new fields:
+
+    block_size (`int`, defaults to 4):
+        Number of tokens decoded in parallel per block (B). Training masks and `generate` both use it.
+    mask_token_id (`int`, *optional*):
+        Id of `<|mask|>`. When absent and the vocabulary is Qwen-sized, the upstream BARD-VL id 151671 is used.
+    prompt_attention (`str`, defaults to `"block_causal"`):
+        How prompt (prefix) tokens attend to each other: `"block_causal"` (chunks of `block_size`, bidirectional inside
+        a chunk, the reference behaviour) or `"causal"` (token-causal). Training and generation must agree.
+    """
+
+    model_type = "bard_vl"
+    sub_configs_defaults = {
+        "vision_config": Qwen3VLVisionConfig,
+        "text_config": Qwen3VLTextConfig,
+    }
+
+    block_size: int = 4
+    mask_token_id: int | None = None
+    prompt_attention: str = "block_causal"
+
+    def __post_init__(self, **kwargs):
+        # Upstream BARD-VL configs label their text sub-config `bard_vl_text`; its fields are Qwen3-VL's, so it is read
+        # as a Qwen3-VL text config (which also lets `AutoModel.from_config` build the unchanged text model).
+        if isinstance(self.text_config, dict) and self.text_config.get("model_type") == "bard_vl_text":
+            self.text_config = {**self.text_config, "model_type": "qwen3_vl_text"}
+        super().__post_init__(**kwargs)
+        if self.mask_token_id is None and self.text_config.vocab_size >= QWEN_VOCAB_SIZE:
+            self.mask_token_id = UPSTREAM_MASK_TOKEN_ID
+        self.validate_bard_fields()
+
+    def validate_bard_fields(self):
+        """Raise a ValueError naming the field, the value and the fix for any invalid BARD field."""
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be an integer >= 1, got {self.block_size!r}. Use e.g. block_size=4.")
+        if self.prompt_attention not in PROMPT_ATTENTION_CHOICES:
+            raise ValueError(
+                f"`prompt_attention` must be one of {PROMPT_ATTENTION_CHOICES}, got {self.prompt_attention!r}."
+            )
+        if self.mask_token_id is not None:
+            vocab = self.text_config.vocab_size
+            if isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, int):
+                raise ValueError(f"`mask_token_id` must be an integer, got {self.mask_token_id!r}.")
+            if not 0 <= self.mask_token_id < vocab:
+                raise ValueError(
+                    f"`mask_token_id`={self.mask_token_id} is outside the embedding (vocab_size={vocab}). Add the "
+                    "`<|mask|>` token with `transformers_bard.convert_from_autoregressive`, which resizes if needed."
+                )
+
+
+__all__ = ["BardVLConfig"]

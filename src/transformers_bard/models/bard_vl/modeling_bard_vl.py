@@ -1,0 +1,217 @@
+"""BardVLForConditionalGeneration: Qwen3-VL with block-diffusion attention, positions and a selective LM head.
+
+What changes relative to `Qwen3VLForConditionalGeneration` (DESIGN 1, 2, 3):
+- `forward` accepts `segment_ids` (``[batch, L]``, labels from `masking_bard_vl`): the 4-D block-diffusion mask and the
+  M-RoPE positions of the packed row ``[prefix ; x0 ; xt]`` are then built here, with the config's (or a given)
+  block size;
+- `forward` accepts `logits_mask` (``[batch, L]`` bool): the LM head runs only at those positions and `logits` is
+  ``[N, vocab]`` (N = number of True entries, row-major);
+- `labels` give a plain, *unshifted* cross-entropy: the logit at position i predicts the clean token at i (DESIGN 2).
+Same parameters and weight names as Qwen3-VL: stock and upstream BARD-VL checkpoints load unchanged.
+
+This file is exported next to the weights for ``trust_remote_code``: torch, transformers and siblings only.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLModel
+
+from .configuration_bard_vl import BardVLConfig
+from .masking_bard_vl import CLEAN, NOISY, PREFIX, block_diffusion_mask
+
+try:  # the generation module lands separately; the model works without it
+    from .generation_bard_vl import BardVLGenerationConfig, BardVLGenerationMixin
+except ImportError:  # pragma: no cover - only while generation is absent
+    BardVLGenerationConfig = None
+
+    class BardVLGenerationMixin:  # noqa: D101
+        pass
+
+
+@dataclass
+class BardVLOutput(MultimodalCausalLMOutputWithPast):
+    """`MultimodalCausalLMOutputWithPast` plus `selected_hidden_states` (``[N, hidden]``) when `logits_mask` is given."""
+
+    selected_hidden_states: torch.FloatTensor | None = None
+
+
+def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # eager attention adds the mask to the scores: a boolean mask would be silently wrong (DESIGN 3.2)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+class BardVLModel(Qwen3VLModel):
+    """Qwen3-VL backbone under the BARD config (no behavioural change)."""
+
+    config_class = BardVLConfig
+
+
+class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditionalGeneration):
+    config_class = BardVLConfig
+    # the trainer computes the block-diffusion loss itself and normalises by samples (DESIGN 3.4)
+    accepts_loss_kwargs = False
+    if BardVLGenerationConfig is not None:
+        generation_config_class = BardVLGenerationConfig
+
+    def __init__(self, config: BardVLConfig):
+        super().__init__(config)
+        self.model = BardVLModel(config)
+        self.post_init()
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.config.mask_token_id
+
+    # ------------------------------------------------------------------ masks and positions
+    def block_diffusion_attention_mask(self, segment_ids: torch.Tensor, block_size: int | None = None):
+        """The 4-D mask (DESIGN 3.2) in the form the configured attention implementation expects."""
+        block_size = self.config.block_size if block_size is None else block_size
+        mask = block_diffusion_mask(segment_ids, block_size, self.config.prompt_attention)
+        return self._format_attention_mask(mask)
+
+    def _format_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        impl = self.config._attn_implementation or "sdpa"
+        if impl == "eager":
+            return _to_additive(mask, self.dtype)
+        if impl != "sdpa":
+            raise ValueError(
+                f"attn_implementation={impl!r} cannot take the 4-D block-diffusion mask; load the model with "
+                "attn_implementation='sdpa' (default) or 'eager'."
+            )
+        return mask
+
+    def get_packed_position_ids(
+        self,
+        input_ids: torch.Tensor,
+        segment_ids: torch.Tensor,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """M-RoPE positions ``[3, batch, L]`` of a labelled row (DESIGN 2, 3.1).
+
+        Prefix tokens get Qwen3-VL's `get_rope_index` positions (computed over the prefix only); the j-th clean and
+        the j-th noisy token both get ``max(prefix positions) + 1 + j``. Padding gets 0.
+        """
+        is_prefix = segment_ids == PREFIX
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+        prefix_pos, _ = self.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=is_prefix.long(),
+        )  # [3, batch, L], zeros outside the prefix
+        prefix_pos = prefix_pos.masked_fill(~is_prefix[None], 0)
+        has_prefix = is_prefix.any(-1)
+        start = torch.where(has_prefix, prefix_pos.amax(dim=(0, 2)) + 1, torch.zeros_like(has_prefix, dtype=torch.long))
+        pos = prefix_pos.clone()
+        for segment in (CLEAN, NOISY):
+            in_segment = segment_ids == segment
+            rank = in_segment.long().cumsum(-1) - 1  # [batch, L]
+            seg_pos = (start[:, None] + rank).to(pos.dtype)
+            pos = torch.where(in_segment[None], seg_pos[None].expand_as(pos), pos)
+        return pos
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs=None,
+        segment_ids: torch.LongTensor | None = None,
+        block_size: int | None = None,
+        logits_mask: torch.BoolTensor | None = None,
+        skip_logits: bool = False,
+        **kwargs,
+    ) -> BardVLOutput:
+        r"""
+        segment_ids (`torch.LongTensor` of shape `(batch, L)`, *optional*):
+            `PAD`/`PREFIX`/`CLEAN`/`NOISY` labels (see `masking_bard_vl`). When given, `attention_mask` must be None:
+            the block-diffusion mask is built here with `block_size` (default `config.block_size`), and missing
+            `position_ids` are computed with `get_packed_position_ids`.
+        block_size (`int`, *optional*):
+            Block size of the mask built from `segment_ids` (a distillation teacher rebuilds the mask with its own).
+        logits_mask (`torch.BoolTensor` of shape `(batch, L)`, *optional*):
+            Run the LM head only where True; `logits` is then `(N, vocab)` and `selected_hidden_states` `(N, hidden)`.
+        skip_logits (`bool`):
+            With `logits_mask`: return only `selected_hidden_states` (for a chunked LM-head + loss).
+        labels (`torch.LongTensor`, *optional*):
+            Clean tokens at the same positions as the logits (no shift; -100 ignored). With `logits_mask` they may
+            be `(batch, L)` (gathered here) or `(N,)`.
+        """
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        if segment_ids is not None:
+            if attention_mask is not None:
+                raise ValueError("Pass either `segment_ids` (block-diffusion mask built here) or `attention_mask`, not both.")
+            attention_mask = self.block_diffusion_attention_mask(segment_ids, block_size)
+            if position_ids is None:
+                if input_ids is None:
+                    raise ValueError("`segment_ids` without `position_ids` needs `input_ids` to compute M-RoPE positions.")
+                position_ids = self.get_packed_position_ids(
+                    input_ids, segment_ids, mm_token_type_ids, image_grid_thw, video_grid_thw
+                )
+        elif attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            attention_mask = self._format_attention_mask(attention_mask)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs[0]  # [batch, L, hidden]
+
+        selected = None
+        if logits_mask is not None:
+            selected = hidden_states[logits_mask.bool()]  # [N, hidden]
+            logits = None if skip_logits else self.lm_head(selected)  # [N, vocab]
+            if labels is not None and labels.dim() == 2:
+                labels = labels[logits_mask.bool()]
+        else:
+            if isinstance(logits_to_keep, int):
+                hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+            else:
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None and logits is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+        return BardVLOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            selected_hidden_states=selected,
+        )
+
+
+__all__ = ["BardVLForConditionalGeneration", "BardVLModel", "BardVLOutput"]

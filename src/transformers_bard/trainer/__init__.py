@@ -1,0 +1,1 @@
+"""Trainers, their configs and loss functions for BARD training (DESIGN 3)."""

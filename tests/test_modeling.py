@@ -1,0 +1,223 @@
+"""BardVLForConditionalGeneration: the central block-diffusion invariant and the selective LM head.
+
+The invariant (DESIGN 3.1, 3.2, 4): the logits of a noisy block computed in the packed training row
+``[prefix ; x0 ; xt]`` equal the logits of the same block computed the way decoding computes them: prefill of the
+prompt into a KV cache, commit of the earlier clean blocks, then the noisy block alone against the cache.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
+from transformers_bard.models.bard_vl import (
+    CLEAN,
+    NOISY,
+    PAD,
+    PREFIX,
+    attention_mask_from_labels,
+    packed_segment_ids,
+)
+
+VOCAB = 96
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 90, 91, 92, 93
+MASK_TOKEN = 94
+PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal_patch * patch * patch
+
+
+def tiny_config(block_size=4, prompt_attention="block_causal"):
+    return BardVLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True},
+        ),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, block_size=block_size, mask_token_id=MASK_TOKEN,
+        prompt_attention=prompt_attention,
+    )
+
+
+def make_model(block_size=4, prompt_attention="block_causal", seed=0):
+    torch.manual_seed(seed)
+    config = tiny_config(block_size, prompt_attention)
+    config._attn_implementation = "sdpa"
+    model = BardVLForConditionalGeneration(config).eval()
+    return model
+
+
+def make_prompt(gen, length, with_image):
+    """Token ids and mm types of a prompt; an image of grid (1, 4, 4) gives 4 merged image tokens."""
+    text = torch.randint(0, 80, (length,), generator=gen)
+    if not with_image:
+        return text, torch.zeros(length, dtype=torch.int), None
+    ids = torch.cat([text[:2], torch.tensor([VISION_START] + [IMAGE_TOKEN] * 4 + [VISION_END]), text[2:]])
+    mm = (ids == IMAGE_TOKEN).int()
+    return ids, mm, torch.tensor([[1, 4, 4]])
+
+
+def pack_batch(prompts, responses, noisy, block_size):
+    """Left-padded prefixes, right-padded x0 and xt: the packed layout of DESIGN 3.1."""
+    P = max(len(p[0]) for p in prompts)
+    R = max(len(r) for r in responses)
+    batch = len(prompts)
+    prefix_ids = torch.zeros(batch, P, dtype=torch.long)
+    prefix_mm = torch.zeros(batch, P, dtype=torch.int)
+    prefix_att = torch.zeros(batch, P, dtype=torch.long)
+    x0 = torch.zeros(batch, R, dtype=torch.long)
+    xt = torch.zeros(batch, R, dtype=torch.long)
+    resp = torch.zeros(batch, R, dtype=torch.long)
+    for i, ((ids, mm, _), r, n) in enumerate(zip(prompts, responses, noisy)):
+        prefix_ids[i, P - len(ids):] = ids
+        prefix_mm[i, P - len(ids):] = mm
+        prefix_att[i, P - len(ids):] = 1
+        x0[i, : len(r)] = r
+        xt[i, : len(n)] = n
+        resp[i, : len(r)] = 1
+    input_ids = torch.cat([prefix_ids, x0, xt], 1)
+    mm = torch.cat([prefix_mm, torch.zeros(batch, 2 * R, dtype=torch.int)], 1)
+    segments = packed_segment_ids(prefix_att, resp)
+    grids = [p[2] for p in prompts if p[2] is not None]
+    grid = torch.cat(grids) if grids else None
+    return input_ids, mm, segments, grid, P, R
+
+
+def decode_style_block_logits(model, prompt, x0, xt_block, block_index, pixel_values):
+    """Logits of noisy block `block_index` as decoding computes them: prefill, commits, then the block alone."""
+    ids, mm, grid = prompt
+    B = model.config.block_size
+    pa = model.config.prompt_attention
+    P = len(ids)
+    cache = DynamicCache(config=model.config)
+    prefix_seg = torch.full((1, P), PREFIX)
+    prefix_blk = (torch.arange(P) // B)[None]
+    pos, _ = model.model.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=grid)
+    mask = attention_mask_from_labels(prefix_seg, prefix_blk, prefix_seg, prefix_blk, pa)
+    model(input_ids=ids[None], attention_mask=mask, position_ids=pos, cache=cache, pixel_values=pixel_values,
+          image_grid_thw=grid, mm_token_type_ids=mm[None], use_cache=True)
+    key_seg, key_blk = prefix_seg, prefix_blk
+    start = int(pos.max()) + 1
+    first_block = math.ceil(P / B)
+    for b in range(block_index + 1):
+        seg_value = CLEAN if b < block_index else NOISY
+        tokens = x0[b * B:(b + 1) * B] if b < block_index else xt_block
+        q_seg = torch.full((1, B), seg_value)
+        q_blk = torch.full((1, B), first_block + b)
+        k_seg, k_blk = torch.cat([key_seg, q_seg], 1), torch.cat([key_blk, q_blk], 1)
+        mask = attention_mask_from_labels(q_seg, q_blk, k_seg, k_blk, pa)
+        p = (start + b * B + torch.arange(B))[None, None].expand(3, 1, B)
+        out = model(input_ids=tokens[None], attention_mask=mask, position_ids=p, cache=cache, use_cache=True)
+        if b < block_index:
+            key_seg, key_blk = k_seg, k_blk
+        else:
+            return out.logits[0]
+
+
+@pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
+@pytest.mark.parametrize("block_size", [1, 4, 8])
+def test_packed_logits_equal_decode_logits(block_size, prompt_attention):
+    model = make_model(block_size, prompt_attention)
+    gen = torch.Generator().manual_seed(block_size)
+    B = block_size
+    # three rows: with image / text only / with image, different prompt and response lengths
+    prompts = [make_prompt(gen, 7, True), make_prompt(gen, 3, False), make_prompt(gen, 10, True)]
+    n_blocks = [3, 2, 1] if B < 8 else [2, 1, 2]
+    responses = [torch.randint(0, 80, (n * B,), generator=gen) for n in n_blocks]
+    noisy = []
+    for r in responses:
+        n = r.clone()
+        n[torch.rand(len(r), generator=gen) < 0.5] = MASK_TOKEN
+        noisy.append(n)
+    pixel_rows = [torch.randn(16, PATCH_DIM, generator=gen) for p in prompts if p[2] is not None]
+    pixel_values = torch.cat(pixel_rows)
+    input_ids, mm, segments, grid, P, R = pack_batch(prompts, responses, noisy, B)
+    logits_mask = segments == NOISY
+    with torch.no_grad():
+        out = model(input_ids=input_ids, segment_ids=segments, mm_token_type_ids=mm, pixel_values=pixel_values,
+                    image_grid_thw=grid, logits_mask=logits_mask)
+    assert out.logits.shape == (int(logits_mask.sum()), VOCAB)
+    packed = torch.full((len(prompts), R, VOCAB), float("nan"))
+    packed[logits_mask[:, P + R:]] = out.logits
+    pixel_iter = iter(pixel_rows)
+    for row, prompt in enumerate(prompts):
+        pv = next(pixel_iter) if prompt[2] is not None else None
+        for b in range(n_blocks[row]):
+            with torch.no_grad():
+                ref = decode_style_block_logits(model, prompt, responses[row], noisy[row][b * B:(b + 1) * B], b, pv)
+            torch.testing.assert_close(packed[row, b * B:(b + 1) * B], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_noisy_block_does_not_depend_on_later_blocks():
+    """Changing a later noisy block or a later clean block leaves an earlier noisy block's logits unchanged."""
+    model = make_model(4)
+    gen = torch.Generator().manual_seed(0)
+    prompt = make_prompt(gen, 5, False)
+    x0 = torch.randint(0, 80, (12,), generator=gen)
+    xt = torch.full((12,), MASK_TOKEN)
+    input_ids, mm, seg, grid, P, R = pack_batch([prompt], [x0], [xt], 4)
+    with torch.no_grad():
+        base = model(input_ids=input_ids, segment_ids=seg, logits_mask=seg == NOISY).logits
+        changed = input_ids.clone()
+        changed[0, P + 8:P + 12] = 1  # last clean block
+        changed[0, P + R + 4:] = 2  # later noisy blocks
+        other = model(input_ids=changed, segment_ids=seg, logits_mask=seg == NOISY).logits
+    torch.testing.assert_close(base[:4], other[:4])
+    assert not torch.allclose(base[4:], other[4:])
+
+
+def test_selective_head_matches_full_head_and_unshifted_loss():
+    model = make_model(4)
+    gen = torch.Generator().manual_seed(1)
+    prompt = make_prompt(gen, 6, False)
+    x0 = torch.randint(0, 80, (8,), generator=gen)
+    input_ids, mm, seg, grid, P, R = pack_batch([prompt], [x0], [x0.clone()], 4)
+    keep = seg == NOISY
+    labels = torch.full_like(input_ids, -100)
+    labels[keep] = x0
+    with torch.no_grad():
+        full = model(input_ids=input_ids, segment_ids=seg).logits  # [1, L, V]
+        sel = model(input_ids=input_ids, segment_ids=seg, logits_mask=keep, labels=labels)
+        hidden_only = model(input_ids=input_ids, segment_ids=seg, logits_mask=keep, skip_logits=True)
+    torch.testing.assert_close(sel.logits, full[keep])
+    assert hidden_only.logits is None
+    torch.testing.assert_close(model.lm_head(hidden_only.selected_hidden_states), sel.logits)
+    # no shift: CE of logit i against the clean token at i
+    expected = torch.nn.functional.cross_entropy(full[keep].float(), x0)
+    torch.testing.assert_close(sel.loss, expected)
+
+
+def test_eager_attention_matches_sdpa():
+    model = make_model(4)
+    gen = torch.Generator().manual_seed(2)
+    prompt = make_prompt(gen, 6, False)
+    x0 = torch.randint(0, 80, (8,), generator=gen)
+    xt = x0.clone()
+    xt[::2] = MASK_TOKEN
+    input_ids, mm, seg, grid, P, R = pack_batch([prompt], [x0], [xt], 4)
+    with torch.no_grad():
+        sdpa = model(input_ids=input_ids, segment_ids=seg, logits_mask=seg == NOISY).logits
+        model.config._attn_implementation = "eager"
+        model.model.language_model.config._attn_implementation = "eager"
+        eager = model(input_ids=input_ids, segment_ids=seg, logits_mask=seg == NOISY).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_segment_ids_and_attention_mask_are_exclusive():
+    model = make_model(4)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(input_ids=ids, segment_ids=torch.full((1, 4), PREFIX), attention_mask=torch.ones(1, 4))
+
+
+def test_padding_rows_are_finite():
+    model = make_model(4)
+    seg = torch.tensor([[PAD, PAD, PREFIX, PREFIX, CLEAN, CLEAN, CLEAN, CLEAN, NOISY, NOISY, NOISY, NOISY]])
+    ids = torch.randint(0, 80, seg.shape)
+    with torch.no_grad():
+        out = model(input_ids=ids, segment_ids=seg)
+    assert torch.isfinite(out.logits).all()
