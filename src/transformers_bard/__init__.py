@@ -6,10 +6,12 @@ Importing the package registers the BARD-VL classes with transformers' Auto clas
 
 __version__ = "0.1.0"
 
+from .conversion import convert_from_autoregressive  # noqa: E402
 from .models.bard_vl import (  # noqa: E402
     BardVLConfig,
     BardVLForConditionalGeneration,
 )
+from .models.bard_vl.processing_bard_vl import BardVLProcessor  # noqa: E402
 from .registration import register_auto_classes  # noqa: E402
 
 register_auto_classes()
@@ -18,5 +20,7 @@ __all__ = [
     "__version__",
     "BardVLConfig",
     "BardVLForConditionalGeneration",
+    "BardVLProcessor",
+    "convert_from_autoregressive",
     "register_auto_classes",
 ]

@@ -1,8 +1,9 @@
 """Registration of the BARD-VL classes with transformers' Auto classes (DESIGN 5)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .models.bard_vl import BardVLConfig, BardVLForConditionalGeneration
+from .models.bard_vl.processing_bard_vl import BardVLProcessor
 
 
 def register_auto_classes() -> None:
@@ -14,3 +15,4 @@ def register_auto_classes() -> None:
     AutoConfig.register("bard_vl", BardVLConfig, exist_ok=True)
     AutoModel.register(BardVLConfig, BardVLForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(BardVLConfig, BardVLForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(BardVLConfig, BardVLProcessor, exist_ok=True)

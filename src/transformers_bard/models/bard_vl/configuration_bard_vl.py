@@ -30,6 +30,8 @@ class BardVLConfig(Qwen3VLConfig):
     prompt_attention (`str`, defaults to `"block_causal"`):
         How prompt (prefix) tokens attend to each other: `"block_causal"` (chunks of `block_size`, bidirectional inside
         a chunk, the reference behaviour) or `"causal"` (token-causal). Training and generation must agree.
+    source_model (`str`, *optional*):
+        The autoregressive checkpoint this model was converted from (the model card's `base_model`).
     """
 
     model_type = "bard_vl"
@@ -41,6 +43,7 @@ class BardVLConfig(Qwen3VLConfig):
     block_size: int = 4
     mask_token_id: int | None = None
     prompt_attention: str = "block_causal"
+    source_model: str | None = None
 
     def __post_init__(self, **kwargs):
         # Upstream BARD-VL configs label their text sub-config `bard_vl_text`; its fields are Qwen3-VL's, so it is read

@@ -1,0 +1,121 @@
+"""The `transformers-bard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Convert an autoregressive Qwen3-VL checkpoint into a BARD-VL checkpoint.")
+    p.add_argument("source", help="Qwen3-VL checkpoint directory (Hub layout) or Hub id.")
+    p.add_argument("output", help="Output directory for the BARD-VL checkpoint.")
+    p.add_argument("--block-size", type=int, default=4, help="Block size B written to the config (default 4).")
+    p.add_argument(
+        "--prompt-attention", choices=["block_causal", "causal"], default="block_causal",
+        help="How prompt tokens attend to each other (DESIGN 3.2).",
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .conversion import convert_from_autoregressive
+
+    out = convert_from_autoregressive(
+        args.source, args.output, block_size=args.block_size, prompt_attention=args.prompt_attention,
+        overwrite=args.overwrite,
+    )
+    print(f"BARD-VL checkpoint written to {out}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="Generate with a BARD-VL checkpoint (block-diffusion decoding).")
+    p.add_argument("model", help="BARD-VL checkpoint directory or Hub id.")
+    p.add_argument("--prompt", required=True, help="User text.")
+    p.add_argument("--image", action="append", default=[], help="Image file (repeatable).")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=None, help="Default: the model's.")
+    p.add_argument("--threshold", type=float, default=None, help="Confidence threshold tau (default 0.9).")
+    p.add_argument("--unmasking", choices=["threshold", "static"], default=None)
+    p.add_argument("--steps-per-block", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--stream", action="store_true", help="Print finished blocks as they are decoded.")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor, TextStreamer
+
+    import transformers_bard  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModel.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    images = [Image.open(path).convert("RGB") for path in args.image]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}], images=images or None, add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+    )
+    options = {
+        key: value
+        for key, value in dict(
+            block_size=args.block_size, threshold=args.threshold, unmasking=args.unmasking,
+            steps_per_block=args.steps_per_block, temperature=args.temperature,
+        ).items()
+        if value is not None
+    }
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    out = model.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, streamer=streamer, **options
+    )
+    if not args.stream:
+        text = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        print(text)
+    print(f"[tokens per forward: {float(out.tokens_per_forward[0]):.2f}]", file=sys.stderr)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="End-to-end demo on the built-in tiny model (offline, CPU).")
+    p.add_argument("--output-dir", default="demo_output", help="Where the demo writes its checkpoints and results.")
+    p.add_argument("--block-size", type=int, default=4)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output_dir), block_size=args.block_size)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformers-bard",
+        description="BARD: block-diffusion vision-language models from autoregressive Qwen3-VL checkpoints.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"transformers-bard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_generate(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"transformers-bard {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

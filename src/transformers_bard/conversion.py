@@ -1,0 +1,223 @@
+"""Conversion of an autoregressive Qwen3-VL checkpoint into a BARD-VL checkpoint (DESIGN 2, 5, 6).
+
+The weights do not change (block diffusion needs no new parameter): when `<|mask|>` fits inside the existing embedding
+rows the safetensors shards are copied byte for byte; only when it does not fit is the model loaded, resized and saved.
+Everything is written into a temporary folder beside the target and renamed into place at the end, so a failure
+never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import AddedToken
+from transformers import AutoTokenizer
+
+from .models.bard_vl.configuration_bard_vl import PROMPT_ATTENTION_CHOICES, BardVLConfig
+from .models.bard_vl.modeling_bard_vl import AUTO_MAP, export_remote_code, model_card
+
+logger = logging.getLogger(__name__)
+
+MASK_TOKEN = "<|mask|>"
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "bard_vl")
+# Files carried over unchanged from the source when present (tokenizer, processor, chat template).
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def _resolve_source(source: str | os.PathLike) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"`source`={str(source)!r} is a file; pass the checkpoint directory that holds config.json.")
+    text = str(source)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"`source`={text!r} does not exist. Pass a Qwen3-VL checkpoint directory.")
+    # A Hub id such as "Qwen/Qwen3-VL-4B-Instruct": download it (needs network).
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text))
+    except Exception as error:  # offline, unknown repo, no access
+        raise FileNotFoundError(
+            f"`source`={text!r} is not a local directory and could not be downloaded from the Hub ({error}). "
+            "Pass a local checkpoint directory."
+        ) from error
+
+
+def _check_arguments(source_dir: Path, output_dir: Path, block_size, prompt_attention, overwrite: bool) -> dict:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}. The paper starts at 4.")
+    if prompt_attention not in PROMPT_ATTENTION_CHOICES:
+        raise ValueError(f"`prompt_attention` must be one of {PROMPT_ATTENTION_CHOICES}, got {prompt_attention!r}.")
+    config_file = source_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"`source`={str(source_dir)!r} has no config.json; it is not a transformers checkpoint.")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type == "qwen3_vl_moe":
+        raise ValueError(
+            "`source` is a Qwen3-VL-MoE checkpoint (model_type 'qwen3_vl_moe'); transformers-bard converts dense "
+            "Qwen3-VL models only. Use a dense Qwen3-VL checkpoint (e.g. Qwen/Qwen3-VL-4B-Instruct)."
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"`source` has model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES} (a Qwen3-VL checkpoint)."
+        )
+    weights = list(source_dir.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"`source`={str(source_dir)!r} has no .safetensors weights; convert .bin weights first.")
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        if not overwrite:
+            raise FileExistsError(
+                f"`output_dir`={str(output_dir)!r} exists and is not empty. Choose another directory or pass "
+                "overwrite=True (CLI: --overwrite)."
+            )
+    if output_dir.resolve() == source_dir.resolve():
+        raise ValueError("`output_dir` must differ from `source`: the source checkpoint is never modified.")
+    return config
+
+
+def _bard_config(source_config: dict, block_size: int, mask_token_id: int, prompt_attention: str, source_name):
+    fields = dict(source_config)
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        fields.pop(key, None)
+    fields.update(
+        block_size=block_size,
+        mask_token_id=mask_token_id,
+        prompt_attention=prompt_attention,
+        source_model=source_name,
+    )
+    config = BardVLConfig.from_dict(fields)
+    config.architectures = ["BardVLForConditionalGeneration"]
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+def _source_name(source, source_config: dict) -> str:
+    name = source_config.get("source_model") or source_config.get("_name_or_path")
+    return str(name or source)
+
+
+def convert_from_autoregressive(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    block_size: int = 4,
+    *,
+    prompt_attention: str = "block_causal",
+    mask_token: str = MASK_TOKEN,
+    overwrite: bool = False,
+) -> Path:
+    """Turn a Qwen3-VL checkpoint (Hub layout) into a BARD-VL checkpoint.
+
+    Args:
+        source: a local checkpoint directory (config.json, safetensors shards + index, tokenizer, processor files,
+            chat template, generation config) or a Hub id (downloaded; needs network).
+        output_dir: where to write the BARD checkpoint. Must be empty or absent unless `overwrite=True`.
+        block_size: the block size B written to the config (DESIGN 3.5 starts at 4).
+        prompt_attention: `"block_causal"` (reference) or `"causal"` (DESIGN 3.2).
+        mask_token: the mask token string added to the tokenizer if absent (DESIGN 2).
+        overwrite: replace a non-empty `output_dir`.
+
+    Returns:
+        The output directory. It loads with `AutoModel`/`AutoModelForImageTextToText`/`AutoProcessor` after
+        `import transformers_bard`, and with `trust_remote_code=True` anywhere.
+    """
+    source_dir = _resolve_source(source)
+    output_dir = Path(output_dir)
+    source_config = _check_arguments(source_dir, output_dir, block_size, prompt_attention, overwrite)
+
+    # 1. the tokenizer, with <|mask|> (DESIGN 2): its id must fall inside the embedding rows
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    if mask_id is None or mask_id == tokenizer.unk_token_id:
+        tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
+        mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    vocab_rows = (source_config.get("text_config") or {}).get("vocab_size", source_config.get("vocab_size"))
+    needs_resize = mask_id >= vocab_rows
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        # when <|mask|> needs new embedding rows, the config takes its id only after the resize
+        config = _bard_config(
+            source_config, block_size, None if needs_resize else mask_id, prompt_attention,
+            _source_name(source, source_config),
+        )
+        # 2. carried-over files, then our tokenizer (overwrites the tokenizer files with <|mask|> added)
+        for name in CARRIED_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp_dir / name)
+        tokenizer.save_pretrained(tmp_dir)
+        _mark_processor(tmp_dir)
+        # 3. weights: unchanged shards copied as they are, or a resize when <|mask|> does not fit
+        if needs_resize:
+            config = _resize_and_save(source_dir, tmp_dir, config, len(tokenizer), mask_id)
+        else:
+            for shard in source_dir.glob("*.safetensors"):
+                shutil.copyfile(shard, tmp_dir / shard.name)
+            if (source_dir / "model.safetensors.index.json").is_file():
+                shutil.copyfile(source_dir / "model.safetensors.index.json", tmp_dir / "model.safetensors.index.json")
+            config.save_pretrained(tmp_dir)
+        # 4. decoding defaults of DESIGN 4.6 (the AR sampling settings do not carry over), code and card
+        _write_generation_config(source_dir, tmp_dir, config, tokenizer)
+        export_remote_code(tmp_dir)
+        (tmp_dir / "README.md").write_text(model_card(config))
+        # 5. move into place
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    logger.info("Converted %s to a BARD-VL checkpoint at %s (block_size=%d)", source, output_dir, block_size)
+    return output_dir
+
+
+def _mark_processor(folder: Path) -> None:
+    """Point the processor files at `BardVLProcessor` (torchvision-free) for both the package and remote code."""
+    from .models.bard_vl.processing_bard_vl import mark_processor_files
+
+    mark_processor_files(folder)
+
+
+def _resize_and_save(source_dir: Path, tmp_dir: Path, config: BardVLConfig, new_rows: int, mask_id: int):
+    """Load, grow the embedding and LM head to hold `<|mask|>` (rounded up to a multiple of 64), save."""
+    from .models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
+
+    model = BardVLForConditionalGeneration.from_pretrained(source_dir, config=config)
+    model.resize_token_embeddings(new_rows, pad_to_multiple_of=64)
+    model.config.mask_token_id = mask_id
+    model.config.validate_bard_fields()
+    model.save_pretrained(tmp_dir)
+    return model.config
+
+
+def _write_generation_config(source_dir: Path, tmp_dir: Path, config: BardVLConfig, tokenizer) -> None:
+    from .models.bard_vl.generation_bard_vl import bard_generation_config
+
+    source = None
+    if (source_dir / "generation_config.json").is_file():
+        source = json.loads((source_dir / "generation_config.json").read_text())
+    bard_generation_config(config, source, tokenizer).save_pretrained(tmp_dir)
+
+
+__all__ = ["convert_from_autoregressive", "MASK_TOKEN"]

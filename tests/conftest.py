@@ -1,0 +1,73 @@
+"""Shared, session-scoped fixtures. Built checkpoints are read-only: copy one before changing it."""
+
+import pytest
+
+from transformers_bard.testing import build_tiny_qwen3_vl
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory):
+    """A stock tiny Qwen3-VL checkpoint in the Hub layout (seed 0, 2 safetensors shards, images up to 64 x 64)."""
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl"))
+
+
+# ---------------------------------------------------------------------- block-diffusion training (issue 4)
+def _add_mask_token(tokenizer) -> int:
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken("<|mask|>", special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids("<|mask|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_bard_vl_dir(tiny_qwen3_vl_dir, tmp_path_factory):
+    """The tiny checkpoint as a BARD-VL model (block size 4, `<|mask|>` added to the tokenizer), built directly with
+    `BardVLForConditionalGeneration.from_pretrained(..., mask_token_id=...)` rather than through the conversion."""
+    from transformers_bard import BardVLForConditionalGeneration
+    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+
+    output = tmp_path_factory.mktemp("tiny_bard_vl")
+    processor = BardVLProcessor.from_pretrained(tiny_qwen3_vl_dir)
+    mask_token_id = _add_mask_token(processor.tokenizer)
+    model = BardVLForConditionalGeneration.from_pretrained(tiny_qwen3_vl_dir, mask_token_id=mask_token_id, block_size=4)
+    assert mask_token_id < model.config.text_config.vocab_size  # fits without resizing (DESIGN 2)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    return output
+
+
+def tiny_chat_rows(num_rows: int, seed: int = 0) -> list[dict]:
+    """Rows in TRL's vision format (`messages` with `{"type": "image"}` placeholders + `images`), of varied lengths;
+    every third row is text-only."""
+    import random
+
+    from transformers_bard.testing import make_image
+
+    rng = random.Random(seed)
+    colors = ["red", "green", "blue", "yellow"]
+    shapes = ["square", "circle", "star", "box"]
+    rows = []
+    for index in range(num_rows):
+        color, shape = rng.choice(colors), rng.choice(shapes)
+        answer = " ".join([f"The {color} {shape} is at the left."] * (1 + index % 3))
+        with_image = index % 3 != 2
+        user = [{"type": "image"}] if with_image else []
+        user.append({"type": "text", "text": f"What color is the {shape}?"})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ],
+                "images": [make_image(index, (32 * (1 + index % 2), 32))] if with_image else [],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dataset():
+    """A 6-row chat dataset (`datasets.Dataset`, images stored as an Image feature)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(tiny_chat_rows(6))
