@@ -1,6 +1,7 @@
 """BARD-VL: Qwen3-VL as a block-diffusion VLM. Flat files, exported next to the weights for `trust_remote_code`."""
 
 from .configuration_bard_vl import BardVLConfig
+from .generation_bard_vl import BardVLGenerationConfig, BardVLGenerationOutput, bard_generation_config
 from .masking_bard_vl import (
     CLEAN,
     NOISY,
@@ -18,6 +19,8 @@ from .modeling_bard_vl import BardVLForConditionalGeneration, BardVLModel, BardV
 __all__ = [
     "BardVLConfig",
     "BardVLForConditionalGeneration",
+    "BardVLGenerationConfig",
+    "BardVLGenerationOutput",
     "BardVLModel",
     "BardVLOutput",
     "PAD",
@@ -25,6 +28,7 @@ __all__ = [
     "CLEAN",
     "NOISY",
     "attention_mask_from_labels",
+    "bard_generation_config",
     "block_diffusion_mask",
     "block_ids_from_segments",
     "packed_position_ids",

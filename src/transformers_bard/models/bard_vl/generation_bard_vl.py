@@ -1,0 +1,943 @@
+"""Block-diffusion decoding for BARD-VL (DESIGN 4): `BardVLGenerationConfig`, `BardVLGenerationOutput` and the
+`generate` of `BardVLGenerationMixin`.
+
+Decoding runs block by block. A block starts as B `<|mask|>` tokens; each denoising step runs only those B tokens
+against the KV cache of the prompt and the finished blocks (without committing them), then unmasks the confident
+positions. A finished block is committed to the cache by one forward, fused with the first step of the next block.
+
+Configuration ownership (DESIGN 6): `BardVLGenerationConfig` subclasses `GenerationConfig`, so everything that reads a
+generation config (saving, TRL, pipelines) still finds every standard attribute, but it validates its own way and
+rejects autoregressive-only options. The model owns it through `generation_config_class` and
+`BardVLGenerationMixin.adjust_generation_fn`, so `from_pretrained` loads `generation_config.json` as this class.
+
+A plain (autoregressive) generation config is mapped two ways, on purpose:
+- *read from a file* (`generation_config.json` without BARD fields, e.g. Qwen3-VL's `do_sample: true`,
+  `temperature: 0.7`, `top_k: 20`, `top_p: 0.8`): it described the AR model, not this one, so only the token ids and
+  lengths are kept and the BARD defaults apply (temperature 0, threshold 0.9); a warning lists what was dropped
+  (DESIGN 4.6);
+- *passed to `generate(generation_config=...)`* (e.g. TRL's GKD on-policy sampling): it is the caller's request for
+  this call, so its lengths, token ids and sampling (`do_sample` with `temperature`/`top_k`/`top_p`) are honoured on
+  top of the model's BARD settings (block size, unmasking, threshold).
+
+This file is exported next to the weights for ``trust_remote_code``: torch, transformers and siblings only.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, GenerationConfig
+from transformers.generation import (
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import ModelOutput, logging
+
+from .masking_bard_vl import CLEAN, NOISY, PAD, PREFIX, attention_mask_from_labels, block_ids_from_segments
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+UNMASKING_CHOICES = ("threshold", "static")
+# Fields of BardVLGenerationConfig that GenerationConfig does not have. A saved BARD config always contains them
+# (they are not in `GenerationConfig()`, so `to_diff_dict` keeps them); a file with none of them is an AR config.
+BARD_FIELDS = ("block_size", "steps_per_block", "unmasking", "threshold", "edit_threshold", "fuse_commit")
+# What survives from an AR generation_config.json read from disk (DESIGN 4.6).
+KEPT_FROM_AR_FILE = ("max_new_tokens", "max_length", "bos_token_id", "eos_token_id", "pad_token_id")
+# Extra model inputs `generate` forwards to the prefill.
+PREFILL_KWARGS = ("pixel_values_videos", "video_grid_thw")
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+_METADATA_KEYS = ("transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash")
+
+_LOGITS_FIX = "Pass an equivalent `LogitsProcessor` in `logits_processor=` (it sees every block position) instead."
+_STOP_FIX = "Pass an equivalent `StoppingCriteria` in `stopping_criteria=` (checked after each block) instead."
+# GenerationConfig fields BARD decoding does not implement: field -> (values meaning "off", what it is, the fix).
+UNSUPPORTED_OPTIONS = {
+    "num_beams": ((None, 1), "beam search", "Block diffusion decodes one hypothesis per row: unset it or use 1."),
+    "num_beam_groups": ((None, 1), "group beam search", "Unset it or use 1."),
+    "diversity_penalty": ((None, 0.0), "group beam search", "Unset it."),
+    "early_stopping": ((None, False), "beam search", "Unset it."),
+    "length_penalty": ((None, 1.0), "beam search", "Unset it."),
+    "constraints": ((None,), "constrained beam search", "Unset it."),
+    "force_words_ids": ((None,), "constrained beam search", "Unset it."),
+    "penalty_alpha": ((None, 0, 0.0), "contrastive search", "Unset it."),
+    "dola_layers": ((None,), "DoLa decoding", "Unset it."),
+    "prompt_lookup_num_tokens": ((None,), "assisted decoding", "Unset it: a block already drafts B tokens at once."),
+    "assistant_early_exit": ((None,), "assisted decoding", "Unset it."),
+    "use_mtp": ((None, False), "assisted decoding", "Unset it."),
+    "is_assistant": ((None, False), "assisted decoding", "Unset it."),
+    "num_return_sequences": ((None, 1), "several sequences per prompt", "Repeat the rows of the batch instead."),
+    "min_length": ((None, 0), "a minimum length", _LOGITS_FIX),
+    "min_new_tokens": ((None, 0), "a minimum length", _LOGITS_FIX),
+    "max_time": ((None,), "a time limit", _STOP_FIX),
+    "stop_strings": ((None,), "stop strings", _STOP_FIX),
+    "min_p": ((None,), "min-p sampling", _LOGITS_FIX),
+    "top_h": ((None,), "top-h sampling", _LOGITS_FIX),
+    "typical_p": ((None, 1.0), "typical sampling", _LOGITS_FIX),
+    "epsilon_cutoff": ((None, 0.0), "epsilon sampling", _LOGITS_FIX),
+    "eta_cutoff": ((None, 0.0), "eta sampling", _LOGITS_FIX),
+    "repetition_penalty": ((None, 1.0), "a repetition penalty", _LOGITS_FIX),
+    "encoder_repetition_penalty": ((None, 1.0), "an encoder repetition penalty", _LOGITS_FIX),
+    "no_repeat_ngram_size": ((None, 0), "n-gram blocking", _LOGITS_FIX),
+    "encoder_no_repeat_ngram_size": ((None, 0), "n-gram blocking", _LOGITS_FIX),
+    "bad_words_ids": ((None,), "banned words", _LOGITS_FIX),
+    "suppress_tokens": ((None,), "suppressed tokens", _LOGITS_FIX),
+    "begin_suppress_tokens": ((None,), "suppressed tokens", _LOGITS_FIX),
+    "sequence_bias": ((None,), "sequence bias", _LOGITS_FIX),
+    "forced_bos_token_id": ((None,), "a forced first token", _LOGITS_FIX),
+    "forced_eos_token_id": ((None,), "a forced last token", _LOGITS_FIX),
+    "exponential_decay_length_penalty": ((None,), "a length penalty", _LOGITS_FIX),
+    "renormalize_logits": ((None, False), "logit renormalisation", "Unset it."),
+    "remove_invalid_values": ((None, False), "NaN/inf removal", "Unset it."),
+    "guidance_scale": ((None, 1.0), "classifier-free guidance", "Unset it."),
+    "watermarking_config": ((None,), "watermarking", "Unset it."),
+    "token_healing": ((None, False), "token healing", "Unset it."),
+    "low_memory": ((None, False), "sequential beam search", "Unset it."),
+    "output_scores": ((None, False), "per-step scores", "Unset it; the output reports `tokens_per_forward`."),
+    "output_logits": ((None, False), "per-step logits", "Unset it."),
+    "output_attentions": ((None, False), "attention outputs", "Unset it."),
+    "output_hidden_states": ((None, False), "hidden-state outputs", "Unset it."),
+    "cache_implementation": ((None, "dynamic"), "another cache type", "BARD decoding uses a DynamicCache: unset it."),
+    "cache_config": ((None,), "cache options", "Unset it."),
+    "max_cache_len": ((None,), "a static cache", "Unset it."),
+    "prefill_chunk_size": ((None,), "chunked prefill", "Unset it."),
+    "decoder_start_token_id": ((None,), "encoder-decoder decoding", "Unset it."),
+}
+# Arguments of the AR `generate` that are not generation-config fields and that BARD decoding does not take.
+_AR_GENERATE_ARGUMENTS = (
+    "assistant_model",
+    "prefix_allowed_tokens_fn",
+    "synced_gpus",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class BardVLGenerationConfig(GenerationConfig):
+    r"""
+    Generation settings of block-diffusion decoding (DESIGN 4). Every `GenerationConfig` attribute exists; the ones
+    used are the length (`max_new_tokens`, or `max_length` when it is unset), the token ids (`eos_token_id`, which may
+    be a list, `pad_token_id`), sampling (`temperature`, `top_k`, `top_p`, `do_sample`) and `return_dict_in_generate`.
+    Autoregressive-only options (beam search, contrastive search, assisted decoding, ...) are rejected.
+
+    New fields:
+
+    block_size (`int`, *optional*):
+        Tokens decoded in parallel per block (B). `None` (default) uses the model's `config.block_size`. The prompt is
+        chunked with the same B (DESIGN 3.2), so decode with the block size the model was trained with.
+    steps_per_block (`int`, *optional*):
+        Denoising steps per block S, in [1, B]. `None` (default) means B. Step s unmasks at least k_s tokens, where
+        k_s spreads B over S steps: B // S each, the first B % S steps one more (B = 8, S = 3: 3, 3, 2).
+    unmasking (`str`, defaults to `"threshold"`):
+        `"threshold"`: every masked position whose confidence exceeds `threshold`, and at least k_s of them.
+        `"static"`: exactly the k_s most confident masked positions.
+    threshold (`float`, defaults to 0.9):
+        Confidence threshold tau in (0, 1] of `"threshold"` unmasking. 1.0 unmasks k_s tokens per step (one per step
+        with the default S = B), the setting of the reference accuracy numbers.
+    edit_threshold (`float`, *optional*):
+        Revision (for models trained with mixed noise, DESIGN 3.3): an already-decoded token of the current block is
+        replaced when the model now predicts a different token with confidence above this value. `None` (default)
+        disables revision.
+    fuse_commit (`bool`, defaults to `True`):
+        Commit a finished block in the same forward as the first step of the next block (2B tokens, exact; saves one
+        forward per committed block). `False` commits with a forward of its own.
+
+    Sampling: `temperature` 0 (default) takes the argmax; `temperature` > 0 samples after temperature, `top_k`
+    (0/`None` = off) and `top_p` (1/`None` = off). The confidence of a position is the probability of its chosen
+    token under that distribution (at temperature 1 when greedy). `do_sample`, when set, must agree with
+    `temperature` (`True` needs `temperature` > 0, `False` needs 0).
+
+    `max_new_tokens` defaults to 256. Decoding runs whole blocks: when `max_new_tokens` is not a multiple of B the
+    last block is decoded completely and cut to `max_new_tokens` (its forwards still count in `tokens_per_forward`).
+    """
+
+    def __init__(self, **kwargs):
+        # BARD fields first: GenerationConfig.__init__ ends with `self.validate()`, which reads them.
+        self.block_size = kwargs.pop("block_size", None)
+        self.steps_per_block = kwargs.pop("steps_per_block", None)
+        self.unmasking = kwargs.pop("unmasking", "threshold")
+        self.threshold = kwargs.pop("threshold", 0.9)
+        self.edit_threshold = kwargs.pop("edit_threshold", None)
+        self.fuse_commit = kwargs.pop("fuse_commit", True)
+        kwargs.setdefault("temperature", 0.0)
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, strict: bool = False, user_set_attributes: set | None = None):
+        """Raise a ValueError naming the field, the value and the fix. `strict`/`user_set_attributes` are accepted
+        for `GenerationConfig` compatibility; every problem is an error here."""
+        del strict, user_set_attributes
+        if self.block_size is not None and (not _is_int(self.block_size) or self.block_size < 1):
+            raise ValueError(f"`block_size` must be an integer >= 1 or None (the model's), got {self.block_size!r}.")
+        if self.steps_per_block is not None:
+            if not _is_int(self.steps_per_block) or self.steps_per_block < 1:
+                raise ValueError(
+                    f"`steps_per_block` must be an integer >= 1 or None (= block size), got {self.steps_per_block!r}."
+                )
+            if self.block_size is not None and self.steps_per_block > self.block_size:
+                raise ValueError(
+                    f"`steps_per_block`={self.steps_per_block} exceeds `block_size`={self.block_size}: a step unmasks "
+                    "at least one token. Use a value in [1, block_size]."
+                )
+        if self.unmasking not in UNMASKING_CHOICES:
+            raise ValueError(f"`unmasking` must be one of {UNMASKING_CHOICES}, got {self.unmasking!r}.")
+        if not _is_number(self.threshold) or not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold!r}. Use e.g. 0.9 (1.0 = one token "
+                             "per step).")
+        if self.edit_threshold is not None and (
+            not _is_number(self.edit_threshold) or not 0.0 < self.edit_threshold <= 1.0
+        ):
+            raise ValueError(f"`edit_threshold` must be in (0, 1] or None (no revision), got {self.edit_threshold!r}.")
+        if not isinstance(self.fuse_commit, bool):
+            raise ValueError(f"`fuse_commit` must be True or False, got {self.fuse_commit!r}.")
+        self._validate_sampling()
+        self._validate_lengths_and_ids()
+        for field, (neutral, what, fix) in UNSUPPORTED_OPTIONS.items():
+            value = getattr(self, field, None)
+            if not any(value is off or (off is not None and value == off) for off in neutral):
+                raise ValueError(f"`{field}`={value!r} asks for {what}, which BARD-VL generate does not offer. {fix}")
+        for argument in ("logits_processor", "stopping_criteria", "streamer", *_AR_GENERATE_ARGUMENTS):
+            if hasattr(self, argument):
+                raise ValueError(f"`{argument}` is not a generation config field; pass it to `generate()` directly.")
+
+    def _validate_sampling(self):
+        temperature = 0.0 if self.temperature is None else self.temperature
+        if not _is_number(temperature) or temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0 (0 = argmax), got {self.temperature!r}.")
+        if self.do_sample is True and temperature == 0:
+            raise ValueError("`do_sample=True` needs `temperature` > 0 (BARD uses temperature 0 for argmax); set e.g. "
+                             "temperature=0.7, or unset do_sample.")
+        if self.do_sample is False and temperature > 0:
+            raise ValueError(f"`do_sample=False` contradicts `temperature`={temperature} (> 0 samples). Set "
+                             "temperature=0 for argmax decoding, or unset do_sample.")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise ValueError(f"`top_k` must be an integer >= 0 (0 or None = off), got {self.top_k!r}.")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"`top_p` must be in (0, 1] (1 or None = off), got {self.top_p!r}.")
+
+    def _validate_lengths_and_ids(self):
+        for field in ("max_new_tokens", "max_length"):
+            value = getattr(self, field)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"`{field}` must be an integer >= 1, got {value!r}.")
+        eos = self.eos_token_id
+        eos_list = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+        if not all(_is_int(token) and token >= 0 for token in eos_list):
+            raise ValueError(f"`eos_token_id` must be a token id, a list of them or None, got {eos!r}.")
+        for field in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, field)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"`{field}` must be a token id >= 0 or None, got {value!r}.")
+
+    # ------------------------------------------------------------------ construction from other configs
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Like `GenerationConfig.from_dict`; a dict without BARD fields is an AR config read from a file: only its
+        token ids and lengths are kept (DESIGN 4.6)."""
+        if not any(field in config_dict or field in kwargs for field in BARD_FIELDS):
+            config_dict = _bard_dict_from_ar_dict(config_dict)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "BardVLGenerationConfig":
+        """The generation config of a freshly built model: BARD defaults plus the model config's token ids.
+
+        (`GenerationConfig.from_model_config` would compare our extra fields with a plain `GenerationConfig()` and
+        fail, DESIGN 6.)
+        """
+        values = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        text = values.get("text_config") or {}
+        if not isinstance(text, dict):
+            text = text.to_dict()
+        ids = {}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = values.get(key) if values.get(key) is not None else text.get(key)
+            if value is not None:
+                ids[key] = value
+        config = cls(**ids)
+        config._original_object_hash = hash(config)
+        return config
+
+    @classmethod
+    def from_generation_config(
+        cls, generation_config: GenerationConfig, base: "BardVLGenerationConfig | None" = None
+    ) -> "BardVLGenerationConfig":
+        """Apply a plain `GenerationConfig` *passed by a caller* on top of `base` (default: BARD defaults).
+
+        Its lengths, token ids and output flags are taken as given; `do_sample=True` means sampling with its
+        `temperature` (1.0 if unset), `top_k` (0 = off) and `top_p`; `do_sample=False` means argmax; an unset
+        `do_sample` keeps the sampling of `base`. Unsupported options raise (see `validate`).
+        """
+        if isinstance(generation_config, BardVLGenerationConfig):
+            config = copy.deepcopy(base) if base is not None else cls()
+            config.update(**_set_values(generation_config))
+            return config
+        values = _set_values(generation_config)
+        do_sample = values.pop("do_sample", None)
+        temperature = values.pop("temperature", None)
+        top_k = values.pop("top_k", None)
+        top_p = values.pop("top_p", None)
+        if do_sample is True:
+            values.update(
+                do_sample=None,
+                temperature=1.0 if temperature is None else temperature,
+                top_k=top_k or None,
+                top_p=None if top_p is None or top_p >= 1.0 else top_p,
+            )
+        elif do_sample is False:
+            values.update(do_sample=None, temperature=0.0, top_k=None, top_p=None)
+        # `use_cache=False` (TRL under gradient checkpointing) only concerns training forwards: decoding always caches.
+        values.pop("use_cache", None)
+        config = copy.deepcopy(base) if base is not None else cls()
+        config.update(**values)
+        return config
+
+    # ------------------------------------------------------------------ GenerationMixin-only helpers
+    def get_generation_mode(self, *args, **kwargs):
+        raise NotImplementedError(
+            "BardVLGenerationConfig has no autoregressive generation mode: BARD-VL decodes by block diffusion "
+            "(`BardVLGenerationMixin.generate`)."
+        )
+
+
+def _set_values(generation_config: GenerationConfig) -> dict:
+    """The attributes of a generation config that are set (not None), without metadata."""
+    return {
+        key: value
+        for key, value in generation_config.to_dict().items()
+        if value is not None and key not in _METADATA_KEYS
+    }
+
+
+def _bard_dict_from_ar_dict(config_dict: dict) -> dict:
+    """Keep the token ids and lengths of an AR generation config read from a file; warn about what is dropped."""
+    kept = {key: config_dict[key] for key in KEPT_FROM_AR_FILE if config_dict.get(key) is not None}
+    neutral_values = {"use_cache": (True,), "repetition_penalty": (1.0,), "do_sample": (False,)}
+    dropped = {
+        key: value
+        for key, value in config_dict.items()
+        if key not in kept
+        and key not in _METADATA_KEYS
+        and value is not None
+        and value not in neutral_values.get(key, ())
+        and not (key in UNSUPPORTED_OPTIONS and value in UNSUPPORTED_OPTIONS[key][0])
+    }
+    if dropped:
+        logger.warning(
+            "The generation config has no BARD fields (it was written for the autoregressive model), so only its "
+            "token ids and lengths are used and BARD decoding defaults apply (temperature 0, threshold 0.9). "
+            f"Ignored: {dropped}. Write a BARD config with `bard_generation_config(...).save_pretrained(path)` (conversion "
+            "does this), or pass sampling options to `generate` explicitly."
+        )
+    if "transformers_version" in config_dict:
+        kept["transformers_version"] = config_dict["transformers_version"]
+    return kept
+
+
+def bard_generation_config(model_config, source: dict | GenerationConfig | None = None, tokenizer=None):
+    """The generation config a converted checkpoint ships with (DESIGN 4.6).
+
+    Decoding defaults: temperature 0 (argmax), threshold unmasking at 0.9, `steps_per_block` = B and
+    `block_size=None`, which follows `model_config.block_size` (a later block-merging stage that changes the model's
+    B then decodes at its own B without a stale value here). The AR source's sampling settings are dropped; its token
+    ids are kept, else taken from `tokenizer`, else from `model_config`.
+
+    Args:
+        model_config: the `BardVLConfig` of the converted model.
+        source: the AR `generation_config.json` as a dict (or a `GenerationConfig`), if the source has one.
+        tokenizer: the converted tokenizer (fallback for `eos_token_id`/`pad_token_id`/`bos_token_id`).
+    """
+    if isinstance(source, GenerationConfig):
+        source = source.to_dict()
+    source = source or {}
+    fallback = BardVLGenerationConfig.from_model_config(model_config)
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = source.get(key)
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, key, None)
+        if value is None:
+            value = getattr(fallback, key)
+        if value is not None:
+            ids[key] = value
+    lengths = {key: source[key] for key in ("max_new_tokens",) if source.get(key) is not None}
+    return BardVLGenerationConfig(unmasking="threshold", threshold=0.9, temperature=0.0, **ids, **lengths)
+
+
+@dataclass
+class BardVLGenerationOutput(ModelOutput):
+    """
+    Output of [`BardVLGenerationMixin.generate`] with `return_dict_in_generate=True`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch, prompt_length + new_length)`):
+            The (left-padded) prompt followed by the generated tokens, cut after the first EOS and right-padded with
+            `pad_token_id`; `new_length` is the longest row's number of generated tokens.
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`):
+            `num_generated_tokens / num_forwards` per row (DESIGN 4.5).
+        num_forwards (`torch.LongTensor` of shape `(batch,)`):
+            Forward passes spent on the row after the prefill: denoising steps plus commits (a fused commit shares
+            the forward of the next block's first step and counts once). Forwards of a batch in which the row did
+            not take part (it had finished its block or had stopped) are not counted.
+        num_generated_tokens (`torch.LongTensor` of shape `(batch,)`):
+            Generated tokens of the row, up to and including the first EOS (pad tokens excluded).
+    """
+
+    sequences: torch.LongTensor | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+    num_forwards: torch.LongTensor | None = None
+    num_generated_tokens: torch.LongTensor | None = None
+
+
+@dataclass
+class _DecodingPlan:
+    """Scalars of one `generate` call, resolved from the generation config and the model config."""
+
+    block_size: int
+    steps_per_block: int
+    max_new_tokens: int
+    num_blocks: int
+    mask_token_id: int
+    eos_token_ids: torch.Tensor | None  # [num_eos]
+    pad_token_id: int | None
+    unmasking: str
+    threshold: float
+    edit_threshold: float | None
+    temperature: float
+    warpers: LogitsProcessorList  # temperature / top-k / top-p, empty when greedy
+    fuse_commit: bool
+    prompt_attention: str
+
+    def tokens_at_step(self, step: int) -> int:
+        """k_s: B // S tokens per step, the first B % S steps one more (DESIGN 4.2)."""
+        base, extra = divmod(self.block_size, self.steps_per_block)
+        return max(1, base + (1 if step < extra else 0))
+
+
+class BardVLGenerationMixin:
+    """Block-diffusion `generate` (DESIGN 4). Placed before `Qwen3VLForConditionalGeneration` in the model's bases, so
+    its `generate` and `adjust_generation_fn` replace the autoregressive ones."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        return_dict_in_generate: bool | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.LongTensor | BardVLGenerationOutput:
+        r"""
+        Decode responses block by block:
+
+        ```
+        0. Resolve the generation config (model default < `generation_config` < keyword options) and check inputs.
+        1. Prefill the left-padded prompt (and images) into a DynamicCache with the prefix mask of DESIGN 3.2 and
+           M-RoPE positions from `get_rope_index(..., attention_mask=...)`.
+        2. For each block: start from B mask tokens; each denoising step runs the B tokens against the cache and
+           crops them off again; the mask token's logit is set to -inf, logits processors run, a token and a
+           confidence are chosen per position, and `threshold`/`static` unmasking (plus optional revision) fills
+           positions. Rows whose block is finished wait (frozen, not counted) for the others.
+        3. Commit the finished block: fused with the next block's first step (one forward of 2B tokens) or, with
+           `fuse_commit=False`, a forward of its own. The last block of a row is never committed.
+        4. A row stops when its finished block holds an EOS (cut after it), when a stopping criterion fires, or at
+           `max_new_tokens`; stopped rows leave the batch and the cache.
+        5. Return `sequences` (prompt + new tokens, pad-filled) or a `BardVLGenerationOutput` with
+           `tokens_per_forward`.
+        ```
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, prompt_length)`):
+                Left-padded prompts (processor output, with image placeholder tokens for images).
+            attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`, *optional*):
+                1 on real tokens; must be left padding. Defaults to all ones.
+            pixel_values, image_grid_thw, mm_token_type_ids:
+                The processor's image inputs. `mm_token_type_ids` is derived from the image/video token ids if absent.
+            generation_config (`GenerationConfig`, *optional*):
+                A `BardVLGenerationConfig`, or a plain `GenerationConfig` applied on top of the model's config (see the
+                module docstring). Keyword options of the config (`max_new_tokens=`, `threshold=`, ...) override both.
+            logits_processor (`LogitsProcessorList`, *optional*):
+                Applied to the block's logits (mask token already at -inf) before choosing tokens. Every block
+                position is a row of its own: `input_ids` is the row's prompt plus its finished blocks, `scores` is
+                `(rows * B, vocab)`.
+            stopping_criteria (`StoppingCriteriaList`, *optional*):
+                Checked after every finished block with `input_ids` = prompt + generated tokens of the running rows;
+                rows for which it returns True stop.
+            streamer (`BaseStreamer`, *optional*):
+                Receives the prompt, then each finished block's kept tokens, then `end()`. Batch size 1 only.
+            return_dict_in_generate (`bool`, *optional*):
+                Return a `BardVLGenerationOutput` instead of the `sequences` tensor.
+            generator (`torch.Generator`, *optional*):
+                Random source of sampling (temperature > 0); the global RNG (`torch.manual_seed`) otherwise.
+            kwargs:
+                Generation config fields, and `pixel_values_videos` / `video_grid_thw`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch, prompt_length + new_length)` or a [`BardVLGenerationOutput`].
+        """
+        # 0. configuration and inputs
+        generation_config, model_kwargs = self._resolve_generation_config(generation_config, kwargs)
+        if return_dict_in_generate is None:
+            return_dict_in_generate = bool(generation_config.return_dict_in_generate)
+        attention_mask, mm_token_type_ids = self._check_generate_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, streamer
+        )
+        plan = self._decoding_plan(generation_config, input_ids, attention_mask, stopping_criteria)
+        B = plan.block_size
+        batch = input_ids.shape[0]
+        device = input_ids.device
+
+        # 1. prefill
+        cache, key_segments, key_blocks, response_start, first_block = self._prefill_prompt(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, plan
+        )
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        fill = plan.pad_token_id if plan.pad_token_id is not None else 0
+        generated = input_ids.new_full((batch, plan.num_blocks * B), fill)  # [batch, num_blocks * B]
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)  # kept tokens per row
+        forwards = torch.zeros(batch, dtype=torch.long, device=device)
+        active = torch.arange(batch, device=device)  # rows still decoding; the cache holds exactly these rows
+        pending = None  # (tokens, positions, block ids) of a finished block awaiting its fused commit
+
+        for block_index in range(plan.num_blocks):
+            # 2. denoise one block
+            context = torch.cat([input_ids[active], generated[active, : block_index * B]], dim=1)  # [m, P + bB]
+            positions = self._block_positions(response_start[active], block_index, B)  # [3, m, B]
+            block_ids = first_block[active] + block_index  # [m]
+            block = torch.full((active.numel(), B), plan.mask_token_id, dtype=torch.long, device=device)
+            step_mask = None
+            step = 0
+            while True:
+                stepping = (block == plan.mask_token_id).any(-1)  # [m]
+                if not stepping.any():
+                    break
+                if pending is not None:
+                    # 3. fused: commit the previous block and take this block's first step in one forward
+                    logits, key_segments, key_blocks = self._fused_commit_step(
+                        pending, block, positions, block_ids, key_segments, key_blocks, cache, plan
+                    )
+                    pending = None
+                else:
+                    if step_mask is None:  # the keys only change at a commit: one mask per block
+                        step_mask = self._step_mask(block_ids, B, key_segments, key_blocks, plan)
+                    logits = self._denoise_step(block, positions, step_mask, cache)
+                forwards[active[stepping]] += 1
+                tokens, confidence = self._propose_tokens(logits, context, plan, logits_processor, generator)
+                block = self._unmask_tokens(block, tokens, confidence, stepping, plan.tokens_at_step(step), plan)
+                step += 1
+
+            # 4. finish the block: keep, stream, decide which rows stop
+            stop = self._finish_block(block, block_index, active, generated, lengths, plan, streamer)
+            if stopping_criteria:
+                so_far = torch.cat([input_ids[active], generated[active, : (block_index + 1) * B]], dim=1)
+                stop = stop | stopping_criteria(so_far, None).to(device)
+            if stop.all():
+                break
+            if stop.any():
+                keep = (~stop).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                active, block, positions, block_ids = active[keep], block[keep], positions[:, keep], block_ids[keep]
+                key_segments, key_blocks = key_segments[keep], key_blocks[keep]
+            # 3. commit the block of the rows that go on
+            if plan.fuse_commit:
+                pending = (block, positions, block_ids)
+            else:
+                key_segments, key_blocks = self._commit_block(
+                    block, positions, block_ids, key_segments, key_blocks, cache, plan
+                )
+                forwards[active] += 1
+
+        if streamer is not None:
+            streamer.end()
+        # 5. outputs
+        width = int(lengths.max())
+        new_tokens = generated[:, :width]
+        if plan.pad_token_id is not None:
+            beyond = torch.arange(width, device=device)[None, :] >= lengths[:, None]
+            new_tokens = new_tokens.masked_fill(beyond, plan.pad_token_id)
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        if not return_dict_in_generate:
+            return sequences
+        return BardVLGenerationOutput(
+            sequences=sequences,
+            tokens_per_forward=lengths.float() / forwards.clamp(min=1).float(),
+            num_forwards=forwards,
+            num_generated_tokens=lengths,
+        )
+
+    # ------------------------------------------------------------------ 0. configuration and inputs
+    def _resolve_generation_config(self, generation_config, kwargs: dict):
+        """Model default < `generation_config` < keyword options; returns (config, remaining model kwargs)."""
+        default = self.generation_config
+        if not isinstance(default, BardVLGenerationConfig):
+            # someone replaced the model's config by a plain one: read it like an AR file (DESIGN 4.6)
+            default = BardVLGenerationConfig.from_dict(default.to_dict()) if default is not None else None
+        config = copy.deepcopy(default) if default is not None else BardVLGenerationConfig()
+        if generation_config is not None:
+            if not isinstance(generation_config, GenerationConfig):
+                raise TypeError(
+                    f"`generation_config` must be a GenerationConfig (ideally a BardVLGenerationConfig), got "
+                    f"{type(generation_config).__name__}. Pass options as keywords instead, e.g. threshold=0.9."
+                )
+            config = BardVLGenerationConfig.from_generation_config(generation_config, base=config)
+        for argument in _AR_GENERATE_ARGUMENTS:
+            if kwargs.get(argument) is not None:
+                raise ValueError(f"`{argument}` is an autoregressive `generate` argument that BARD-VL does not take.")
+        model_kwargs = config.update(**kwargs)
+        unknown = sorted(key for key, value in model_kwargs.items() if key not in PREFILL_KWARGS and value is not None)
+        if unknown:
+            raise ValueError(
+                f"generate() got unexpected keyword arguments {unknown}. It takes input_ids, attention_mask, "
+                f"pixel_values, image_grid_thw, mm_token_type_ids, {', '.join(PREFILL_KWARGS)} and the fields of "
+                "BardVLGenerationConfig."
+            )
+        config.validate()
+        return config, {key: value for key, value in model_kwargs.items() if value is not None}
+
+    def _check_generate_inputs(
+        self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, streamer
+    ):
+        """Validate the inputs; returns (attention_mask, mm_token_type_ids) with defaults filled in."""
+        if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = None if input_ids is None else tuple(getattr(input_ids, "shape", ()))
+            raise ValueError(f"`input_ids` must be a (batch, length) tensor of token ids, got {got}. Build the prompt "
+                             "with the processor (`apply_chat_template(..., return_tensors='pt')`).")
+        if input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` is empty: generate needs a prompt of at least one token.")
+        if self.config.mask_token_id is None:
+            raise ValueError("The model config has no `mask_token_id`, so it cannot decode by block diffusion. "
+                             "Convert the checkpoint with `transformers_bard.convert_from_autoregressive` (adds "
+                             "`<|mask|>`).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}, `input_ids` "
+                             f"{tuple(input_ids.shape)}; they must match.")
+        real = attention_mask.bool()
+        if not real.any(-1).all():
+            raise ValueError("A row of `attention_mask` is all zeros: every prompt needs at least one real token.")
+        if (real[:, :-1] & ~real[:, 1:]).any():
+            raise ValueError("`attention_mask` has right padding; generate needs left-padded prompts. Set "
+                             "`processor.tokenizer.padding_side = 'left'` before building the batch.")
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"`streamer` supports batch size 1 only (like transformers' streamers), got a batch of "
+                             f"{input_ids.shape[0]}. Stream one prompt at a time or drop the streamer.")
+        self._check_vision_inputs(input_ids, real, "image", pixel_values, image_grid_thw)
+        self._check_vision_inputs(
+            input_ids, real, "video", model_kwargs.get("pixel_values_videos"), model_kwargs.get("video_grid_thw")
+        )
+        if mm_token_type_ids is None:
+            # Qwen3-VL's token types: text 0, image 1, video 2 (get_rope_index)
+            mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+            mm_token_type_ids[input_ids == self.config.image_token_id] = 1
+            mm_token_type_ids[input_ids == self.config.video_token_id] = 2
+        return attention_mask, mm_token_type_ids
+
+    def _check_vision_inputs(self, input_ids, real, kind, pixels, grid):
+        token_id = getattr(self.config, f"{kind}_token_id")
+        num_tokens = int(((input_ids == token_id) & real).sum())
+        pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
+        if pixels is None and num_tokens == 0:
+            return
+        if pixels is None:
+            raise ValueError(f"The prompt holds {num_tokens} {kind} tokens (id {token_id}) but `{pixels_name}` is "
+                             f"missing. Pass the processor's `{pixels_name}` and `{kind}_grid_thw` to generate.")
+        if grid is None:
+            raise ValueError(f"`{pixels_name}` needs `{kind}_grid_thw` (from the processor).")
+        if num_tokens == 0:
+            raise ValueError(f"`{pixels_name}` was given but the prompt holds no {kind} token (id {token_id}). Build "
+                             f"the prompt with the processor's chat template so each {kind} gets its placeholders.")
+        merge = self.config.vision_config.spatial_merge_size
+        expected = int((grid.prod(-1) // (merge * merge)).sum())
+        if expected != num_tokens:
+            raise ValueError(f"The prompt holds {num_tokens} {kind} tokens but `{kind}_grid_thw` describes {expected} "
+                             "merged patches. Build the prompt and the pixels with the same processor call.")
+
+    def _decoding_plan(self, config: BardVLGenerationConfig, input_ids, attention_mask, stopping_criteria):
+        B = config.block_size if config.block_size is not None else self.config.block_size
+        steps = config.steps_per_block if config.steps_per_block is not None else B
+        if not 1 <= steps <= B:
+            raise ValueError(f"`steps_per_block`={steps} must be in [1, block_size={B}]: each step unmasks at least "
+                             "one token of the block.")
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None and config.max_length is not None:
+            max_new_tokens = config.max_length - input_ids.shape[1]
+            if max_new_tokens < 1:
+                raise ValueError(f"`max_length`={config.max_length} leaves no room after the prompt of "
+                                 f"{input_ids.shape[1]} tokens. Set `max_new_tokens` instead.")
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        eos = config.eos_token_id
+        eos_list = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos_list[0] if eos_list else None)
+        if pad is None and stopping_criteria and input_ids.shape[0] > 1:
+            raise ValueError("Rows stopped by `stopping_criteria` need padding, but neither `pad_token_id` nor "
+                             "`eos_token_id` is set. Pass pad_token_id=... .")
+        temperature = float(config.temperature or 0.0)
+        warpers = LogitsProcessorList()
+        if temperature > 0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+            if config.top_k:
+                warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(config.top_p))
+        return _DecodingPlan(
+            block_size=B,
+            steps_per_block=steps,
+            max_new_tokens=max_new_tokens,
+            num_blocks=math.ceil(max_new_tokens / B),
+            mask_token_id=self.config.mask_token_id,
+            eos_token_ids=torch.tensor(eos_list, device=input_ids.device) if eos_list else None,
+            pad_token_id=pad,
+            unmasking=config.unmasking,
+            threshold=float(config.threshold),
+            edit_threshold=None if config.edit_threshold is None else float(config.edit_threshold),
+            temperature=temperature,
+            warpers=warpers,
+            fuse_commit=config.fuse_commit,
+            prompt_attention=self.config.prompt_attention,
+        )
+
+    # ------------------------------------------------------------------ 1. prefill
+    def _prefill_prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                        model_kwargs, plan):
+        """Run the prompt into a new DynamicCache (DESIGN 4.1).
+
+        Returns the cache, the key labels (segments and block ids, ``[batch, P]``), the M-RoPE position of the first
+        response token (``[batch]``, max prompt position + 1, DESIGN 2) and the block id of the first response block
+        (``[batch]``, ceil(real prompt length / B), DESIGN 3.2).
+        """
+        B = plan.block_size
+        segments = torch.where(attention_mask.bool(), PREFIX, PAD)  # [batch, P]
+        blocks = block_ids_from_segments(segments, B)  # prompt chunks counted from each row's first real token
+        mask = attention_mask_from_labels(segments, blocks, segments, blocks, plan.prompt_attention)
+        positions, _ = self.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=model_kwargs.get("video_grid_thw"),
+            attention_mask=attention_mask,
+        )  # [3, batch, P]
+        cache = DynamicCache(config=self.config)
+        self(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            logits_mask=torch.zeros_like(attention_mask, dtype=torch.bool),  # no logits needed from the prompt
+            **model_kwargs,
+        )
+        real = attention_mask.bool()[None]  # [1, batch, P]
+        response_start = positions.masked_fill(~real, torch.iinfo(positions.dtype).min).amax(dim=(0, 2)) + 1
+        first_block = torch.div(real[0].sum(-1) + B - 1, B, rounding_mode="floor")
+        return cache, segments, blocks, response_start, first_block
+
+    # ------------------------------------------------------------------ 2.-3. forwards
+    @staticmethod
+    def _block_positions(response_start, block_index: int, block_size: int) -> torch.Tensor:
+        """Positions ``[3, m, B]`` of block `block_index`: response offset j sits at response_start + j (DESIGN 2)."""
+        offsets = block_index * block_size + torch.arange(block_size, device=response_start.device)
+        return (response_start[:, None] + offsets[None, :])[None].expand(3, -1, -1)
+
+    @staticmethod
+    def _block_labels(segment: int, block_ids, block_size: int):
+        """Segment and block-id labels ``[m, B]`` of one block whose rows have block ids `block_ids` ``[m]``."""
+        segments = torch.full((block_ids.numel(), block_size), segment, dtype=torch.long, device=block_ids.device)
+        return segments, block_ids[:, None].expand(-1, block_size)
+
+    @staticmethod
+    def _mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan):
+        """Mask ``[m, 1, q, K + q]`` of queries placed after the K cached keys (DESIGN 3.2), and the labels of all
+        K + q keys ``[m, K + q]``."""
+        k_segments = torch.cat([key_segments, q_segments], dim=1)
+        k_blocks = torch.cat([key_blocks, q_blocks], dim=1)
+        mask = attention_mask_from_labels(q_segments, q_blocks, k_segments, k_blocks, plan.prompt_attention)
+        return mask, k_segments, k_blocks
+
+    def _step_mask(self, block_ids, block_size, key_segments, key_blocks, plan):
+        """Mask of a denoising step: the noisy block sees the prompt, the committed blocks and itself."""
+        q_segments, q_blocks = self._block_labels(NOISY, block_ids, block_size)
+        return self._mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan)[0]
+
+    def _denoise_step(self, block, positions, step_mask, cache) -> torch.Tensor:
+        """One denoising step: logits ``[m, B, vocab]``; the block's keys/values are cropped off again (DESIGN 4.2)."""
+        B = block.shape[1]
+        logits = self(
+            input_ids=block, attention_mask=step_mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=B,
+        ).logits
+        cache.crop(-B)
+        return logits
+
+    def _commit_block(self, block, positions, block_ids, key_segments, key_blocks, cache, plan):
+        """Append a finished block's keys/values as clean tokens (DESIGN 4.3); returns the extended key labels."""
+        q_segments, q_blocks = self._block_labels(CLEAN, block_ids, block.shape[1])
+        mask, k_segments, k_blocks = self._mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan)
+        self(
+            input_ids=block, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_mask=torch.zeros_like(block, dtype=torch.bool),  # the commit needs no logits
+        )
+        return k_segments, k_blocks
+
+    def _fused_commit_step(self, pending, block, positions, block_ids, key_segments, key_blocks, cache, plan):
+        """Commit the pending block and take the first step of `block` in one forward of 2B tokens (DESIGN 4.3).
+
+        Exact: clean queries never see noisy keys (DESIGN 3.2), so the committed keys/values equal those of a
+        separate commit, and the noisy queries see the committed block as they would after it. Returns the logits of
+        the noisy half ``[m, B, vocab]`` and the key labels extended by the committed block.
+        """
+        committed, committed_positions, committed_ids = pending
+        B = block.shape[1]
+        clean_segments, clean_blocks = self._block_labels(CLEAN, committed_ids, B)
+        noisy_segments, noisy_blocks = self._block_labels(NOISY, block_ids, B)
+        mask, k_segments, k_blocks = self._mask_after_cache(
+            torch.cat([clean_segments, noisy_segments], dim=1),
+            torch.cat([clean_blocks, noisy_blocks], dim=1),
+            key_segments,
+            key_blocks,
+            plan,
+        )  # [m, 1, 2B, K + 2B]
+        logits = self(
+            input_ids=torch.cat([committed, block], dim=1),
+            attention_mask=mask,
+            position_ids=torch.cat([committed_positions, positions], dim=2),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=B,
+        ).logits
+        cache.crop(-B)  # keep the committed block, drop the noisy one
+        return logits, k_segments[:, :-B], k_blocks[:, :-B]
+
+    # ------------------------------------------------------------------ 2. choosing tokens
+    def _propose_tokens(self, logits, context, plan: _DecodingPlan, logits_processor, generator):
+        """A token and its confidence per block position (DESIGN 4.2); both ``[m, B]``.
+
+        The mask token is never a candidate; logits processors see ``(m * B, vocab)`` scores with the row's prompt and
+        finished blocks as `input_ids`; greedy takes the argmax and its softmax probability, sampling draws from the
+        temperature/top-k/top-p distribution and reports the drawn token's probability under it.
+        """
+        rows, B, vocab = logits.shape
+        scores = logits.float().reshape(rows * B, vocab)  # [m * B, vocab]
+        scores[:, plan.mask_token_id] = -float("inf")
+        flat_context = None
+        if logits_processor or plan.warpers:
+            flat_context = context.repeat_interleave(B, dim=0)  # [m * B, P + bB]
+        if logits_processor:
+            scores = logits_processor(flat_context, scores)
+        if plan.temperature == 0:
+            # max softmax probability = exp(max - logsumexp): no second (m * B, vocab) tensor
+            best, tokens = scores.max(dim=-1)
+            confidence = torch.exp(best - torch.logsumexp(scores, dim=-1))
+        else:
+            probs = torch.softmax(plan.warpers(flat_context, scores), dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+            confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens.view(rows, B), confidence.view(rows, B)
+
+    @staticmethod
+    def _unmask_tokens(block, tokens, confidence, stepping, k: int, plan: _DecodingPlan):
+        """Fill masked positions (DESIGN 4.2): `static` takes the k most confident, `threshold` every one above tau
+        and at least k; ties go to the earlier position. Revision replaces decoded tokens the model now contradicts
+        with confidence above `edit_threshold`. Rows not `stepping` (block already finished) are left unchanged."""
+        masked = block == plan.mask_token_id  # [m, B]
+        ranked = confidence.masked_fill(~masked, -float("inf"))
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        columns = torch.arange(block.shape[1], device=block.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, columns)  # [m, B]; 0 = the most confident position
+        chosen = masked & (rank < k)
+        if plan.unmasking == "threshold":
+            chosen = chosen | (masked & (confidence > plan.threshold))
+        updated = torch.where(chosen, tokens, block)
+        if plan.edit_threshold is not None:
+            revise = ~masked & (tokens != block) & (confidence > plan.edit_threshold)
+            updated = torch.where(revise, tokens, updated)
+        return torch.where(stepping[:, None], updated, block)
+
+    # ------------------------------------------------------------------ 4. finishing a block
+    @staticmethod
+    def _finish_block(block, block_index, active, generated, lengths, plan: _DecodingPlan, streamer):
+        """Write the block's kept tokens (cut after the first EOS and at `max_new_tokens`) into `generated`, update
+        `lengths`, stream them; returns which running rows stop ``[m]``."""
+        B = plan.block_size
+        offset = block_index * B
+        if plan.eos_token_ids is not None:
+            is_eos = torch.isin(block, plan.eos_token_ids)
+        else:
+            is_eos = torch.zeros_like(block, dtype=torch.bool)
+        has_eos = is_eos.any(-1)
+        first_eos = is_eos.int().argmax(-1)
+        keep = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, B))
+        keep = keep.clamp(max=plan.max_new_tokens - offset)  # [m]
+        beyond = torch.arange(B, device=block.device)[None, :] >= keep[:, None]
+        fill = plan.pad_token_id if plan.pad_token_id is not None else 0
+        generated[active, offset : offset + B] = block.masked_fill(beyond, fill)
+        lengths[active] = offset + keep
+        if streamer is not None:
+            streamer.put(block[0, : int(keep[0])].cpu())
+        return has_eos | (offset + B >= plan.max_new_tokens)
+
+    # ------------------------------------------------------------------ loading
+    def adjust_generation_fn(
+        self,
+        generation_config,
+        from_auto_class,
+        from_pipeline,
+        pretrained_model_name_or_path,
+        trust_remote_code=None,
+        **kwargs,
+    ):
+        """Called by `from_pretrained`: load `generation_config.json` as a `BardVLGenerationConfig` (DESIGN 6).
+
+        An explicit `generation_config=` is applied like one passed to `generate`; a file without BARD fields keeps
+        only its token ids and lengths; without a file the config built from the model config stays.
+        """
+        del trust_remote_code  # no custom generate functions
+        if generation_config is not None:
+            self.generation_config = BardVLGenerationConfig.from_generation_config(
+                generation_config, base=self.generation_config
+            )
+            return
+        if pretrained_model_name_or_path is None:
+            return
+        download_kwargs = {key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs}
+        try:
+            self.generation_config = BardVLGenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, _from_auto=from_auto_class, _from_pipeline=from_pipeline,
+                **download_kwargs,
+            )
+        except OSError:
+            logger.info("No generation_config.json found; using the BARD defaults with the model config's token ids.")
+
+
+__all__ = [
+    "BardVLGenerationConfig",
+    "BardVLGenerationMixin",
+    "BardVLGenerationOutput",
+    "bard_generation_config",
+]

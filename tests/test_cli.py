@@ -1,0 +1,38 @@
+"""The `transformers-bard` command line: demo and generate (convert is tested in test_conversion.py)."""
+
+import json
+
+import pytest
+
+from transformers_bard.cli import main
+from transformers_bard.conversion import convert_from_autoregressive
+from transformers_bard.testing import make_image
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--block-size", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["remote_code_logits_identical"] is True
+    assert summary["block_size"] == 4
+    assert summary["tokens_per_forward"] > 0
+    printed = capsys.readouterr().out
+    assert "converted it to BARD-VL" in printed and "tokens per forward" in printed
+
+
+def test_generate_command(tiny_qwen3_vl_dir, tmp_path, capsys):
+    bard = convert_from_autoregressive(tiny_qwen3_vl_dir, tmp_path / "bard", block_size=4)
+    image = tmp_path / "img.png"
+    make_image(1, (64, 64)).save(image)
+    code = main(["generate", str(bard), "--prompt", "What is this?", "--image", str(image), "--max-new-tokens", "8",
+                 "--threshold", "1.0"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "tokens per forward: 1.00" in err
+
+
+def test_bad_arguments_exit_with_message(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])

@@ -1,0 +1,579 @@
+"""BardVLGenerationMixin.generate and BardVLGenerationConfig (DESIGN 4, 6).
+
+The central check: `generate` (KV cache, crop after each step, fused commits, left-padded batches that shrink as rows
+stop) returns exactly the tokens of a slow reference decoder written here from DESIGN 4, which keeps no cache and
+recomputes the whole sequence [prompt ; committed blocks ; current block] with a mask built by loops at every step.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
+from transformers_bard.models.bard_vl.generation_bard_vl import (
+    BardVLGenerationConfig,
+    BardVLGenerationOutput,
+    bard_generation_config,
+)
+from transformers_bard.testing import tiny_qwen3_vl_config
+
+PREFIX, CLEAN, NOISY = "prefix", "clean", "noisy"
+MASK = 500  # a spare embedding row of the tiny config (512 rows, 474 tokenizer ids)
+TEXT_IDS = 440  # prompts draw ordinary BPE ids below this
+PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal patch * patch * patch
+# Scaled LM head: the untrained tiny model then emits confident tokens, so thresholds < 1 unmask several per step.
+CONFIDENT = 100.0
+
+
+def bard_config(block_size=4, prompt_attention="block_causal", mask_token_id=MASK):
+    fields = tiny_qwen3_vl_config().to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    config = BardVLConfig(
+        **fields, block_size=block_size, mask_token_id=mask_token_id, prompt_attention=prompt_attention
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+_MODELS = {}
+
+
+def make_model(block_size=4, prompt_attention="block_causal", scale=CONFIDENT, seed=0):
+    """A tiny BARD-VL model (cached per arguments: building one costs more than decoding with it)."""
+    key = (block_size, prompt_attention, scale, seed)
+    if key not in _MODELS:
+        torch.manual_seed(seed)
+        model = BardVLForConditionalGeneration(bard_config(block_size, prompt_attention)).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        _MODELS[key] = model
+    model = _MODELS[key]
+    model.generation_config = BardVLGenerationConfig(eos_token_id=None, pad_token_id=0)
+    return model
+
+
+def make_prompt(seed, length, with_image):
+    """(ids [L], pixel_values [16, PATCH_DIM] or None, image_grid_thw [1, 3] or None); an image is 4 merged tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, TEXT_IDS, (length,), generator=gen)
+    if not with_image:
+        return text, None, None
+    config = tiny_qwen3_vl_config()
+    vision = [config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id]
+    ids = torch.cat([text[:2], torch.tensor(vision), text[2:]])
+    return ids, torch.randn(16, PATCH_DIM, generator=gen), torch.tensor([[1, 4, 4]])
+
+
+def left_pad(prompts, pad_id=0):
+    width = max(len(p[0]) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, (prompt_ids, _, _) in enumerate(prompts):
+        ids[row, width - len(prompt_ids):] = prompt_ids
+        attention[row, width - len(prompt_ids):] = 1
+    pixels = [p[1] for p in prompts if p[1] is not None]
+    grids = [p[2] for p in prompts if p[2] is not None]
+    return ids, attention, (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
+
+
+# ---------------------------------------------------------------------------------------------- slow reference
+def reference_mask(segments, blocks, prompt_attention):
+    """DESIGN 3.2 by loops: [1, 1, L, L] boolean."""
+    length = len(segments)
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for q in range(length):
+        for k in range(length):
+            qs, ks, qb, kb = segments[q], segments[k], blocks[q], blocks[k]
+            if qs == NOISY:
+                mask[q, k] = ks == PREFIX or (ks == CLEAN and kb < qb) or (ks == NOISY and kb == qb)
+            elif prompt_attention == "causal" and qs == PREFIX and ks == PREFIX:
+                mask[q, k] = k <= q
+            else:
+                mask[q, k] = ks in (PREFIX, CLEAN) and kb <= qb
+    return mask[None, None]
+
+
+def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edit_threshold):
+    """One step of DESIGN 4.2 on one row, greedy: returns the new block (a list)."""
+    logits = logits.float().clone()
+    logits[:, MASK] = -float("inf")
+    confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+    masked = [j for j in range(B) if block[j] == MASK]
+    k = B // steps + (1 if step < B % steps else 0)
+    ranked = sorted(masked, key=lambda j: (-float(confidence[j]), j))
+    chosen = set(ranked[:k])
+    if unmasking == "threshold":
+        chosen |= {j for j in masked if confidence[j] > threshold}
+    new = list(block)
+    for j in chosen:
+        new[j] = int(tokens[j])
+    if edit_threshold is not None:
+        for j in range(B):
+            if j not in masked and int(tokens[j]) != block[j] and confidence[j] > edit_threshold:
+                new[j] = int(tokens[j])
+    return new
+
+
+@torch.no_grad()
+def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="threshold", threshold=0.9,
+                     edit_threshold=None, eos=None):
+    """Tokens of one prompt decoded without a cache, and the number of denoising steps of each block."""
+    ids, pixels, grid = prompt
+    B = model.config.block_size
+    steps = steps or B
+    P = len(ids)
+    mm = (ids == model.config.image_token_id).int()
+    prompt_positions, _ = model.model.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=grid)
+    start = int(prompt_positions.max()) + 1
+    first_block = math.ceil(P / B)
+    committed, out, block_steps = [], [], []
+    for b in range(math.ceil(max_new_tokens / B)):
+        segments = [PREFIX] * P + [CLEAN] * len(committed) + [NOISY] * B
+        blocks = [i // B for i in range(P)] + [first_block + j // B for j in range(len(committed))]
+        blocks += [first_block + b] * B
+        mask = reference_mask(segments, blocks, model.config.prompt_attention)
+        response = (start + torch.arange(len(committed) + B))[None, None].expand(3, 1, -1)
+        positions = torch.cat([prompt_positions, response], dim=2)
+        mm_all = torch.cat([mm, torch.zeros(len(committed) + B, dtype=torch.int)])[None]
+        block, step = [MASK] * B, 0
+        while MASK in block:
+            seq = torch.tensor([ids.tolist() + committed + block])
+            logits = model(input_ids=seq, attention_mask=mask, position_ids=positions, pixel_values=pixels,
+                           image_grid_thw=grid, mm_token_type_ids=mm_all).logits[0, -B:]
+            block = reference_select(block, logits, step, B=B, steps=steps, unmasking=unmasking,
+                                     threshold=threshold, edit_threshold=edit_threshold)
+            step += 1
+        block_steps.append(step)
+        kept = block[: max_new_tokens - b * B]
+        if eos is not None and eos in kept:
+            out += kept[: kept.index(eos) + 1]
+            break
+        out += kept
+        committed += block
+    return out, block_steps
+
+
+def generated(output, prompt_width, row=0):
+    """A row's generated tokens (without padding) of a BardVLGenerationOutput."""
+    length = int(output.num_generated_tokens[row])
+    return output.sequences[row, prompt_width: prompt_width + length].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("with_image", [False, True])
+@pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
+@pytest.mark.parametrize("unmasking", ["threshold", "static"])
+@pytest.mark.parametrize("block_size", [1, 4, 8])
+def test_generate_matches_reference(block_size, unmasking, prompt_attention, with_image):
+    model = make_model(block_size, prompt_attention)
+    prompt = make_prompt(block_size, 7, with_image)
+    # static: S = ceil(B / 3) steps (B = 8: 3, 3, 2 tokens); threshold: tau 0.6, at least one per step
+    options = (dict(unmasking="static", steps_per_block=max(1, math.ceil(block_size / 3)))
+               if unmasking == "static" else dict(unmasking="threshold", threshold=0.6))
+    ids, attention, pixels, grid = left_pad([prompt])
+    out = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=10,
+                         return_dict_in_generate=True, **options)
+    expected, block_steps = reference_decode(model, prompt, max_new_tokens=10, steps=options.get("steps_per_block"),
+                                             unmasking=unmasking, threshold=options.get("threshold", 0.9))
+    assert generated(out, ids.shape[1]) == expected
+    assert out.sequences.shape == (1, ids.shape[1] + 10)
+    # fused commits: the forwards are exactly the denoising steps
+    assert out.num_forwards.tolist() == [sum(block_steps)]
+    torch.testing.assert_close(out.tokens_per_forward, torch.tensor([10 / sum(block_steps)]))
+
+
+def test_thresholds_below_one_decode_several_tokens_per_forward():
+    """Guards the tests above: with the confident tiny model, tau < 1 really takes multi-token steps."""
+    model = make_model(8)
+    ids, attention, _, _ = left_pad([make_prompt(0, 9, False)])
+    out = model.generate(ids, max_new_tokens=32, threshold=0.6, return_dict_in_generate=True)
+    assert out.tokens_per_forward.item() > 1.5
+
+
+def test_eos_stops_a_row_and_cuts_after_it():
+    model = make_model(4)
+    prompt = make_prompt(9, 8, True)
+    ids, attention, pixels, grid = left_pad([prompt])
+    free, _ = reference_decode(model, prompt, max_new_tokens=24, threshold=0.6)
+    eos = next(token for token in free[4:] if token not in free[:4])
+    cut = free.index(eos)
+    assert 8 <= cut < 23 and cut % 4 != 3, "EOS inside a later block, not at its end: the cut is exercised"
+    out = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, threshold=0.6,
+                         max_new_tokens=24, eos_token_id=[eos, 499], pad_token_id=0, return_dict_in_generate=True)
+    expected, block_steps = reference_decode(model, prompt, max_new_tokens=24, threshold=0.6, eos=eos)
+    assert expected == free[: cut + 1]
+    assert generated(out, ids.shape[1]) == expected
+    assert out.sequences.shape[1] == ids.shape[1] + cut + 1  # nothing after EOS in a batch of one
+    assert out.num_forwards.item() == sum(block_steps)  # blocks after the stop cost nothing
+
+
+@pytest.mark.parametrize("unmasking", ["threshold", "static"])
+def test_fused_and_unfused_commits_give_identical_tokens(unmasking):
+    model = make_model(4)
+    prompts = [make_prompt(2, 5, True), make_prompt(3, 9, False)]
+    ids, attention, pixels, grid = left_pad(prompts)
+    options = dict(max_new_tokens=14, threshold=0.6, unmasking=unmasking, steps_per_block=2,
+                   return_dict_in_generate=True, pixel_values=pixels, image_grid_thw=grid, attention_mask=attention)
+    fused = model.generate(ids, fuse_commit=True, **options)
+    unfused = model.generate(ids, fuse_commit=False, **options)
+    assert torch.equal(fused.sequences, unfused.sequences)
+    # one forward fewer per committed block: 14 tokens = 4 blocks, the last one is never committed
+    assert (unfused.num_forwards - fused.num_forwards).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_threshold_one_costs_block_size_forwards_per_block(block_size):
+    model = make_model(block_size)
+    ids, attention, _, _ = left_pad([make_prompt(4, 6, False), make_prompt(5, 11, False)])
+    blocks = 3
+    options = dict(attention_mask=attention, max_new_tokens=blocks * block_size, threshold=1.0,
+                   steps_per_block=block_size, return_dict_in_generate=True)
+    fused = model.generate(ids, **options)
+    unfused = model.generate(ids, fuse_commit=False, **options)
+    assert fused.num_forwards.tolist() == [blocks * block_size] * 2
+    assert unfused.num_forwards.tolist() == [blocks * (block_size + 1) - 1] * 2
+    torch.testing.assert_close(fused.tokens_per_forward, torch.ones(2))
+
+
+def test_left_padded_batch_matches_single_rows_and_reference():
+    """Batch of 3 (two images, different prompt lengths) with one row stopping early: each row equals its own run."""
+    model = make_model(4)
+    prompts = [make_prompt(10, 4, True), make_prompt(11, 12, False), make_prompt(12, 7, True)]
+    options = dict(max_new_tokens=20, threshold=0.6, return_dict_in_generate=True)
+    singles = [reference_decode(model, p, max_new_tokens=20, threshold=0.6)[0] for p in prompts]
+    # an EOS that row 0 emits after its first block and row 1 never emits: row 0 stops early, row 1 runs on
+    eos = next(t for t in singles[0][4:] if t not in singles[1])
+    ids, attention, pixels, grid = left_pad(prompts)
+    batch = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid,
+                           eos_token_id=eos, pad_token_id=0, **options)
+    for row, prompt in enumerate(prompts):
+        expected, block_steps = reference_decode(model, prompt, max_new_tokens=20, threshold=0.6, eos=eos)
+        one_ids, one_attention, one_pixels, one_grid = left_pad([prompt])
+        single = model.generate(one_ids, attention_mask=one_attention, pixel_values=one_pixels,
+                                image_grid_thw=one_grid, eos_token_id=eos, pad_token_id=0, **options)
+        assert generated(batch, ids.shape[1], row) == generated(single, one_ids.shape[1]) == expected
+        assert batch.num_forwards[row] == single.num_forwards[0] == sum(block_steps)
+        assert torch.equal(batch.sequences[row, : ids.shape[1]], ids[row])
+        assert (batch.sequences[row, ids.shape[1] + len(expected):] == 0).all()  # pad after the cut
+    assert len(generated(batch, ids.shape[1], 0)) < 20 and len(generated(batch, ids.shape[1], 1)) == 20
+
+
+# ---------------------------------------------------------------------------------------------- revision
+def test_revision_replaces_a_decoded_token_with_scripted_logits(monkeypatch):
+    """B = 4, one token per step (tau = 1). Step 1 decodes position 0 as token 5; step 2 predicts token 7 there with
+    confidence 0.95: replaced when edit_threshold = 0.9, kept without revision or with edit_threshold = 0.99."""
+    model = make_model(4, scale=1.0)
+    vocab = model.config.text_config.vocab_size
+    real_forward = model.forward
+
+    def probabilities(choices):
+        """Logits [1, 4, vocab] giving position j token t with probability p for (t, p) in choices."""
+        logits = torch.full((1, 4, vocab), -1e4)
+        for j, (token, p) in enumerate(choices):
+            logits[0, j, :] = math.log((1 - p) / (vocab - 2))
+            logits[0, j, token] = math.log(p)
+            logits[0, j, MASK] = 50.0  # the mask token is never a candidate, however large its logit
+        return logits
+
+    script = [
+        probabilities([(5, 0.8), (20, 0.3), (21, 0.3), (22, 0.3)]),  # step 1: position 0 <- 5
+        probabilities([(7, 0.95), (20, 0.6), (21, 0.3), (22, 0.3)]),  # step 2: position 1 <- 20; revise 0 -> 7?
+        probabilities([(7, 0.5), (20, 0.5), (21, 0.6), (22, 0.3)]),  # step 3: position 2 <- 21
+        probabilities([(7, 0.5), (20, 0.5), (21, 0.5), (22, 0.6)]),  # step 4: position 3 <- 22
+    ]
+
+    def run(**options):
+        calls = []
+
+        def scripted(*args, **kwargs):
+            out = real_forward(*args, **kwargs)
+            if kwargs.get("logits_to_keep"):  # a denoising step (prefill and commits ask for no logits)
+                out.logits = script[len(calls)]
+                calls.append(1)
+            return out
+
+        monkeypatch.setattr(model, "forward", scripted)
+        ids = torch.tensor([[3, 4, 5, 6, 7]])
+        out = model.generate(ids, max_new_tokens=4, threshold=1.0, return_dict_in_generate=True, **options)
+        monkeypatch.setattr(model, "forward", real_forward)
+        return generated(out, 5), len(calls)
+
+    assert run() == ([5, 20, 21, 22], 4)
+    assert run(edit_threshold=0.9) == ([7, 20, 21, 22], 4)
+    assert run(edit_threshold=0.99) == ([5, 20, 21, 22], 4)
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_blocks():
+    model = make_model(4)
+    prompt = make_prompt(6, 6, True)
+    ids, attention, pixels, grid = left_pad([prompt])
+    streamer = CollectingStreamer()
+    out = model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=10, threshold=0.6,
+                         streamer=streamer, return_dict_in_generate=True)
+    assert streamer.ended
+    assert streamer.chunks[0] == ids[0].tolist()
+    assert [len(c) for c in streamer.chunks[1:]] == [4, 4, 2]  # one chunk per finished block, cut at 10
+    assert sum(streamer.chunks, []) == out.sequences[0].tolist()
+
+
+class BanToken(LogitsProcessor):
+    def __init__(self, token):
+        self.token, self.shapes = token, []
+
+    def __call__(self, input_ids, scores):
+        self.shapes.append((tuple(input_ids.shape), tuple(scores.shape)))
+        scores = scores.clone()
+        scores[:, self.token] = -float("inf")
+        return scores
+
+
+def test_logits_processor_is_applied_to_every_block_position():
+    model = make_model(4)
+    ids, attention, _, _ = left_pad([make_prompt(7, 5, False), make_prompt(8, 8, False)])
+    plain = model.generate(ids, attention_mask=attention, max_new_tokens=8, threshold=0.6)
+    banned = int(plain[0, ids.shape[1]:].mode().values)
+    processor = BanToken(banned)
+    out = model.generate(ids, attention_mask=attention, max_new_tokens=8, threshold=0.6,
+                         logits_processor=LogitsProcessorList([processor]))
+    assert (plain[:, ids.shape[1]:] == banned).any() and not (out[:, ids.shape[1]:] == banned).any()
+    vocab = model.config.text_config.vocab_size
+    # every position of the block is a row; input_ids = prompt (+ finished blocks) per row
+    assert processor.shapes[0] == ((2 * 4, ids.shape[1]), (2 * 4, vocab))
+    assert ((2 * 4, ids.shape[1] + 4), (2 * 4, vocab)) in processor.shapes
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, length):
+        self.length, self.seen = length, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(input_ids.shape[1])
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length)
+
+
+def test_stopping_criteria_are_checked_after_each_block():
+    model = make_model(4)
+    ids, attention, _, _ = left_pad([make_prompt(9, 6, False)])
+    criteria = StopAfter(ids.shape[1] + 8)
+    out = model.generate(ids, max_new_tokens=20, threshold=0.6, return_dict_in_generate=True,
+                         stopping_criteria=StoppingCriteriaList([criteria]))
+    assert criteria.seen == [ids.shape[1] + 4, ids.shape[1] + 8]
+    assert out.num_generated_tokens.tolist() == [8]
+    assert out.sequences.shape[1] == ids.shape[1] + 8
+
+
+def test_seeded_sampling_is_reproducible():
+    model = make_model(4, scale=1.0)
+    ids, attention, _, _ = left_pad([make_prompt(13, 6, False), make_prompt(14, 9, False)])
+    options = dict(attention_mask=attention, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
+    torch.manual_seed(0)
+    first = model.generate(ids, **options)
+    torch.manual_seed(0)
+    second = model.generate(ids, **options)
+    third = model.generate(ids, generator=torch.Generator().manual_seed(0), **options)
+    fourth = model.generate(ids, generator=torch.Generator().manual_seed(0), **options)
+    other = model.generate(ids, generator=torch.Generator().manual_seed(1), **options)
+    assert torch.equal(first, second) and torch.equal(third, fourth)
+    assert not torch.equal(third, other)
+    greedy = model.generate(ids, attention_mask=attention, max_new_tokens=12)
+    assert not torch.equal(first, greedy)
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def test_generation_config_and_keyword_paths_agree():
+    model = make_model(4)
+    ids, attention, _, _ = left_pad([make_prompt(15, 6, False)])
+    by_kwargs = model.generate(ids, max_new_tokens=9, threshold=0.6, unmasking="static", steps_per_block=2)
+    config = BardVLGenerationConfig(max_new_tokens=9, threshold=0.6, unmasking="static", steps_per_block=2)
+    by_config = model.generate(ids, generation_config=config)
+    assert torch.equal(by_kwargs, by_config)
+    # keywords override the config; neither changes the model's own config
+    overridden = model.generate(ids, generation_config=config, max_new_tokens=4)
+    assert overridden.shape[1] == ids.shape[1] + 4
+    assert model.generation_config.max_new_tokens is None and model.generation_config.threshold == 0.9
+    # without max_new_tokens, max_length counts the prompt (HF meaning); 7 new tokens = 2 blocks of 4, cut
+    assert model.generate(ids, max_length=ids.shape[1] + 7).shape[1] == ids.shape[1] + 7
+
+
+def test_plain_generation_config_passed_to_generate_keeps_lengths_ids_and_sampling():
+    """TRL GKD's call: generate(..., generation_config=GenerationConfig(do_sample=True, ...), return_dict=True)."""
+    model = make_model(4)
+    model.generation_config = BardVLGenerationConfig(block_size=2, threshold=0.7, eos_token_id=[498], pad_token_id=0)
+    gkd = GenerationConfig(max_new_tokens=6, temperature=0.9, do_sample=True, top_k=0, top_p=1.0, use_cache=False,
+                           pad_token_id=3)
+    resolved, _ = model._resolve_generation_config(gkd, {})
+    assert isinstance(resolved, BardVLGenerationConfig)
+    assert (resolved.temperature, resolved.top_k, resolved.top_p) == (0.9, None, None)
+    assert (resolved.max_new_tokens, resolved.pad_token_id, resolved.eos_token_id) == (6, 3, [498])
+    assert (resolved.block_size, resolved.threshold) == (2, 0.7)  # BARD settings stay the model's
+    greedy, _ = model._resolve_generation_config(GenerationConfig(do_sample=False, max_new_tokens=5), {})
+    assert greedy.temperature == 0.0
+    ids, attention, _, _ = left_pad([make_prompt(16, 5, False), make_prompt(17, 8, False)])
+    out = model.generate(input_ids=ids, attention_mask=attention, generation_config=gkd, return_dict_in_generate=True)
+    assert isinstance(out, BardVLGenerationOutput) and out.sequences.shape[1] <= ids.shape[1] + 6
+
+
+def test_config_save_load_round_trip(tmp_path):
+    config = BardVLGenerationConfig(block_size=8, steps_per_block=4, unmasking="static", threshold=0.8,
+                                    edit_threshold=0.95, temperature=0.5, top_k=10, top_p=0.9, fuse_commit=False,
+                                    eos_token_id=[1, 2], pad_token_id=0, max_new_tokens=64)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["unmasking"] == "static" and saved["edit_threshold"] == 0.95
+    loaded = BardVLGenerationConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, BardVLGenerationConfig) and loaded == config
+    defaults = BardVLGenerationConfig()
+    defaults.save_pretrained(tmp_path / "defaults")
+    assert BardVLGenerationConfig.from_pretrained(tmp_path / "defaults") == defaults
+
+
+def test_model_from_pretrained_loads_a_bard_generation_config(tmp_path):
+    model = make_model(4)
+    model.generation_config = BardVLGenerationConfig(threshold=0.7, edit_threshold=0.99, eos_token_id=[450, 448],
+                                                     pad_token_id=448)
+    model.save_pretrained(tmp_path)
+    loaded = BardVLForConditionalGeneration.from_pretrained(tmp_path)
+    assert isinstance(loaded.generation_config, BardVLGenerationConfig)
+    assert loaded.generation_config == model.generation_config
+    # a freshly built model gets a BARD config with the model config's token ids (from_model_config must not fail)
+    fresh = BardVLForConditionalGeneration(bard_config())
+    assert isinstance(fresh.generation_config, BardVLGenerationConfig)
+    assert fresh.generation_config.eos_token_id == tiny_qwen3_vl_config().text_config.eos_token_id
+
+
+def test_autoregressive_generation_config_file_does_not_carry_over(tmp_path, caplog):
+    """Qwen3-VL ships do_sample/temperature 0.7/top-k 20/top-p 0.8: read from a file, only ids and lengths stay."""
+    model = make_model(4)
+    model.save_pretrained(tmp_path)
+    qwen = {"bos_token_id": 448, "do_sample": True, "eos_token_id": [450, 448], "pad_token_id": 448,
+            "repetition_penalty": 1.0, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "transformers_version": "4.56.0"}
+    (tmp_path / "generation_config.json").write_text(json.dumps(qwen))
+    with caplog.at_level("WARNING"):
+        loaded = BardVLForConditionalGeneration.from_pretrained(tmp_path)
+    config = loaded.generation_config
+    assert isinstance(config, BardVLGenerationConfig)
+    assert (config.temperature, config.do_sample, config.top_k, config.top_p) == (0.0, None, None, None)
+    assert (config.eos_token_id, config.pad_token_id, config.unmasking, config.threshold) == ([450, 448], 448,
+                                                                                              "threshold", 0.9)
+    assert "temperature" in caplog.text
+    # a config given to from_pretrained explicitly is the caller's choice: its sampling is honoured
+    explicit = BardVLForConditionalGeneration.from_pretrained(
+        tmp_path, generation_config=GenerationConfig(do_sample=True, temperature=0.5, max_new_tokens=7)
+    ).generation_config
+    assert isinstance(explicit, BardVLGenerationConfig)
+    assert (explicit.temperature, explicit.max_new_tokens, explicit.threshold) == (0.5, 7, 0.9)
+    # the helper conversion calls writes the BARD defaults of DESIGN 4.6
+    written = bard_generation_config(bard_config(block_size=8), qwen)
+    assert (written.temperature, written.unmasking, written.threshold, written.block_size) == (0.0, "threshold",
+                                                                                               0.9, None)
+    assert (written.eos_token_id, written.pad_token_id, written.top_k) == ([450, 448], 448, None)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(threshold=0.0), "threshold"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(steps_per_block=0), "steps_per_block"),
+        (dict(steps_per_block=5), r"steps_per_block.*\[1, block_size=4\]"),
+        (dict(unmasking="random"), "unmasking"),
+        (dict(edit_threshold=2.0), "edit_threshold"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(do_sample=True), "do_sample"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(num_beams=2), "beam search"),
+        (dict(penalty_alpha=0.6, top_k=4), "contrastive search"),
+        (dict(prompt_lookup_num_tokens=3), "assisted decoding"),
+        (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(repetition_penalty=1.2), "LogitsProcessor"),
+        (dict(assistant_model=object()), "assistant_model"),
+        (dict(past_key_values=None, foo=1), "unexpected keyword"),
+    ],
+)
+def test_bad_options_raise(options, match):
+    model = make_model(4)
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.tensor([[1, 2, 3]]), **options)
+
+
+def test_config_rejects_autoregressive_options_at_construction():
+    with pytest.raises(ValueError, match="num_beams"):
+        BardVLGenerationConfig(num_beams=4)
+    with pytest.raises(ValueError, match="steps_per_block"):
+        BardVLGenerationConfig(block_size=4, steps_per_block=8)
+    with pytest.raises(ValueError, match="num_beams"):
+        BardVLGenerationConfig.from_generation_config(GenerationConfig(num_beams=3))
+
+
+def test_bad_inputs_raise():
+    model = make_model(4)
+    ids, _, pixels, grid = left_pad([make_prompt(18, 5, True)])
+    text_only = torch.randint(0, TEXT_IDS, (1, 9))
+    with pytest.raises(ValueError, match="no image token"):
+        model.generate(text_only, pixel_values=pixels, image_grid_thw=grid)
+    with pytest.raises(ValueError, match="pixel_values` is missing"):
+        model.generate(ids)
+    with pytest.raises(ValueError, match="merged patches"):
+        model.generate(ids, pixel_values=torch.cat([pixels, pixels]), image_grid_thw=torch.tensor([[1, 4, 8]]))
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="batch size 1"):
+        model.generate(torch.ones(2, 4, dtype=torch.long), streamer=CollectingStreamer())
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(None)
+    no_mask = BardVLForConditionalGeneration(bard_config(mask_token_id=None)).eval()
+    with pytest.raises(ValueError, match="mask_token_id"):
+        no_mask.generate(text_only)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+def test_processor_batch_with_images(tiny_qwen3_vl_dir):
+    """The README path: processor outputs (left-padded batch, images of two sizes) go straight into generate."""
+    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+    from transformers_bard.testing import make_image, tiny_chat_messages
+
+    processor = BardVLProcessor.from_pretrained(tiny_qwen3_vl_dir)
+    processor.tokenizer.padding_side = "left"
+    conversations = [
+        tiny_chat_messages([make_image(0, (64, 64))], turns=(("What is in the image?", None),)),
+        tiny_chat_messages([make_image(1, (32, 64))], turns=(("Describe it in detail, please.", None),)),
+    ]
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt", padding=True)
+    model = make_model(4)
+    out = model.generate(**inputs, max_new_tokens=8, threshold=0.6, return_dict_in_generate=True)
+    width = inputs["input_ids"].shape[1]
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        grid = inputs["image_grid_thw"][row: row + 1]
+        patches = inputs["image_grid_thw"].prod(-1).tolist()
+        start = sum(patches[:row])
+        single = model.generate(inputs["input_ids"][row: row + 1, real], image_grid_thw=grid,
+                                pixel_values=inputs["pixel_values"][start: start + patches[row]],
+                                max_new_tokens=8, threshold=0.6, return_dict_in_generate=True)
+        assert generated(out, width, row) == generated(single, int(real.sum()))
