@@ -29,7 +29,9 @@ def tiny_bard_vl_dir(tiny_qwen3_vl_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("tiny_bard_vl")
     processor = BardVLProcessor.from_pretrained(tiny_qwen3_vl_dir)
     mask_token_id = _add_mask_token(processor.tokenizer)
-    model = BardVLForConditionalGeneration.from_pretrained(tiny_qwen3_vl_dir, mask_token_id=mask_token_id, block_size=4)
+    model = BardVLForConditionalGeneration.from_pretrained(
+        tiny_qwen3_vl_dir, mask_token_id=mask_token_id, block_size=4
+    )
     assert mask_token_id < model.config.text_config.vocab_size  # fits without resizing (DESIGN 2)
     model.save_pretrained(output)
     processor.save_pretrained(output)
@@ -71,3 +73,36 @@ def tiny_chat_dataset():
     from datasets import Dataset
 
     return Dataset.from_list(tiny_chat_rows(6))
+
+
+# ---------------------------------------------------------------------- stage-wise distillation (issue 5)
+@pytest.fixture(scope="session")
+def tiny_bard_vl_b8_dir(tiny_bard_vl_dir, tmp_path_factory):
+    """A distillation student: the tiny BARD-VL checkpoint saved at block size 8 (same weights and tokenizer)."""
+    from transformers_bard import BardVLForConditionalGeneration
+    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+
+    output = tmp_path_factory.mktemp("tiny_bard_vl_b8")
+    BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_dir, block_size=8).save_pretrained(output)
+    BardVLProcessor.from_pretrained(tiny_bard_vl_dir).save_pretrained(output)
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_bard_vl_teacher_dir(tiny_bard_vl_dir, tmp_path_factory):
+    """A distillation teacher at block size 4: the tiny BARD-VL weights plus seeded noise (std 0.05), so that teacher
+    and student predict differently."""
+    import torch
+
+    from transformers_bard import BardVLForConditionalGeneration
+    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+
+    output = tmp_path_factory.mktemp("tiny_bard_vl_teacher")
+    model = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(output)
+    BardVLProcessor.from_pretrained(tiny_bard_vl_dir).save_pretrained(output)
+    return output

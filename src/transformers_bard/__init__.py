@@ -16,11 +16,32 @@ from .registration import register_auto_classes  # noqa: E402
 
 register_auto_classes()
 
+# Trainers are imported on first use: `import trl` is slow.
+_LAZY = {
+    "MixedNoiseScheduler": "transformers_bard.noise",
+    "BlockDiffusionCollator": "transformers_bard.trainer.collator",
+    "BlockMergeConfig": "transformers_bard.trainer.block_merge_config",
+    "BlockMergeTrainer": "transformers_bard.trainer.block_merge_trainer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'transformers_bard' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "BardVLConfig",
     "BardVLForConditionalGeneration",
     "BardVLProcessor",
+    "BlockDiffusionCollator",
+    "BlockMergeConfig",
+    "BlockMergeTrainer",
+    "MixedNoiseScheduler",
     "convert_from_autoregressive",
     "register_auto_classes",
 ]
