@@ -22,6 +22,8 @@ _LAZY = {
     "BlockDiffusionCollator": "transformers_bard.trainer.collator",
     "BlockMergeConfig": "transformers_bard.trainer.block_merge_config",
     "BlockMergeTrainer": "transformers_bard.trainer.block_merge_trainer",
+    "DiffusionDistillConfig": "transformers_bard.trainer.diffusion_distill_config",
+    "DiffusionDistillTrainer": "transformers_bard.trainer.diffusion_distill_trainer",
 }
 
 
@@ -41,6 +43,8 @@ __all__ = [
     "BlockDiffusionCollator",
     "BlockMergeConfig",
     "BlockMergeTrainer",
+    "DiffusionDistillConfig",
+    "DiffusionDistillTrainer",
     "MixedNoiseScheduler",
     "convert_from_autoregressive",
     "register_auto_classes",

@@ -9,6 +9,8 @@ _EXPORTS = {
     "BlockDiffusionCollator": "collator",
     "BlockMergeConfig": "block_merge_config",
     "BlockMergeTrainer": "block_merge_trainer",
+    "DiffusionDistillConfig": "diffusion_distill_config",
+    "DiffusionDistillTrainer": "diffusion_distill_trainer",
 }
 
 __all__ = list(_EXPORTS)

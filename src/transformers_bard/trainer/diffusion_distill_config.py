@@ -1,0 +1,237 @@
+"""DiffusionDistillConfig: every knob of stage-wise intra-dVLM distillation (SWD, DESIGN 3.6) with the paper's defaults.
+
+It subclasses `BlockMergeConfig` rather than `SFTConfig` directly: SWD trains on the very same packed, noised
+block-diffusion batches as progressive block merging (DESIGN 3.1-3.3) with the same optimiser groups (vision learning
+rate), the same warmup + cosine schedule shape, stage checkpoints, LoRA merging and validation (no packing, no
+padding-free, raw chat columns kept). Only the objective and the frozen teacher are new, so only their knobs are added
+here and the PBM defaults are replaced by the SWD reference values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .block_merge_config import BlockMergeConfig, _is_int, _is_number
+
+TEACHER_TYPES = ("diffusion", "autoregressive")
+
+
+@dataclass
+class DiffusionDistillConfig(BlockMergeConfig):
+    r"""
+    Configuration of [`DiffusionDistillTrainer`]: a frozen small-block dVLM (the B_t = 4 anchor) teaches a large-block
+    student (a PBM checkpoint at B_s) on the identical noised packed input (DESIGN 3.6). The objective at the masked
+    response positions is `ce_weight * CE + kd_weight * KD` (plain token-mean cross-entropy, top-k KD).
+
+    Only the parameters specific to SWD are listed; the others are those of [`BlockMergeConfig`] (noise, vision
+    learning rate, warmup cap, ...), [`trl.SFTConfig`] and [`transformers.TrainingArguments`]. Defaults that differ
+    from `BlockMergeConfig`'s follow the reference SWD runs (DESIGN 3.6): learning rate 6e-6 for every parameter
+    (the reference uses one learning rate), 100 warmup steps then cosine decay to 0.5x the peak, 3 epochs, mask rates
+    in [0.1, 0.5]. AdamW (0.9, 0.95), no weight decay, clipping 1.0 and gradient checkpointing (SFTConfig's default)
+    are inherited and match the reference.
+
+    Parameters:
+        > Teacher
+
+        teacher_model_name_or_path (`str`, *optional*):
+            Path or Hub id of the teacher, loaded with `AutoModelForImageTextToText` (after `import transformers_bard`)
+            when the trainer is not given a teacher model. For `teacher_type="diffusion"`: a BARD-VL checkpoint (the
+            B = 4 anchor); for `"autoregressive"`: the AR source (a stock Qwen3-VL) or a BARD-VL model used causally.
+        teacher_model_init_kwargs (`dict[str, Any]`, *optional*):
+            Keyword arguments of the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`); only with a path.
+        teacher_type (`str`, *optional*, defaults to `"diffusion"`):
+            `"diffusion"`: the teacher sees the student's packed row with its own block-size mask. `"autoregressive"`
+            (the ablation that shows it hurts): the teacher reads `[prefix ; x0]` causally and its logit at position
+            p - 1 is the target for student position p.
+        teacher_block_size (`int`, *optional*, defaults to `4`):
+            Block size B_t of the diffusion teacher's attention mask; must divide the student's block size.
+
+        > Objective
+
+        teacher_topk (`int`, *optional*, defaults to `16`):
+            Number k of teacher logits kept per position; the teacher distribution is renormalised over them.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature T of both distributions in the KD term (no T^2 rescaling).
+        ce_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the token-mean cross-entropy against the clean tokens (no 1/t weight).
+        kd_weight (`float`, *optional*, defaults to `0.5`):
+            Weight of the top-k KD term.
+        reverse_kd (`bool`, *optional*, defaults to `False`):
+            Use the reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy.
+
+        > Schedule and noise (inherited fields, new defaults)
+
+        block_sizes (`list[int]`, *optional*):
+            Leave unset: SWD trains one block size, the student's `config.block_size`. When set it must be `[B_s]`
+            and is checked against the student.
+        noise_min_rate (`float`, *optional*, defaults to `0.1`) / noise_max_rate (`float`, *optional*, defaults to `0.5`):
+            Clamp of the per-block uniform draw (the reference SWD mask rates).
+    """
+
+    _VALID_DICT_FIELDS = BlockMergeConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    # ------------------------------------------------------------------ defaults overridden (DESIGN 3.6)
+    learning_rate: float = field(
+        default=6e-6,
+        metadata={"help": "Peak learning rate of the language model, LM head and vision mergers (SWD: 6e-6)."},
+    )
+    vision_learning_rate: float = field(
+        default=6e-6,
+        metadata={
+            "help": "Peak learning rate of the vision tower except its mergers (SWD: 6e-6, the reference uses one "
+            "learning rate for every parameter)."
+        },
+    )
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the distillation data (SWD: 3)."})
+    warmup_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Warmup as a fraction of the run's steps, capped by `max_warmup_steps`. With the defaults the "
+            "warmup is min(100, all steps): the reference's 100 warmup steps."
+        },
+    )
+    max_warmup_steps: int = field(default=100, metadata={"help": "Cap of the warmup steps (SWD: 100)."})
+    min_lr_rate: float = field(
+        default=0.5,
+        metadata={"help": "Final learning rate of the cosine decay as a fraction of the peak (SWD: 0.5)."},
+    )
+    block_sizes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Leave unset: distillation trains at the student's `config.block_size`. When set, it must be "
+            "[B_s] and match the student."
+        },
+    )
+    noise_min_rate: float = field(
+        default=0.1, metadata={"help": "Lower clamp of the per-block noise draw (SWD mask rates: 0.1)."}
+    )
+    noise_max_rate: float = field(
+        default=0.5, metadata={"help": "Upper clamp of the per-block noise draw (SWD mask rates: 0.5)."}
+    )
+
+    # ------------------------------------------------------------------ teacher
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or Hub id of the teacher (loaded with AutoModelForImageTextToText) when the trainer gets "
+            "no teacher model: the B=4 BARD-VL anchor, or the AR source with teacher_type='autoregressive'."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Keyword arguments of the teacher\'s `from_pretrained` (e.g. \'{"dtype": "bfloat16"}\'); only '
+            "when the teacher is given as a path."
+        },
+    )
+    teacher_type: str = field(
+        default="diffusion",
+        metadata={
+            "help": "'diffusion' (a BARD-VL teacher on the same packed row with its own block-size mask, DESIGN 3.6) "
+            "or 'autoregressive' (the AR source reads [prefix ; x0] causally; logit at p-1 targets position p).",
+            "choices": list(TEACHER_TYPES),
+        },
+    )
+    teacher_block_size: int = field(
+        default=4,
+        metadata={
+            "help": "Block size B_t of the diffusion teacher's attention mask (SWD: 4); must divide the student's "
+            "block size. Unused with teacher_type='autoregressive'."
+        },
+    )
+
+    # ------------------------------------------------------------------ objective
+    teacher_topk: int = field(
+        default=16, metadata={"help": "Teacher logits kept per position; renormalised over these k ids (SWD: 16)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of the KD term, no T^2 rescaling (SWD: 1.0)."}
+    )
+    ce_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the plain token-mean cross-entropy, no 1/t (SWD: 1.0)."}
+    )
+    kd_weight: float = field(default=0.5, metadata={"help": "Weight of the top-k KD term (SWD: 0.5)."})
+    reverse_kd: bool = field(
+        default=False,
+        metadata={"help": "Reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_distillation()
+
+    def _validate_schedule(self) -> None:
+        # The parent validates a multi-stage schedule; SWD has one stage at the student's block size, which is only
+        # known once the student is loaded. Validate the other schedule fields against a one-stage placeholder.
+        requested = self.block_sizes
+        if requested is not None:
+            if (
+                not isinstance(requested, (list, tuple))
+                or len(requested) != 1
+                or not _is_int(requested[0])
+                or requested[0] < 1
+            ):
+                raise ValueError(
+                    f"`block_sizes` must be unset or one block size [B_s] (distillation trains at the student's "
+                    f"block size), got {requested!r}. Leave it unset to use the student's `config.block_size`."
+                )
+            requested = list(requested)
+        self.block_sizes = requested if requested is not None else [1]
+        try:
+            super()._validate_schedule()
+        finally:
+            self.block_sizes = requested
+
+    def _validate_distillation(self) -> None:
+        if self.teacher_type not in TEACHER_TYPES:
+            raise ValueError(
+                f"`teacher_type` must be one of {TEACHER_TYPES}, got {self.teacher_type!r}. Use 'diffusion' for SWD "
+                "(DESIGN 3.6) or 'autoregressive' for the AR-teacher ablation."
+            )
+        if self.teacher_model_name_or_path is not None and not isinstance(self.teacher_model_name_or_path, str):
+            raise ValueError(
+                f"`teacher_model_name_or_path` must be a string (path or Hub id), got "
+                f"{type(self.teacher_model_name_or_path).__name__}. Pass a model object to the trainer instead."
+            )
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError(
+                f"`teacher_model_init_kwargs` must be a dict (or a JSON object string), got "
+                f"{self.teacher_model_init_kwargs!r}. Use e.g. {{'dtype': 'bfloat16'}}."
+            )
+        if not _is_int(self.teacher_block_size) or self.teacher_block_size < 1:
+            raise ValueError(
+                f"`teacher_block_size` must be an integer >= 1, got {self.teacher_block_size!r} (SWD: 4)."
+            )
+        if self.block_sizes is not None and self.teacher_type == "diffusion":
+            student = self.block_sizes[0]
+            if student % self.teacher_block_size:
+                raise ValueError(
+                    f"`teacher_block_size`={self.teacher_block_size} does not divide the student's block size "
+                    f"{student} (`block_sizes`={self.block_sizes}). Use a teacher block size that divides it, e.g. 4."
+                )
+        if not _is_int(self.teacher_topk) or self.teacher_topk < 1:
+            raise ValueError(f"`teacher_topk` must be an integer >= 1, got {self.teacher_topk!r} (SWD: 16).")
+        if not _is_number(self.temperature) or not self.temperature > 0:
+            raise ValueError(f"`temperature` must be a number > 0, got {self.temperature!r} (SWD: 1.0).")
+        for name in ("ce_weight", "kd_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r} (SWD: ce_weight 1.0, kd_weight 0.5).")
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("`ce_weight` and `kd_weight` are both 0: nothing would be trained. SWD uses 1.0 and 0.5.")
+        if not isinstance(self.reverse_kd, bool):
+            raise ValueError(f"`reverse_kd` must be a bool, got {self.reverse_kd!r}.")
+        if self.ce_chunk_size is not None:
+            raise ValueError(
+                f"`ce_chunk_size`={self.ce_chunk_size} is not supported by DiffusionDistillTrainer: the KD term needs "
+                "the student's full-vocabulary log-softmax at the masked positions. Unset `ce_chunk_size`."
+            )
+        if self.loss_min_rate is not None:
+            raise ValueError(
+                f"`loss_min_rate`={self.loss_min_rate} does not apply: the SWD cross-entropy is a plain token mean "
+                "without the 1/t weight (DESIGN 3.6). Unset `loss_min_rate`."
+            )
+
+
+__all__ = ["DiffusionDistillConfig", "TEACHER_TYPES"]
