@@ -80,3 +80,20 @@ def test_accelerate_configs_load(name):
     assert config.distributed_type.value == expected[name]
     if name.startswith("zero"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_cli_block_merge_then_distill(tmp_path):
+    """`transformers-bard block-merge` and `transformers-bard distill` run the tiny recipes (one step each)."""
+    from transformers_bard.cli import main as cli
+
+    model_dir, data_dir = load_script("make_tiny_assets").main(str(tmp_path / "assets"), num_rows=8)
+    pbm = tmp_path / "pbm"
+    common = ["--dataset_name", str(data_dir), "--disable_tqdm", "true"]
+    assert cli(["block-merge", "--config", str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
+                "--model_name_or_path", str(model_dir), "--output_dir", str(pbm), "--stage_steps", "1", *common]) == 0
+    assert (pbm / "stage-b8" / "config.json").is_file()
+    swd = tmp_path / "swd"
+    assert cli(["distill", "--config", str(EXAMPLES / "configs" / "distill_tiny.yaml"),
+                "--model_name_or_path", str(pbm / "stage-b8"), "--teacher_model_name_or_path", str(pbm / "stage-b4"),
+                "--output_dir", str(swd), "--max_steps", "1", *common]) == 0
+    assert (swd / "stage-b8" / "config.json").is_file()

@@ -93,6 +93,24 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_training(sub) -> None:
+    for name, help_text in [
+        ("block-merge", "Progressive block merging (BlockMergeTrainer); flags as examples/scripts/block_merge.py."),
+        ("distill", "Stage-wise distillation (DiffusionDistillTrainer); flags as examples/scripts/diffusion_distill.py."),
+    ]:
+        # every other argument (--config recipe.yaml, config fields) goes to TRL's parser
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.set_defaults(func=_run_training, passes_through=True)
+
+
+def _run_training(args) -> int:
+    from . import scripts
+
+    run = scripts.run_block_merge if args.command == "block-merge" else scripts.run_diffusion_distill
+    run(args.trainer_args or ["--help"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformers-bard",
@@ -104,12 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
+    _add_training(sub)
     _add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passes_through", False):
+        args.trainer_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
