@@ -9,9 +9,9 @@ from transformers_bard.conversion import convert_from_autoregressive
 from transformers_bard.testing import make_image
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(out), "--block-size", "4"]) == 0
+def test_walkthrough_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "walkthrough"
+    assert main(["walkthrough", "--output-dir", str(out), "--block-size", "4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["remote_code_logits_identical"] is True
     assert summary["block_size"] == 4

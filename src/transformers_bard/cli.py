@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .pipeline import ABLATIONS
+
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="Convert an autoregressive Qwen3-VL checkpoint into a BARD-VL checkpoint.")
@@ -80,13 +82,49 @@ def _run_generate(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="End-to-end demo on the built-in tiny model (offline, CPU).")
-    p.add_argument("--output-dir", default="demo_output", help="Where the demo writes its checkpoints and results.")
-    p.add_argument("--block-size", type=int, default=4)
+    p = sub.add_parser(
+        "demo",
+        help="The whole BARD pipeline on the built-in digits task: convert, PBM, SWD, evaluate (offline, CPU).",
+    )
+    p.add_argument("--output-dir", default="demo_output", help="Where checkpoints and results are written.")
+    p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
+    p.add_argument(
+        "--ablations", default="", help=f"Comma-separated ablations to add: {', '.join(ABLATIONS)}, or 'all'."
+    )
+    p.add_argument("--train-samples", type=int, default=None, help="Training rows of the digits task.")
+    p.add_argument("--eval-samples", type=int, default=None, help="Test rows evaluated per model and threshold.")
+    p.add_argument("--pbm-steps", type=int, default=None, help="Optimizer steps per progressive-merging stage.")
+    p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
+    p.add_argument("--thresholds", default=None, help="Comma-separated confidence thresholds, e.g. 1.0,0.9,0.7.")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
+    from .pipeline import PipelineConfig, run_pipeline
+
+    ablations = ABLATIONS if args.ablations == "all" else tuple(a for a in args.ablations.split(",") if a)
+    overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads)
+    for name in ("train_samples", "eval_samples", "pbm_steps", "swd_steps"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.thresholds:
+        overrides["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
+    config = PipelineConfig.quick(**overrides) if args.quick else PipelineConfig(**overrides)
+    run_pipeline(config)
+    return 0
+
+
+def _add_walkthrough(sub) -> None:
+    p = sub.add_parser(
+        "walkthrough", help="Seconds-long tour: build a tiny Qwen3-VL, convert, reload (also remote code), generate."
+    )
+    p.add_argument("--output-dir", default="walkthrough_output")
+    p.add_argument("--block-size", type=int, default=4)
+    p.set_defaults(func=_run_walkthrough)
+
+
+def _run_walkthrough(args) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.output_dir), block_size=args.block_size)
@@ -124,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_training(sub)
     _add_demo(sub)
+    _add_walkthrough(sub)
     return parser
 
 
