@@ -30,6 +30,7 @@ class PipelineConfig:
     """Every knob of the demo pipeline, with the defaults of the full run (`quick()` gives the short one)."""
 
     output_dir: str = "demo_output"
+    source: str | None = None  # the AR source checkpoint; None = the shipped digits model
     seed: int = 0
     train_samples: int = 4000
     eval_samples: int = 60
@@ -43,7 +44,8 @@ class PipelineConfig:
     thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5)
     max_new_tokens: int = 64
     ablations: tuple[str, ...] = ()
-    threads: int = 2
+    threads: int = 2  # torch threads for training
+    eval_threads: int = 1  # for decoding: a tiny model decodes fastest on one thread (same for AR and BARD)
 
     @classmethod
     def quick(cls, **overrides) -> PipelineConfig:
@@ -181,7 +183,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
 
     train = build_digits_dataset("train", cfg.train_samples, seed=cfg.seed)
     test = build_digits_dataset("test", cfg.eval_samples, seed=cfg.seed)
-    ar_dir = load_digits_ar_path()
+    ar_dir = Path(cfg.source) if cfg.source else load_digits_ar_path()
     processor = BardVLProcessor.from_pretrained(ar_dir)
 
     converted = out / "bard-b4"
@@ -217,6 +219,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         step("ablation: mixed noise")
 
     # evaluation: AR baseline, then every model at every threshold
+    torch.set_num_threads(cfg.eval_threads)
     ar_model = Qwen3VLForConditionalGeneration.from_pretrained(ar_dir).eval()
     ar = evaluate_ar(ar_dir, test, max_new_tokens=cfg.max_new_tokens, model=ar_model, processor=processor)
     rows = [
