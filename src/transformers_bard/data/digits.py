@@ -1,0 +1,426 @@
+"""A built-in visual task on real data: reading grids of handwritten digits.
+
+Each image is a grid of real handwritten digits from the UCI "Optical Recognition of Handwritten Digits" data set
+(the 1,797 8 x 8 images that scikit-learn bundles as `load_digits`; E. Alpaydin and C. Kaynak, UCI Machine Learning
+Repository, CC BY 4.0, see `UCI_DIGITS_LICENSE.md`). The images ship inside the package as `uci_digits.npz`, so
+scikit-learn is not needed at run time; `write_digits_file` regenerates the file from scikit-learn.
+
+Geometry: every digit is upscaled 4x (nearest) to a 32 x 32 cell, which is exactly one merged Qwen3-VL image token
+(patch 16, spatial merge 2). So the merger sees the whole digit (its four 16 x 16 patches, each a 4 x 4 block of the
+original pixels) and nothing else, and the image token at M-RoPE position (h, w) is the digit at row h, column w. The
+default 4 x 4 grid is a 128 x 128 RGB image: 16 image tokens.
+
+Questions (`QUESTION_TYPES`):
+- `read`: "Read all digits row by row." -> "3 1 4 1 | 5 9 2 6 | 5 3 5 8 | 9 7 9 3" (the long answer: 37 tokens with
+  the tiny BPE tokenizer of `transformers_bard.testing`, one per digit, space and bar; 38 with `<|im_end|>`);
+- `count`: "How many 7s are there?" -> "2";
+- `row_sum`: "What is the sum of row 2?" -> "22";
+- `position`: "What digit is at row 2, column 3?" -> "2".
+
+Splits are made by digit image (stratified by label, fixed): a test grid only holds digit images that no training
+grid holds. Samples are in TRL's vision format (`messages` + `images`) and depend only on (split, index, seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "CELL_SIZE",
+    "DIGITS_FILE",
+    "QUESTION_TYPES",
+    "SPLITS",
+    "build_digits_dataset",
+    "digit_indices",
+    "evaluate_ar",
+    "load_digits_ar_path",
+    "load_digits_arrays",
+    "make_question",
+    "render_grid",
+    "score_answer",
+    "write_digits_file",
+]
+
+logger = logging.getLogger(__name__)
+
+_DATA_DIR = Path(__file__).resolve().parent
+DIGITS_FILE = _DATA_DIR / "uci_digits.npz"
+_DIGITS_AR_DIR = _DATA_DIR / "digits_ar"
+
+SPLITS = ("train", "validation", "test")
+# Fractions of every label's images per split (the rest goes to test). Fixed, independent of any dataset seed, so the
+# splits never move.
+_SPLIT_FRACTIONS = {"train": 0.75, "validation": 0.10}
+_SPLIT_SEED = 0
+
+QUESTION_TYPES = ("read", "count", "row_sum", "position")
+
+# Side of one digit cell in pixels: patch 16 x spatial merge 2, so one digit is one merged image token.
+CELL_SIZE = 32
+# The UCI pixels count "on" bits in 4 x 4 blocks of a 32 x 32 bitmap: 0..16.
+_MAX_INK = 16
+
+# Largest offset (pixels) of a digit inside its cell under `augment=True`: under one original pixel (4).
+_MAX_SHIFT = 3
+
+READ_QUESTION = "Read all digits row by row."
+_ROW_SEPARATOR = " | "
+
+
+def write_digits_file(path: str | os.PathLike | None = None) -> Path:
+    """Regenerate `uci_digits.npz` from scikit-learn's bundled copy of the UCI digits (needs scikit-learn).
+
+    The file holds `images` (uint8, `[1797, 8, 8]`, values 0..16) and `labels` (uint8, `[1797]`), in scikit-learn's
+    order. Defaults to the packaged file.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "`write_digits_file` needs scikit-learn (`pip install scikit-learn`); the packaged `uci_digits.npz` "
+            "does not."
+        ) from error
+    path = Path(path) if path is not None else DIGITS_FILE
+    bunch = load_digits()
+    images = bunch.images.astype(np.uint8)
+    labels = bunch.target.astype(np.uint8)
+    if not np.array_equal(images, bunch.images) or images.max() > _MAX_INK:
+        raise RuntimeError("scikit-learn's digits are no longer integers in 0..16; the packaged format needs them.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=images, labels=labels)
+    return path
+
+
+@lru_cache(maxsize=1)
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The packaged UCI digits: `images` uint8 `[1797, 8, 8]` (0..16, ink = high) and `labels` uint8 `[1797]`."""
+    with np.load(DIGITS_FILE) as arrays:
+        images, labels = arrays["images"], arrays["labels"]
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+
+
+@lru_cache(maxsize=len(SPLITS))
+def _split_indices(split: str) -> tuple[int, ...]:
+    _, labels = load_digits_arrays()
+    rng = np.random.default_rng(_SPLIT_SEED)
+    chosen = []
+    for label in range(10):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        num_train = round(len(members) * _SPLIT_FRACTIONS["train"])
+        num_validation = round(len(members) * _SPLIT_FRACTIONS["validation"])
+        bounds = {
+            "train": (0, num_train),
+            "validation": (num_train, num_train + num_validation),
+            "test": (num_train + num_validation, len(members)),
+        }[split]
+        chosen.extend(members[bounds[0] : bounds[1]].tolist())
+    return tuple(sorted(chosen))
+
+
+def digit_indices(split: str) -> np.ndarray:
+    """Indices (into `load_digits_arrays()`) of the digit images of a split: 75% / 10% / 15% of every label.
+
+    The three splits are disjoint and cover all 1,797 images; they do not depend on any dataset seed.
+    """
+    _check_split(split)
+    return np.asarray(_split_indices(split), dtype=np.int64)
+
+
+def render_grid(digit_images: np.ndarray, shifts: np.ndarray | None = None) -> Image.Image:
+    """Draw digits `[rows, cols, 8, 8]` (values 0..16) as dark ink on white, one `CELL_SIZE` cell per digit.
+
+    Args:
+        digit_images: `[rows, cols, 8, 8]` UCI digit images.
+        shifts: optional `[rows, cols, 2]` integer offsets (down, right) in pixels, each in [-8, 8]: every digit is
+            moved inside its own cell (ink pushed past the cell's edge is cut, the uncovered strip is white), which is
+            the training augmentation of `build_digits_dataset(augment=True)`.
+
+    Returns:
+        An RGB `PIL.Image` of `cols * 32` x `rows * 32` pixels.
+    """
+    digit_images = np.asarray(digit_images)
+    if digit_images.ndim != 4 or digit_images.shape[2:] != (8, 8):
+        raise ValueError(f"`digit_images` must have shape [rows, cols, 8, 8], got {digit_images.shape}.")
+    rows, cols = digit_images.shape[:2]
+    scale = CELL_SIZE // 8
+    # [rows, cols, 8, 8] -> nearest upscale -> [rows, cols, 32, 32]
+    cells = digit_images.astype(np.int64).repeat(scale, axis=2).repeat(scale, axis=3)
+    if shifts is not None:
+        shifts = np.asarray(shifts)
+        if shifts.shape != (rows, cols, 2) or np.abs(shifts).max(initial=0) > CELL_SIZE // 4:
+            raise ValueError(f"`shifts` must have shape {(rows, cols, 2)} with values in [-8, 8], got {shifts!r}.")
+        padded = np.pad(cells, ((0, 0), (0, 0), (CELL_SIZE, CELL_SIZE), (CELL_SIZE, CELL_SIZE)))
+        for row in range(rows):
+            for col in range(cols):
+                top, left = CELL_SIZE - shifts[row, col, 0], CELL_SIZE - shifts[row, col, 1]
+                cells[row, col] = padded[row, col, top : top + CELL_SIZE, left : left + CELL_SIZE]
+    # [rows, cols, 32, 32] -> [rows * 32, cols * 32]
+    canvas = cells.transpose(0, 2, 1, 3).reshape(rows * CELL_SIZE, cols * CELL_SIZE)
+    gray = (255 - (canvas * 255 + _MAX_INK // 2) // _MAX_INK).astype(np.uint8)
+    return Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB")
+
+
+def make_question(question_type: str, digits: np.ndarray, rng: np.random.Generator) -> tuple[str, str]:
+    """(question, answer) of `question_type` about a grid of digit labels `[rows, cols]`.
+
+    Rows and columns are counted from 1. The random choices (which digit to count, which row or cell) come from
+    `rng`.
+    """
+    digits = np.asarray(digits)
+    rows, cols = digits.shape
+    if question_type == "read":
+        answer = _ROW_SEPARATOR.join(" ".join(str(int(d)) for d in row) for row in digits)
+        return READ_QUESTION, answer
+    if question_type == "count":
+        digit = int(rng.integers(10))
+        return f"How many {digit}s are there?", str(int((digits == digit).sum()))
+    if question_type == "row_sum":
+        row = int(rng.integers(rows))
+        return f"What is the sum of row {row + 1}?", str(int(digits[row].sum()))
+    if question_type == "position":
+        row, col = int(rng.integers(rows)), int(rng.integers(cols))
+        return f"What digit is at row {row + 1}, column {col + 1}?", str(int(digits[row, col]))
+    raise ValueError(f"`question_type` must be one of {QUESTION_TYPES}, got {question_type!r}.")
+
+
+def _question_weights(question_types) -> tuple[list[str], np.ndarray]:
+    if isinstance(question_types, str):
+        question_types = (question_types,)
+    if isinstance(question_types, Mapping):
+        names, weights = list(question_types), [float(question_types[name]) for name in question_types]
+    else:
+        names, weights = list(question_types), [1.0] * len(question_types)
+    unknown = [name for name in names if name not in QUESTION_TYPES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"`question_types` must name distinct types among {QUESTION_TYPES} (a sequence, or a mapping to weights), "
+            f"got {question_types!r}."
+        )
+    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"`question_types` weights must be non-negative with a positive sum, got {question_types!r}.")
+    weights = np.asarray(weights) / sum(weights)
+    return names, weights
+
+
+def build_digits_dataset(
+    split: str,
+    num_samples: int,
+    seed: int = 0,
+    question_types: Sequence[str] | Mapping[str, float] = QUESTION_TYPES,
+    rows: int = 4,
+    cols: int = 4,
+    augment: bool = False,
+):
+    """A `datasets.Dataset` of digit-grid questions in TRL's vision format.
+
+    Columns:
+    - `messages`: user `[{"type": "image"}, {"type": "text", "text": question}]`, assistant
+      `[{"type": "text", "text": answer}]` (the image block's `text` is None, as in Hub vision data sets);
+    - `images`: a list with one RGB `PIL.Image` (`cols * 32` x `rows * 32` pixels);
+    - `question_type`: one of `QUESTION_TYPES`;
+    - `digits`: the grid's labels, row by row (`rows * cols` ints);
+    - `digit_ids`: the grid's digit images as indices into `load_digits_arrays()`, row by row.
+
+    Args:
+        split: "train", "validation" or "test"; a grid only uses that split's digit images (`digit_indices`).
+        num_samples: number of rows.
+        seed: the same (split, seed) gives the same rows; different splits use independent random streams.
+        question_types: types to draw from, uniformly (a sequence) or with weights (a mapping name -> weight).
+        rows, cols: grid shape, 1..8 each. The default 4 x 4 gives 16 image tokens and 37-token `read` answers.
+        augment: move every digit by a random offset of up to 3 pixels each way inside its cell (training
+            augmentation; the answers do not change). Off by default: evaluation grids are never shifted.
+    """
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    _check_split(split)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    for name, value in (("rows", rows), ("cols", cols)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+            raise ValueError(f"`{name}` must be an integer in [1, 8], got {value!r}.")
+    names, weights = _question_weights(question_types)
+
+    images, labels = load_digits_arrays()
+    pool = digit_indices(split)
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    # Its own stream, so `augment` changes the pixels only, never which digits and questions are drawn.
+    shift_rng = np.random.default_rng([seed, SPLITS.index(split), 1])
+    columns = {"messages": [], "images": [], "question_type": [], "digits": [], "digit_ids": []}
+    for _ in range(num_samples):
+        ids = rng.choice(pool, size=(rows, cols))  # [rows, cols], with replacement
+        question_type = names[int(rng.choice(len(names), p=weights))]
+        question, answer = make_question(question_type, labels[ids], rng)
+        columns["messages"].append(
+            [
+                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ]
+        )
+        shifts = shift_rng.integers(-_MAX_SHIFT, _MAX_SHIFT + 1, size=(rows, cols, 2)) if augment else None
+        columns["images"].append([render_grid(images[ids], shifts)])
+        columns["question_type"].append(question_type)
+        columns["digits"].append(labels[ids].reshape(-1).tolist())
+        columns["digit_ids"].append(ids.reshape(-1).tolist())
+    content = List({"type": Value("string"), "text": Value("string")})
+    features = Features(
+        {
+            "messages": List({"role": Value("string"), "content": content}),
+            "images": List(ImageFeature()),
+            "question_type": Value("string"),
+            "digits": List(Value("int32")),
+            "digit_ids": List(Value("int32")),
+        }
+    )
+    return Dataset.from_dict(columns, features=features)
+
+
+def score_answer(prediction: str, reference: str) -> bool:
+    """Exact match after collapsing runs of whitespace and stripping both ends."""
+    return " ".join(prediction.split()) == " ".join(reference.split())
+
+
+def load_digits_ar_path() -> Path:
+    """Folder of the shipped autoregressive source model for the digits task (stock Qwen3-VL, Hub layout).
+
+    Trained from scratch by `examples/scripts/train_digits_ar.py`; load it with
+    `Qwen3VLForConditionalGeneration.from_pretrained` and `BardVLProcessor.from_pretrained`.
+    """
+    if not (_DIGITS_AR_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The digits AR checkpoint is missing from {str(_DIGITS_AR_DIR)!r}; reinstall the package or retrain it "
+            "with `python examples/scripts/train_digits_ar.py --output_dir <folder>`."
+        )
+    return _DIGITS_AR_DIR
+
+
+def _prompt_messages(messages: list[dict]) -> list[dict]:
+    """The conversation up to (without) the last assistant turn, with its image blocks as `{"type": "image"}`."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("Each row's `messages` must end with the assistant turn holding the reference answer.")
+    prompt = []
+    for message in messages[:-1]:
+        content = [
+            {"type": "image"} if block["type"] == "image" else {"type": "text", "text": block["text"]}
+            for block in message["content"]
+        ]
+        prompt.append({"role": message["role"], "content": content})
+    return prompt
+
+
+def evaluate_ar(
+    model_dir: str | os.PathLike,
+    dataset,
+    max_new_tokens: int = 64,
+    batch_size: int = 1,
+    model=None,
+    processor=None,
+    show_progress: bool = False,
+) -> dict:
+    """Exact-match accuracy of an autoregressive Qwen3-VL model on a digits dataset, with greedy decoding.
+
+    Runs `model.generate(do_sample=False)` (stock autoregressive decoding with the KV cache) on the prompt of each
+    row (everything before the last assistant turn) and compares the decoded text with the reference answer
+    (`score_answer`).
+
+    Args:
+        model_dir: checkpoint folder (Hub layout); the model and processor are loaded from it unless given.
+        dataset: rows with `messages`, `images` and `question_type` (as `build_digits_dataset` makes them).
+        max_new_tokens: generation budget per row.
+        batch_size: rows per `generate` call (left-padded); 1 measures batch-1 latency, prefill included.
+        model, processor: already loaded objects, to skip loading.
+        show_progress: show a tqdm bar.
+
+    Returns:
+        `{"accuracy": float, "per_type": {type: accuracy}, "counts": {type: n}, "num_samples": n,
+        "generated_tokens": int, "seconds": float, "tokens_per_second": float, "predictions": [str, ...]}`.
+        Generated tokens count every new token up to and including the first EOS.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from ..models.bard_vl.processing_bard_vl import BardVLProcessor
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+    if processor is None:
+        processor = BardVLProcessor.from_pretrained(model_dir)
+    if model is None:
+        model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir)
+    model.eval()
+    tokenizer = processor.tokenizer
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    pad_id = tokenizer.pad_token_id
+
+    predictions, correct, types = [], [], []
+    generated_tokens, seconds = 0, 0.0
+    starts = range(0, len(dataset), batch_size)
+    for start in tqdm(starts, desc="AR decode", disable=not show_progress):
+        rows = dataset[start : start + batch_size]
+        conversations = [_prompt_messages(messages) for messages in rows["messages"]]
+        texts = [processor.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
+        inputs = processor(
+            images=list(rows["images"]),
+            text=texts,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+        began = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        seconds += time.perf_counter() - began
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()  # [batch, new]
+        for tokens, messages, question_type in zip(new_tokens, rows["messages"], rows["question_type"]):
+            ends = [index for index, token in enumerate(tokens) if token in eos_ids]
+            kept = tokens[: ends[0] + 1] if ends else tokens
+            generated_tokens += len(kept)
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            reference = messages[-1]["content"][-1]["text"]
+            predictions.append(text)
+            correct.append(score_answer(text, reference))
+            types.append(question_type)
+
+    per_type, counts = {}, {}
+    for question_type in sorted(set(types)):
+        hits = [hit for hit, kind in zip(correct, types) if kind == question_type]
+        per_type[question_type], counts[question_type] = sum(hits) / len(hits), len(hits)
+    return {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "per_type": per_type,
+        "counts": counts,
+        "num_samples": len(correct),
+        "generated_tokens": generated_tokens,
+        "seconds": seconds,
+        "tokens_per_second": generated_tokens / seconds if seconds > 0 else float("nan"),
+        "predictions": predictions,
+    }
