@@ -245,3 +245,14 @@ def test_shipped_checkpoint_reads_test_grids(shipped):
     assert scores["per_type"]["read"] >= 0.6, scores["predictions"]
     assert scores["per_type"]["position"] >= 0.6, scores["predictions"]
     assert scores["tokens_per_second"] > 0
+
+
+def test_evaluate_ar_batched_matches_one_by_one(shipped):
+    # Left-padded batches must give the same greedy answers as batch 1.
+    model, processor = shipped
+    dataset = build_digits_dataset("test", 6, seed=5)
+    path = load_digits_ar_path()
+    single = evaluate_ar(path, dataset, max_new_tokens=48, model=model, processor=processor)
+    batched = evaluate_ar(path, dataset, max_new_tokens=48, batch_size=4, model=model, processor=processor)
+    assert batched["predictions"] == single["predictions"]
+    assert batched["generated_tokens"] == single["generated_tokens"]

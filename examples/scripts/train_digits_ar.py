@@ -235,6 +235,9 @@ def main(argv=None):
 
         # 5. Save in the Hub layout, with Qwen3-VL-Instruct's shipped sampling defaults (conversion replaces them).
         model = trainer.model.eval()
+        # The trainer set a top-level `use_cache = False` for training; Qwen3-VL keeps the flag in `text_config` only.
+        if "use_cache" in model.config.to_dict():
+            del model.config.use_cache
         eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
         model.generation_config = GenerationConfig(
             bos_token_id=pad,

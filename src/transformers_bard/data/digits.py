@@ -18,12 +18,15 @@ Questions (`QUESTION_TYPES`):
 - `position`: "What digit is at row 2, column 3?" -> "2".
 
 Splits are made by digit image (stratified by label, fixed): a test grid only holds digit images that no training
-grid holds. Samples are in TRL's vision format (`messages` + `images`) and depend only on (split, index, seed).
+grid holds. Samples are in TRL's vision format (`messages` + `images`); row i depends only on the split, the seed,
+the question types, the grid shape and i (a longer dataset extends a shorter one).
+
+`load_digits_ar_path()` is a stock Qwen3-VL of 2.5M parameters trained from scratch on this task
+(`examples/scripts/train_digits_ar.py`); `evaluate_ar` scores greedy autoregressive decoding.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -48,8 +51,6 @@ __all__ = [
     "score_answer",
     "write_digits_file",
 ]
-
-logger = logging.getLogger(__name__)
 
 _DATA_DIR = Path(__file__).resolve().parent
 DIGITS_FILE = _DATA_DIR / "uci_digits.npz"
