@@ -35,6 +35,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path
 
 from ..models.bard_vl.masking_bard_vl import CLEAN, NOISY, PAD, PREFIX, block_diffusion_mask
+from ..models.bard_vl.modeling_bard_vl import additive_attention_mask
 from .block_merge_trainer import BlockMergeTrainer
 from .collator import LOSS_KEYS
 from .diffusion_distill_config import DiffusionDistillConfig
@@ -384,8 +385,7 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
     def _format_teacher_mask(self, mask: torch.Tensor) -> torch.Tensor:
         # eager attention adds the mask to the scores: it needs an additive float mask (DESIGN 3.2)
         if self._teacher_attn_implementation == "eager":
-            dtype = self._teacher_dtype
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            return additive_attention_mask(mask, self._teacher_dtype)
         return mask
 
     @torch.no_grad()

@@ -62,7 +62,16 @@ def model_card(config: BardVLConfig, repo_id: str | None = None) -> str:
     lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
     if base:
         lines += [f"base_model: {base}"]
-    lines += ["tags:", "- block-diffusion", "- bard", "- bard-vl", "- qwen3-vl", "- diffusion-language-model", "---", ""]
+    lines += [
+        "tags:",
+        "- block-diffusion",
+        "- bard",
+        "- bard-vl",
+        "- qwen3-vl",
+        "- diffusion-language-model",
+        "---",
+        "",
+    ]
     name = repo_id or "BARD-VL checkpoint"
     source = f" converted from [`{base}`](https://huggingface.co/{base})" if base else ""
     lines += [
@@ -103,7 +112,7 @@ class BardVLOutput(MultimodalCausalLMOutputWithPast):
     selected_hidden_states: torch.FloatTensor | None = None
 
 
-def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # eager attention adds the mask to the scores: a boolean mask would be silently wrong (DESIGN 3.2)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
@@ -184,7 +193,7 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
     def _format_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         impl = self.config._attn_implementation or "sdpa"
         if impl == "eager":
-            return _to_additive(mask, self.dtype)
+            return additive_attention_mask(mask, self.dtype)
         if impl != "sdpa":
             raise ValueError(
                 f"attn_implementation={impl!r} cannot take the 4-D block-diffusion mask; load the model with "
@@ -217,7 +226,9 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         )  # [3, batch, L], zeros outside the prefix
         prefix_pos = prefix_pos.masked_fill(~is_prefix[None], 0)
         has_prefix = is_prefix.any(-1)
-        start = torch.where(has_prefix, prefix_pos.amax(dim=(0, 2)) + 1, torch.zeros_like(has_prefix, dtype=torch.long))
+        start = torch.where(
+            has_prefix, prefix_pos.amax(dim=(0, 2)) + 1, torch.zeros_like(has_prefix, dtype=torch.long)
+        )
         pos = prefix_pos.clone()
         for segment in (CLEAN, NOISY):
             in_segment = segment_ids == segment
@@ -267,11 +278,15 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
             cache = kwargs.pop("past_key_values")
         if segment_ids is not None:
             if attention_mask is not None:
-                raise ValueError("Pass either `segment_ids` (block-diffusion mask built here) or `attention_mask`, not both.")
+                raise ValueError(
+                    "Pass either `segment_ids` (block-diffusion mask built here) or `attention_mask`, not both."
+                )
             attention_mask = self.block_diffusion_attention_mask(segment_ids, block_size)
             if position_ids is None:
                 if input_ids is None:
-                    raise ValueError("`segment_ids` without `position_ids` needs `input_ids` to compute M-RoPE positions.")
+                    raise ValueError(
+                        "`segment_ids` without `position_ids` needs `input_ids` to compute M-RoPE positions."
+                    )
                 position_ids = self.get_packed_position_ids(
                     input_ids, segment_ids, mm_token_type_ids, image_grid_thw, video_grid_thw
                 )
@@ -323,4 +338,11 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         )
 
 
-__all__ = ["BardVLForConditionalGeneration", "BardVLModel", "BardVLOutput", "export_remote_code", "model_card"]
+__all__ = [
+    "BardVLForConditionalGeneration",
+    "BardVLModel",
+    "BardVLOutput",
+    "additive_attention_mask",
+    "export_remote_code",
+    "model_card",
+]
