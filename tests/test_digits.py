@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from transformers_bard.data import digits
-from transformers_bard.data.digits import (
+from transformers_bard.demo import digits
+from transformers_bard.demo.digits import (
     CELL_SIZE,
     QUESTION_TYPES,
     build_digits_dataset,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from transformers_bard.data.digits import score_answer
-from transformers_bard.pipeline import PipelineConfig, results_markdown, run_pipeline
+from transformers_bard.demo.digits import score_answer
+from transformers_bard.demo.pipeline import PipelineConfig, results_markdown, run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ The model must already be a BARD-VL checkpoint (`transformers-bard convert` / `c
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from transformers_bard.scripts import block_merge_main as main
+from transformers_bard.trainer.scripts import block_merge_main as main
 from transformers_bard.trainer.block_merge_config import BlockMergeConfig
 
 __all__ = ["main"]

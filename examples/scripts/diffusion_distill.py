@@ -24,7 +24,7 @@ override it:
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from transformers_bard.scripts import diffusion_distill_main as main
+from transformers_bard.trainer.scripts import diffusion_distill_main as main
 from transformers_bard.trainer.diffusion_distill_config import DiffusionDistillConfig
 
 __all__ = ["main"]

@@ -1,7 +1,7 @@
 """Train the autoregressive source model of the digits demo from scratch with TRL's SFTTrainer (CPU).
 
 The model is a stock `Qwen3VLForConditionalGeneration` of a few million parameters (the tiny Qwen3-VL architecture of
-`transformers_bard.testing`, widened), trained on the digit-grid task of `transformers_bard.data.digits`. The
+`transformers_bard.testing`, widened), trained on the digit-grid task of `transformers_bard.demo.digits`. The
 conversations are split into prompt (user turn with the image) and completion (assistant answer), so SFTTrainer's
 completion-only loss supervises the answer and its `<|im_end|>` only: Qwen3-VL's chat template has no
 `{% generation %}` markers, which `assistant_only_loss` would need.
@@ -16,7 +16,7 @@ The output folder has the Hub layout of `Qwen/Qwen3-VL-*-Instruct` (config, safe
 `chat_template.json`, image/video processor configs, generation config) plus `training_info.json` (arguments, wall
 time, test-split accuracies with greedy AR decoding).
 
-    python examples/scripts/train_digits_ar.py --output_dir src/transformers_bard/data/digits_ar --overwrite
+    python examples/scripts/train_digits_ar.py --output_dir src/transformers_bard/demo/data/digits_ar --overwrite
 """
 
 import os
@@ -40,7 +40,7 @@ from datasets import concatenate_datasets
 from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 from trl import SFTConfig, SFTTrainer
 
-from transformers_bard.data.digits import QUESTION_TYPES, build_digits_dataset, evaluate_ar
+from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, evaluate_ar
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.testing import (
     QWEN3_VL_CHAT_TEMPLATE,

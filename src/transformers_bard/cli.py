@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from .pipeline import ABLATIONS
-
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="Convert an autoregressive Qwen3-VL checkpoint into a BARD-VL checkpoint.")
@@ -89,7 +87,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--output-dir", default="demo_output", help="Where checkpoints and results are written.")
     p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
     p.add_argument(
-        "--ablations", default="", help=f"Comma-separated ablations to add: {', '.join(ABLATIONS)}, or 'all'."
+        "--ablations", default="", help="Comma-separated ablations to add (direct, ar_teacher, mix), or 'all'."
     )
     p.add_argument("--train-samples", type=int, default=None, help="Training rows of the digits task.")
     p.add_argument("--eval-samples", type=int, default=None, help="Test rows evaluated per model and threshold.")
@@ -101,7 +99,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from .pipeline import PipelineConfig, run_pipeline
+    from .demo.pipeline import ABLATIONS, PipelineConfig, run_pipeline
 
     ablations = ABLATIONS if args.ablations == "all" else tuple(a for a in args.ablations.split(",") if a)
     overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads)
@@ -117,7 +115,7 @@ def _run_demo(args) -> int:
 
 def _add_walkthrough(sub) -> None:
     p = sub.add_parser(
-        "walkthrough", help="Seconds-long tour: build a tiny Qwen3-VL, convert, reload (also remote code), generate."
+        "walkthrough", help="Seconds-long tour: convert the shipped digits AR model, reload (also remote code), generate."
     )
     p.add_argument("--output-dir", default="walkthrough_output")
     p.add_argument("--block-size", type=int, default=4)
@@ -125,9 +123,9 @@ def _add_walkthrough(sub) -> None:
 
 
 def _run_walkthrough(args) -> int:
-    from .demo import run_demo
+    from .demo.walkthrough import run_walkthrough
 
-    run_demo(Path(args.output_dir), block_size=args.block_size)
+    run_walkthrough(Path(args.output_dir), block_size=args.block_size)
     return 0
 
 
@@ -142,7 +140,7 @@ def _add_training(sub) -> None:
 
 
 def _run_training(args) -> int:
-    from . import scripts
+    from .trainer import scripts
 
     run = scripts.run_block_merge if args.command == "block-merge" else scripts.run_diffusion_distill
     run(args.trainer_args or ["--help"])

@@ -52,7 +52,7 @@ __all__ = [
     "write_digits_file",
 ]
 
-_DATA_DIR = Path(__file__).resolve().parent
+_DATA_DIR = Path(__file__).resolve().parent / "data"
 DIGITS_FILE = _DATA_DIR / "uci_digits.npz"
 _DIGITS_AR_DIR = _DATA_DIR / "digits_ar"
 
@@ -312,7 +312,7 @@ def load_digits_ar_path() -> Path:
     return _DIGITS_AR_DIR
 
 
-def _prompt_messages(messages: list[dict]) -> list[dict]:
+def prompt_messages(messages: list[dict]) -> list[dict]:
     """The conversation up to (without) the last assistant turn, with its image blocks as `{"type": "image"}`."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("Each row's `messages` must end with the assistant turn holding the reference answer.")
@@ -379,7 +379,7 @@ def evaluate_ar(
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc="AR decode", disable=not show_progress):
         rows = dataset[start : start + batch_size]
-        conversations = [_prompt_messages(messages) for messages in rows["messages"]]
+        conversations = [prompt_messages(messages) for messages in rows["messages"]]
         texts = [processor.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
         inputs = processor(
             images=list(rows["images"]),

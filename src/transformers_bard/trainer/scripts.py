@@ -37,7 +37,7 @@ def block_merge_main(script_args, training_args, model_args):
 
     import transformers_bard  # noqa: F401  (registers the BARD-VL Auto classes)
 
-    from .trainer.block_merge_trainer import BlockMergeTrainer
+    from .block_merge_trainer import BlockMergeTrainer
 
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     train, evaluation = _load_splits(script_args, training_args)
@@ -59,7 +59,7 @@ def diffusion_distill_main(script_args, training_args, model_args):
 
     import transformers_bard  # noqa: F401
 
-    from .trainer.diffusion_distill_trainer import DiffusionDistillTrainer
+    from .diffusion_distill_trainer import DiffusionDistillTrainer
 
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     # the teacher loads like the student (dtype, attention) unless `teacher_model_init_kwargs` says otherwise
@@ -86,12 +86,12 @@ def parse(config_class, argv: Sequence[str] | None = None):
 
 
 def run_block_merge(argv: Sequence[str] | None = None):
-    from .trainer.block_merge_config import BlockMergeConfig
+    from .block_merge_config import BlockMergeConfig
 
     return block_merge_main(*parse(BlockMergeConfig, argv))
 
 
 def run_diffusion_distill(argv: Sequence[str] | None = None):
-    from .trainer.diffusion_distill_config import DiffusionDistillConfig
+    from .diffusion_distill_config import DiffusionDistillConfig
 
     return diffusion_distill_main(*parse(DiffusionDistillConfig, argv))

@@ -72,13 +72,13 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_bard(model, processor, dataset, threshold: float, max_new_tokens: int = 64) -> dict:
     """Exact match, tokens per forward and tokens/s of BARD `generate` (batch 1, prefill included) on `dataset`."""
-    from .data.digits import _prompt_messages, score_answer
+    from .digits import prompt_messages, score_answer
 
     tokenizer = processor.tokenizer
     correct, types, tpf, predictions = [], [], [], []
     generated, forwards, seconds = 0, 0, 0.0
     for row in dataset:
-        conversation = _prompt_messages(row["messages"])
+        conversation = prompt_messages(row["messages"])
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
         inputs = processor(images=row["images"], text=[text], return_tensors="pt")
         began = time.perf_counter()
@@ -133,8 +133,8 @@ def _common_args(cfg: PipelineConfig, output_dir: Path) -> dict:
 
 def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps, prior="mask"):
     """PBM (DESIGN 3.5): one BlockMergeTrainer run over `block_sizes`; returns {B: stage folder}."""
-    from .trainer.block_merge_config import BlockMergeConfig
-    from .trainer.block_merge_trainer import BlockMergeTrainer
+    from ..trainer.block_merge_config import BlockMergeConfig
+    from ..trainer.block_merge_trainer import BlockMergeTrainer
 
     args = BlockMergeConfig(
         block_sizes=list(block_sizes), stage_steps=[steps], learning_rate=cfg.learning_rate,
@@ -149,8 +149,8 @@ def run_distill(cfg: PipelineConfig, student: Path, teacher: Path, output_dir: P
     """SWD (DESIGN 3.6): the student at its own B learns from the frozen teacher; returns the final folder."""
     from transformers import AutoConfig
 
-    from .trainer.diffusion_distill_config import DiffusionDistillConfig
-    from .trainer.diffusion_distill_trainer import DiffusionDistillTrainer
+    from ..trainer.diffusion_distill_config import DiffusionDistillConfig
+    from ..trainer.diffusion_distill_trainer import DiffusionDistillTrainer
 
     block_size = AutoConfig.from_pretrained(student).block_size
     args = DiffusionDistillConfig(
@@ -167,10 +167,10 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     """Run conversion, PBM, SWD, ablations and the evaluation; write results.json, results.md and results.png."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from .conversion import convert_from_autoregressive
-    from .data.digits import build_digits_dataset, evaluate_ar, load_digits_ar_path
-    from .models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
-    from .models.bard_vl.processing_bard_vl import BardVLProcessor
+    from ..conversion import convert_from_autoregressive
+    from .digits import build_digits_dataset, evaluate_ar, load_digits_ar_path
+    from ..models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
+    from ..models.bard_vl.processing_bard_vl import BardVLProcessor
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
