@@ -17,6 +17,8 @@ from transformers_bard.cli import main as cli_main
 from transformers_bard.models.bard_vl import NOISY, PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+REMOTE_CODE_FILES = ("configuration_bard_vl.py", "modeling_bard_vl.py", "masking_bard_vl.py", "generation_bard_vl.py",
+                     "processing_bard_vl.py")
 
 
 def sha(path: Path) -> str:
@@ -43,9 +45,7 @@ def test_conversion_writes_a_complete_bard_checkpoint(tiny_qwen3_vl_dir, convert
     files = {p.name for p in converted.iterdir()}
     for name in [
         "config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "README.md",
-        "configuration_bard_vl.py", "modeling_bard_vl.py", "masking_bard_vl.py", "generation_bard_vl.py",
-        "processing_bard_vl.py",
+        "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "README.md", *REMOTE_CODE_FILES,
     ]:
         assert name in files, name
     # weights unchanged: the shards are byte-identical
@@ -57,7 +57,17 @@ def test_conversion_writes_a_complete_bard_checkpoint(tiny_qwen3_vl_dir, convert
     assert config["model_type"] == "bard_vl"
     assert config["architectures"] == ["BardVLForConditionalGeneration"]
     assert config["block_size"] == 4 and config["prompt_attention"] == "block_causal"
-    assert config["auto_map"]["AutoModel"] == "modeling_bard_vl.BardVLForConditionalGeneration"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_bard_vl.BardVLConfig",
+        "AutoModel": "modeling_bard_vl.BardVLForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_bard_vl.BardVLForConditionalGeneration",
+    }
+    processor_config = json.loads((converted / "preprocessor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_bard_vl.BardVLProcessor"}
+    # the exported files are the package's own
+    package_dir = Path(transformers_bard.__file__).parent / "models" / "bard_vl"
+    for name in REMOTE_CODE_FILES:
+        assert (converted / name).read_bytes() == (package_dir / name).read_bytes(), name
     # <|mask|> added to the tokenizer, inside the existing embedding rows
     from transformers import AutoTokenizer
 
@@ -104,6 +114,10 @@ def _logits_script(checkpoint: Path, out_file: Path, remote: bool) -> str:
         model = AutoModel.from_pretrained({str(checkpoint)!r}, **kw).eval()
         processor = AutoProcessor.from_pretrained({str(checkpoint)!r}, **kw)
         assert type(model).__name__ == "BardVLForConditionalGeneration", type(model)
+        if {remote!r}:  # the image-text-to-text Auto class (pipelines) resolves through the auto_map as well
+            from transformers import AutoModelForImageTextToText
+            other = AutoModelForImageTextToText.from_pretrained({str(checkpoint)!r}, **kw)
+            assert type(other).__name__ == "BardVLForConditionalGeneration", type(other)
         assert type(processor).__name__ == "BardVLProcessor", type(processor)
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
         messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is this?"}}]}}]
@@ -157,6 +171,7 @@ def test_resize_when_mask_token_does_not_fit(tiny_qwen3_vl_dir, tmp_path):
     assert model.config.mask_token_id == n_ids
     assert model.config.text_config.vocab_size >= n_ids + 1
     assert model.config.block_size == 8
+    assert {name for name in REMOTE_CODE_FILES} <= {p.name for p in out.iterdir()}
     old = stock.get_input_embeddings().weight
     torch.testing.assert_close(model.get_input_embeddings().weight[:n_ids], old, rtol=0, atol=0)
 
@@ -245,7 +260,7 @@ def test_push_to_hub_uploads_code_card_and_loads_remotely(converted, tmp_path, m
             url.repo_id = repo_id
             return url
 
-        def create_commit(self, repo_id, operations, **kwargs):
+        def create_commit(self, repo_id, operations, **kwargs):  # the processor's (stock) push
             calls["create_commit"] = repo_id
             for op in operations:
                 dest = uploaded / op.path_in_repo
@@ -253,19 +268,22 @@ def test_push_to_hub_uploads_code_card_and_loads_remotely(converted, tmp_path, m
                 shutil.copyfile(op.path_or_fileobj, dest)
             return "commit"
 
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):  # the model's push
+            calls["upload_folder"] = repo_id
+            shutil.copytree(folder_path, uploaded, dirs_exist_ok=True)
+            return "commit"
+
     monkeypatch.setattr(transformers_hub, "hf_api", lambda: FakeApi())
     from huggingface_hub import ModelCard
 
     monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", lambda *a, **k: ModelCard("generic card"))
-    from transformers_bard.models.bard_vl import modeling_bard_vl
-
-    monkeypatch.setattr(modeling_bard_vl, "hf_api", lambda: FakeApi())
     from transformers import AutoProcessor
 
     AutoProcessor.from_pretrained(converted).push_to_hub("someone/bard-tiny")
     model = BardVLForConditionalGeneration.from_pretrained(converted)
     model.push_to_hub("someone/bard-tiny", tags=["tiny"])
-    assert calls == {"create_repo": "someone/bard-tiny", "create_commit": "someone/bard-tiny"}
+    assert calls == {"create_repo": "someone/bard-tiny", "create_commit": "someone/bard-tiny",
+                     "upload_folder": "someone/bard-tiny"}
     files = {p.name for p in uploaded.iterdir()}
     assert {"config.json", "generation_config.json", "README.md", "modeling_bard_vl.py", "configuration_bard_vl.py",
             "masking_bard_vl.py", "generation_bard_vl.py", "processing_bard_vl.py"} <= files
@@ -276,6 +294,9 @@ def test_push_to_hub_uploads_code_card_and_loads_remotely(converted, tmp_path, m
                  "- tiny", "base_model:"]:
         assert line in header, line
     assert "someone/bard-tiny" in card and "trust_remote_code=True" in card
+    data = ModelCard.load(uploaded / "README.md").data
+    assert data.base_model == model.config.source_model and data.license == "apache-2.0"
+    assert data.tags == ["block-diffusion", "bard", "bard-vl", "qwen3-vl", "diffusion-language-model", "tiny"]
     logits_file = tmp_path / "uploaded.pt"
     _run(_logits_script(uploaded, logits_file, remote=True), tmp_path)
     assert torch.isfinite(torch.load(logits_file)).all()

@@ -221,3 +221,91 @@ def test_padding_rows_are_finite():
     with torch.no_grad():
         out = model(input_ids=ids, segment_ids=seg)
     assert torch.isfinite(out.logits).all()
+
+
+# ---------------------------------------------------------------------- the transformers model contract (issue 16)
+def _packed_inputs(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [make_prompt(gen, 6, True), make_prompt(gen, 3, False)]
+    responses = [torch.randint(0, 80, (8,), generator=gen), torch.randint(0, 80, (4,), generator=gen)]
+    noisy = [torch.where(torch.rand(len(r), generator=gen) < 0.5, MASK_TOKEN, r) for r in responses]
+    input_ids, mm, seg, grid, P, R = pack_batch(prompts, responses, noisy, 4)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, P + R:] = torch.where(seg[:, P + R:] == NOISY, input_ids[:, P:P + R], -100)
+    pixel_values = torch.randn(16, PATCH_DIM, generator=gen)
+    return dict(input_ids=input_ids, segment_ids=seg, mm_token_type_ids=mm, pixel_values=pixel_values,
+                image_grid_thw=grid, labels=labels, logits_mask=seg == NOISY)
+
+
+@pytest.mark.parametrize("forward", ["block_diffusion", "plain"])
+def test_return_dict_false_gives_the_tuple_of_the_output(forward):
+    model = make_model(4)
+    inputs = _packed_inputs()
+    if forward == "plain":
+        inputs = dict(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                      labels=inputs["input_ids"], use_cache=True)
+    with torch.no_grad():
+        as_dict = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    expected = as_dict.to_tuple()
+    names = [name for name, value in as_dict.items() if value is not None]
+    assert len(as_tuple) == len(expected) and names[:2] == ["loss", "logits"]
+    for name, got, want in zip(names, as_tuple, expected):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    if forward == "block_diffusion":
+        assert names[-1] == "selected_hidden_states" and as_tuple[1].shape == (int(inputs["logits_mask"].sum()), VOCAB)
+    else:
+        assert "cache" in names and as_tuple[names.index("cache")].get_seq_length() == inputs["input_ids"].shape[1]
+
+
+def _gradients(model, inputs):
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("how", ["config", "activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_gradient_checkpointing_gives_equal_gradients(how):
+    inputs = _packed_inputs()
+    reference = make_model(4).train()
+    assert not reference.is_activation_checkpointing
+    expected = _gradients(reference, inputs)
+    torch.manual_seed(0)
+    config = tiny_config(4)
+    config._attn_implementation = "sdpa"
+    if how == "config":
+        config.gradient_checkpointing = True  # the backward-compatible way: consumed by `post_init`
+    model = BardVLForConditionalGeneration(config)
+    if how == "activation_checkpointing_enable":
+        model.activation_checkpointing_enable()
+    elif how == "gradient_checkpointing_enable":
+        with pytest.warns(FutureWarning, match="gradient_checkpointing_enable"):  # transformers' deprecated alias
+            model.gradient_checkpointing_enable()
+    model.load_state_dict(reference.state_dict())
+    model.train()
+    assert model.is_activation_checkpointing
+    layers = model.model.language_model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    calls = []
+    checkpoint = layers[0]._gradient_checkpointing_func
+    layers[0]._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    got = _gradients(model, inputs)
+    assert calls, "the decoder layer did not run under activation checkpointing"
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_past_key_values_is_deprecated_for_cache():
+    model = make_model(4)
+    ids = torch.randint(0, 80, (1, 6))
+    cache = DynamicCache(config=model.config)
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert out.cache is cache and cache.get_seq_length() == 6
+    with torch.no_grad():
+        reference = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
+    torch.testing.assert_close(out.logits, reference.logits)

@@ -15,11 +15,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import custom_object_save
 
 from .models.bard_vl.configuration_bard_vl import PROMPT_ATTENTION_CHOICES, BardVLConfig
-from .models.bard_vl.modeling_bard_vl import AUTO_MAP, export_remote_code, model_card
+from .models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration, model_card
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,10 @@ def _bard_config(source_config: dict, block_size: int, mask_token_id: int, promp
     )
     config = BardVLConfig.from_dict(fields)
     config.architectures = ["BardVLForConditionalGeneration"]
-    config.auto_map = dict(AUTO_MAP)
+    # `register_for_auto_class` names one Auto class per class (AutoModel, what the model card uses, and AutoConfig);
+    # image-text-to-text pipelines look the model up as AutoModelForImageTextToText, so the checkpoint names it too.
+    # Saving adds the other entries to this dict and keeps this one.
+    config.auto_map = {"AutoModelForImageTextToText": "modeling_bard_vl.BardVLForConditionalGeneration"}
     return config
 
 
@@ -176,11 +181,11 @@ def convert_from_autoregressive(
                 shutil.copyfile(shard, tmp_dir / shard.name)
             if (source_dir / "model.safetensors.index.json").is_file():
                 shutil.copyfile(source_dir / "model.safetensors.index.json", tmp_dir / "model.safetensors.index.json")
+            _export_model_code(tmp_dir, config)
             config.save_pretrained(tmp_dir)
-        # 4. decoding defaults of DESIGN 4.6 (the AR sampling settings do not carry over), code and card
+        # 4. decoding defaults of DESIGN 4.6 (the AR sampling settings do not carry over) and the model card
         _write_generation_config(source_dir, tmp_dir, config, tokenizer)
-        export_remote_code(tmp_dir)
-        (tmp_dir / "README.md").write_text(model_card(config))
+        model_card(config).save(tmp_dir / "README.md")
         # 5. move into place
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -192,6 +197,15 @@ def convert_from_autoregressive(
     return output_dir
 
 
+def _export_model_code(folder: Path, config: BardVLConfig) -> None:
+    """What `save_pretrained` does for a class registered with `register_for_auto_class`, without the weights (they
+    are copied byte for byte): copy the modeling file and its relative imports into `folder` and add the model to
+    `config.auto_map` (DESIGN 5). The model is built on the meta device, so no memory is allocated."""
+    with torch.device("meta"):
+        model = BardVLForConditionalGeneration(config)
+    custom_object_save(model, folder, config=config)
+
+
 def _mark_processor(folder: Path) -> None:
     """Point the processor files at `BardVLProcessor` (torchvision-free) for both the package and remote code."""
     from .models.bard_vl.processing_bard_vl import mark_processor_files
@@ -201,8 +215,6 @@ def _mark_processor(folder: Path) -> None:
 
 def _resize_and_save(source_dir: Path, tmp_dir: Path, config: BardVLConfig, new_rows: int, mask_id: int):
     """Load, grow the embedding and LM head to hold `<|mask|>` (rounded up to a multiple of 64), save."""
-    from .models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
-
     model = BardVLForConditionalGeneration.from_pretrained(source_dir, config=config)
     model.resize_token_embeddings(new_rows, pad_to_multiple_of=64)
     model.config.mask_token_id = mask_id

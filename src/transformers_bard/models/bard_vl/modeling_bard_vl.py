@@ -12,97 +12,71 @@ Same parameters and weight names as Qwen3-VL: stock and upstream BARD-VL checkpo
 This file is exported next to the weights for ``trust_remote_code``: torch, transformers and siblings only.
 """
 
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLModel
-from transformers.utils.hub import hf_api
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
+    Qwen3VLPreTrainedModel,
+)
+from transformers.utils import can_return_tuple
+from transformers.utils import hub as transformers_hub
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_bard_vl import BardVLConfig
 from .generation_bard_vl import BardVLGenerationConfig, BardVLGenerationMixin
 from .masking_bard_vl import CLEAN, NOISY, PREFIX, block_diffusion_mask
 
-# Files written next to the weights so `trust_remote_code=True` loads the model where `transformers_bard` is not
-# installed (DESIGN 5). They import only torch, transformers and each other (single-dot imports).
-REMOTE_CODE_FILES = (
-    "configuration_bard_vl.py",
-    "masking_bard_vl.py",
-    "generation_bard_vl.py",
-    "modeling_bard_vl.py",
-    "processing_bard_vl.py",
-)
-AUTO_MAP = {
-    "AutoConfig": "configuration_bard_vl.BardVLConfig",
-    "AutoModel": "modeling_bard_vl.BardVLForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_bard_vl.BardVLForConditionalGeneration",
-}
+MODEL_CARD_TAGS = ["block-diffusion", "bard", "bard-vl", "qwen3-vl", "diffusion-language-model"]
 
 
-def export_remote_code(folder: str | os.PathLike) -> list[str]:
-    """Copy the BARD-VL code files into `folder` (a checkpoint directory); returns the file names written."""
-    here = Path(__file__).resolve().parent
-    written = []
-    for name in REMOTE_CODE_FILES:
-        source = here / name
-        if source.is_file():
-            shutil.copyfile(source, Path(folder) / name)
-            written.append(name)
-    return written
-
-
-def model_card(config: BardVLConfig, repo_id: str | None = None) -> str:
-    """A Hub model card (README.md) with YAML metadata for a BARD-VL checkpoint."""
+def model_card(config: BardVLConfig, repo_id: str | None = None, tags: list[str] | None = None) -> ModelCard:
+    """The Hub model card (README.md) of a BARD-VL checkpoint: metadata from `config`, usage with `repo_id`."""
     base = getattr(config, "source_model", None)
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
-    if base:
-        lines += [f"base_model: {base}"]
-    lines += [
-        "tags:",
-        "- block-diffusion",
-        "- bard",
-        "- bard-vl",
-        "- qwen3-vl",
-        "- diffusion-language-model",
-        "---",
-        "",
-    ]
-    name = repo_id or "BARD-VL checkpoint"
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license="apache-2.0",
+        base_model=base,
+        tags=MODEL_CARD_TAGS + [tag for tag in tags or [] if tag not in MODEL_CARD_TAGS],
+    )
+    name = repo_id or "path/to/checkpoint"
     source = f" converted from [`{base}`](https://huggingface.co/{base})" if base else ""
-    lines += [
-        f"# {name}",
-        "",
-        f"A block-diffusion vision-language model{source} with BARD (progressive block merging and stage-wise",
-        "intra-dVLM distillation, arXiv 2604.16514). Same parameters as Qwen3-VL; it decodes a block of",
-        f"**{config.block_size} tokens** per step group, unmasking confident tokens in parallel and caching finished",
-        f"blocks. Prompt attention: `{config.prompt_attention}`. Mask token id: `{config.mask_token_id}`.",
-        "",
-        "## Load and generate",
-        "",
-        "```python",
-        "from transformers import AutoModel, AutoProcessor",
-        "",
-        f'model = AutoModel.from_pretrained("{repo_id or "path/to/checkpoint"}", trust_remote_code=True)',
-        f'processor = AutoProcessor.from_pretrained("{repo_id or "path/to/checkpoint"}", trust_remote_code=True)',
-        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]',
-        "inputs = processor.apply_chat_template(",
-        "    messages, images=[image], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors='pt'",
-        ")",
-        "out = model.generate(**inputs, max_new_tokens=128, threshold=0.9, return_dict_in_generate=True)",
-        'print(processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "print(out.tokens_per_forward)",
-        "```",
-        "",
-        "With the `transformers-bard` package installed, `import transformers_bard` registers the classes and",
-        "`trust_remote_code` is not needed.",
-        "",
-    ]
-    return "\n".join(lines)
+    body = f"""
+# {repo_id or "BARD-VL checkpoint"}
+
+A block-diffusion vision-language model{source} with BARD (progressive block merging and stage-wise
+intra-dVLM distillation, arXiv 2604.16514). Same parameters as Qwen3-VL; it decodes a block of
+**{config.block_size} tokens** per step group, unmasking confident tokens in parallel and caching finished
+blocks. Prompt attention: `{config.prompt_attention}`. Mask token id: `{config.mask_token_id}`.
+
+## Load and generate
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{name}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe it."}}]}}]
+inputs = processor.apply_chat_template(
+    messages, images=[image], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors='pt'
+)
+out = model.generate(**inputs, max_new_tokens=128, threshold=0.9, return_dict_in_generate=True)
+print(processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print(out.tokens_per_forward)
+```
+
+With the `transformers-bard` package installed, `import transformers_bard` registers the classes and
+`trust_remote_code` is not needed.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 @dataclass
@@ -131,24 +105,16 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
     generation_config_class = BardVLGenerationConfig
 
     def __init__(self, config: BardVLConfig):
-        super().__init__(config)
+        # Qwen3VLForConditionalGeneration.__init__ would build a Qwen3VLModel that is then replaced: build the backbone
+        # once, so what its `post_init` sets up (e.g. `gradient_checkpointing` from the config) is kept.
+        Qwen3VLPreTrainedModel.__init__(self, config)
         self.model = BardVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     @property
     def mask_token_id(self) -> int | None:
         return self.config.mask_token_id
-
-    # ------------------------------------------------------------------ export
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the remote-code files, their `auto_map` and a model card."""
-        self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            export_remote_code(save_directory)
-            card = Path(save_directory) / "README.md"
-            if not card.exists():
-                card.write_text(model_card(self.config))
 
     def push_to_hub(
         self,
@@ -158,29 +124,29 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         commit_description: str | None = None,
         private: bool | None = None,
         token: bool | str | None = None,
-        max_shard_size: int | str | None = "50GB",
-        create_pr: bool = False,
         revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
-        **kwargs,
     ):
-        """Upload weights, config, remote code and a BARD model card (replacing transformers' generic card)."""
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        """`PushToHubMixin.push_to_hub` with the BARD-VL model card (`model_card`) instead of transformers' generic one.
+
+        `save_pretrained` writes the weights, the config and, through `register_for_auto_class`, the code files and
+        their `auto_map` (DESIGN 5).
+        """
+        api = transformers_hub.hf_api()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp_dir:
             self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
-            card = model_card(self.config, repo_id)
-            if tags:
-                card = card.replace("tags:\n", "tags:\n" + "".join(f"- {t}\n" for t in tags), 1)
-            (Path(tmp_dir) / "README.md").write_text(card)
-            return self._upload_modified_files(
-                tmp_dir,
-                repo_id,
-                files_timestamps={},
+            model_card(self.config, repo_id, tags).save(Path(tmp_dir) / "README.md")
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp_dir,
                 commit_message=commit_message or "Upload BARD-VL model",
-                token=token,
-                create_pr=create_pr,
-                revision=revision,
                 commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
             )
 
     # ------------------------------------------------------------------ masks and positions
@@ -238,6 +204,8 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         return pos
 
     # ------------------------------------------------------------------ forward
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -274,8 +242,6 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
             Clean tokens at the same positions as the logits (no shift; -100 ignored). With `logits_mask` they may
             be `(batch, L)` (gathered here) or `(N,)`.
         """
-        if "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
         if segment_ids is not None:
             if attention_mask is not None:
                 raise ValueError(
@@ -305,9 +271,10 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
             inputs_embeds=inputs_embeds,
             mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,  # read by name below; `can_return_tuple` makes the tuple when the caller asks for one
             **kwargs,
         )
-        hidden_states = outputs[0]  # [batch, L, hidden]
+        hidden_states = outputs.last_hidden_state  # [batch, L, hidden]
 
         selected = None
         if logits_mask is not None:
@@ -343,6 +310,5 @@ __all__ = [
     "BardVLModel",
     "BardVLOutput",
     "additive_attention_mask",
-    "export_remote_code",
     "model_card",
 ]

@@ -23,8 +23,8 @@ from transformers.processing_utils import ProcessorMixin
 
 __all__ = ["BardVLProcessor", "assistant_tokens_mask", "mark_processor_files"]
 
-# `auto_map` entry written to the processor config; `save_pretrained` and `mark_processor_files` copy this file next
-# to it.
+# `auto_map` entry `mark_processor_files` writes into a stock folder's processor files, next to a copy of this file
+# (`save_pretrained` writes the same entry through `register_for_auto_class`).
 AUTO_MAP = {"AutoProcessor": "processing_bard_vl.BardVLProcessor"}
 # Files in which `AutoProcessor` looks for `processor_class` / `auto_map`, in its order of precedence.
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -115,8 +115,9 @@ class BardVLProcessor(Qwen3VLProcessor):
       assistant turn (see `assistant_tokens_mask`);
     - when the tokenizer has no chat template, it gets the processor's, so `processor.tokenizer.apply_chat_template`
       renders the same text;
-    - `save_pretrained` writes `processor_class` `BardVLProcessor`, an `auto_map` for `AutoProcessor` and a copy of this
-      file, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without the package installed.
+    - `save_pretrained` writes `processor_class` `BardVLProcessor` and, as the class is registered with
+      `register_for_auto_class` (`transformers_bard.register_auto_classes`), an `auto_map` for `AutoProcessor` and a
+      copy of this file, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without the package.
 
     Args:
         image_processor (`Qwen2VLImageProcessorPil`): the PIL image processor.
@@ -210,20 +211,9 @@ class BardVLProcessor(Qwen3VLProcessor):
             output.convert_to_tensors(tensor_type=tensor_type)
         return output
 
-    def to_dict(self):
-        output = super().to_dict()
-        output["auto_map"] = {**(output.get("auto_map") or {}), **AUTO_MAP}
-        return output
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        # Copy this module first, so an upload includes it.
-        os.makedirs(save_directory, exist_ok=True)
-        _copy_this_file(save_directory)
-        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-
 
 def _copy_this_file(folder: str | os.PathLike) -> None:
-    """Copy this module next to a processor config whose `auto_map` names it (trust_remote_code imports it)."""
+    """Copy this module next to processor files whose `auto_map` names it (trust_remote_code imports it)."""
     target = os.path.join(folder, "processing_bard_vl.py")
     if os.path.abspath(__file__) != os.path.abspath(target):
         shutil.copyfile(__file__, target)
