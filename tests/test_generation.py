@@ -1,6 +1,7 @@
 """BardVLGenerationMixin.generate and BardVLGenerationConfig (DESIGN 4, 6).
 
-The central check: `generate` (KV cache, crop after each step, fused commits, left-padded batches that shrink as rows
+The central check: `generate` (KV cache, crop after each step, block 0's first step inside the prefill, fused commits,
+LM head at masked positions only, EOS fill, left-padded batches whose rows advance independently and leave as they
 stop) returns exactly the tokens of a slow reference decoder written here from DESIGN 4, which keeps no cache and
 recomputes the whole sequence [prompt ; committed blocks ; current block] with a mask built by loops at every step.
 """
@@ -104,8 +105,9 @@ def reference_mask(segments, blocks, prompt_attention):
     return mask[None, None]
 
 
-def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edit_threshold):
-    """One step of DESIGN 4.2 on one row, greedy: returns the new block (a list)."""
+def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edit_threshold, eos=None):
+    """One step of DESIGN 4.2 on one row, greedy, then EOS fill (DESIGN 4.4) when `eos` is given: returns the new
+    block (a list)."""
     logits = logits.float().clone()
     logits[:, MASK] = -float("inf")
     confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
@@ -122,12 +124,15 @@ def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edi
         for j in range(B):
             if j not in masked and int(tokens[j]) != block[j] and confidence[j] > edit_threshold:
                 new[j] = int(tokens[j])
+    if eos is not None and eos in new:
+        first = new.index(eos)
+        new = new[: first + 1] + [eos] * (B - first - 1)
     return new
 
 
 @torch.no_grad()
 def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="threshold", threshold=0.9,
-                     edit_threshold=None, eos=None):
+                     edit_threshold=None, eos=None, eos_fill=True):
     """Tokens of one prompt decoded without a cache, and the number of denoising steps of each block."""
     ids, pixels, grid = prompt
     B = model.config.block_size
@@ -152,7 +157,8 @@ def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="th
             logits = model(input_ids=seq, attention_mask=mask, position_ids=positions, pixel_values=pixels,
                            image_grid_thw=grid, mm_token_type_ids=mm_all).logits[0, -B:]
             block = reference_select(block, logits, step, B=B, steps=steps, unmasking=unmasking,
-                                     threshold=threshold, edit_threshold=edit_threshold)
+                                     threshold=threshold, edit_threshold=edit_threshold,
+                                     eos=eos if eos_fill else None)
             step += 1
         block_steps.append(step)
         kept = block[: max_new_tokens - b * B]
@@ -188,9 +194,9 @@ def test_generate_matches_reference(block_size, unmasking, prompt_attention, wit
                                              unmasking=unmasking, threshold=options.get("threshold", 0.9))
     assert generated(out, ids.shape[1]) == expected
     assert out.sequences.shape == (1, ids.shape[1] + 10)
-    # fused commits: the forwards are exactly the denoising steps
-    assert out.num_forwards.tolist() == [sum(block_steps)]
-    torch.testing.assert_close(out.tokens_per_forward, torch.tensor([10 / sum(block_steps)]))
+    # fused commits: the forwards are exactly the denoising steps, less the one inside the prefill
+    assert out.num_forwards.tolist() == [sum(block_steps) - 1]
+    torch.testing.assert_close(out.tokens_per_forward, torch.tensor([10 / (sum(block_steps) - 1)]))
 
 
 def test_thresholds_below_one_decode_several_tokens_per_forward():
@@ -203,19 +209,28 @@ def test_thresholds_below_one_decode_several_tokens_per_forward():
 
 def test_eos_stops_a_row_and_cuts_after_it():
     model = make_model(4)
-    prompt = make_prompt(9, 8, True)
-    ids, attention, pixels, grid = left_pad([prompt])
-    free, _ = reference_decode(model, prompt, max_new_tokens=24, threshold=0.6)
-    eos = next(token for token in free[4:] if token not in free[:4])
+    # a prompt and an EOS that its free decoding first emits inside a later block, not at its end: the cut is
+    # exercised (searched, so that re-initialised tiny weights do not silently weaken the test)
+    for seed in range(9, 40):
+        prompt = make_prompt(seed, 8, True)
+        free, _ = reference_decode(model, prompt, max_new_tokens=24, threshold=0.6)
+        candidates = [t for t in free if 8 <= free.index(t) < 23 and free.index(t) % 4 != 3]
+        if candidates:
+            break
+    eos = candidates[0]
     cut = free.index(eos)
-    assert 8 <= cut < 23 and cut % 4 != 3, "EOS inside a later block, not at its end: the cut is exercised"
-    out = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, threshold=0.6,
-                         max_new_tokens=24, eos_token_id=[eos, 499], pad_token_id=0, return_dict_in_generate=True)
-    expected, block_steps = reference_decode(model, prompt, max_new_tokens=24, threshold=0.6, eos=eos)
-    assert expected == free[: cut + 1]
-    assert generated(out, ids.shape[1]) == expected
-    assert out.sequences.shape[1] == ids.shape[1] + cut + 1  # nothing after EOS in a batch of one
-    assert out.num_forwards.item() == sum(block_steps)  # blocks after the stop cost nothing
+    ids, attention, pixels, grid = left_pad([prompt])
+    for eos_fill in (False, True):
+        out = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, threshold=0.6,
+                             max_new_tokens=24, eos_token_id=[eos, 499], pad_token_id=0, eos_fill=eos_fill,
+                             return_dict_in_generate=True)
+        expected, block_steps = reference_decode(model, prompt, max_new_tokens=24, threshold=0.6, eos=eos,
+                                                 eos_fill=eos_fill)
+        if not eos_fill:
+            assert expected == free[: cut + 1]
+        assert generated(out, ids.shape[1]) == expected
+        assert out.sequences.shape[1] == ids.shape[1] + len(expected)  # nothing after EOS in a batch of one
+        assert out.num_forwards.item() == sum(block_steps) - 1  # blocks after the stop cost nothing
 
 
 @pytest.mark.parametrize("unmasking", ["threshold", "static"])
@@ -241,32 +256,182 @@ def test_threshold_one_costs_block_size_forwards_per_block(block_size):
                    steps_per_block=block_size, return_dict_in_generate=True)
     fused = model.generate(ids, **options)
     unfused = model.generate(ids, fuse_commit=False, **options)
-    assert fused.num_forwards.tolist() == [blocks * block_size] * 2
-    assert unfused.num_forwards.tolist() == [blocks * (block_size + 1) - 1] * 2
-    torch.testing.assert_close(fused.tokens_per_forward, torch.ones(2))
+    no_prefill_step = model.generate(ids, prefill_step=False, **options)
+    # B forwards per block, less block 0's first step (inside the prefill), plus one per commit when unfused
+    assert fused.num_forwards.tolist() == [blocks * block_size - 1] * 2
+    assert unfused.num_forwards.tolist() == [blocks * (block_size + 1) - 2] * 2
+    assert no_prefill_step.num_forwards.tolist() == [blocks * block_size] * 2
+    assert torch.equal(fused.sequences, unfused.sequences) and torch.equal(fused.sequences, no_prefill_step.sequences)
 
 
-def test_left_padded_batch_matches_single_rows_and_reference():
-    """Batch of 3 (two images, different prompt lengths) with one row stopping early: each row equals its own run."""
+def count_forwards(model, monkeypatch):
+    """Patch `model.forward` to count its calls; returns the list that grows by one per call."""
+    calls, real_forward = [], model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fuse_commit", [True, False])
+def test_left_padded_batch_matches_single_rows_and_reference(fuse_commit, monkeypatch):
+    """Batch of 3 (two images, different prompt lengths) with one row stopping early: each row equals its own run,
+    and rows never wait for each other (DESIGN 4.4): the batch costs as many forwards as its busiest row."""
     model = make_model(4)
-    prompts = [make_prompt(10, 4, True), make_prompt(11, 12, False), make_prompt(12, 7, True)]
-    options = dict(max_new_tokens=20, threshold=0.6, return_dict_in_generate=True)
-    singles = [reference_decode(model, p, max_new_tokens=20, threshold=0.6)[0] for p in prompts]
-    # an EOS that row 0 emits after its first block and row 1 never emits: row 0 stops early, row 1 runs on
-    eos = next(t for t in singles[0][4:] if t not in singles[1])
+    others = [make_prompt(11, 12, False), make_prompt(12, 7, True)]
+    singles = [reference_decode(model, p, max_new_tokens=20, threshold=0.6)[0] for p in others]
+    # a first row that emits, after its first block, a token (the EOS) that the others never emit: it stops early,
+    # the others run on (searched, so that re-initialised tiny weights do not silently weaken the test)
+    for seed in range(10, 60):
+        first = make_prompt(seed, 4, True)
+        free = reference_decode(model, first, max_new_tokens=20, threshold=0.6)[0]
+        eos = next((t for t in free[4:16] if t not in free[:4] and all(t not in s for s in singles)), None)
+        if eos is not None:
+            break
+    prompts = [first, *others]
+    options = dict(max_new_tokens=20, threshold=0.6, return_dict_in_generate=True, eos_token_id=eos, pad_token_id=0,
+                   fuse_commit=fuse_commit)
     ids, attention, pixels, grid = left_pad(prompts)
-    batch = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid,
-                           eos_token_id=eos, pad_token_id=0, **options)
+    calls = count_forwards(model, monkeypatch)
+    batch = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, **options)
+    assert len(calls) == 1 + int(batch.num_forwards.max())  # the prefill, then one forward per step of the busiest
+    steps_per_row = []
     for row, prompt in enumerate(prompts):
         expected, block_steps = reference_decode(model, prompt, max_new_tokens=20, threshold=0.6, eos=eos)
+        steps_per_row.append(block_steps)
         one_ids, one_attention, one_pixels, one_grid = left_pad([prompt])
         single = model.generate(one_ids, attention_mask=one_attention, pixel_values=one_pixels,
-                                image_grid_thw=one_grid, eos_token_id=eos, pad_token_id=0, **options)
+                                image_grid_thw=one_grid, **options)
+        commits = 0 if fuse_commit else len(block_steps) - 1
         assert generated(batch, ids.shape[1], row) == generated(single, one_ids.shape[1]) == expected
-        assert batch.num_forwards[row] == single.num_forwards[0] == sum(block_steps)
+        assert batch.num_forwards[row] == single.num_forwards[0] == sum(block_steps) - 1 + commits
         assert torch.equal(batch.sequences[row, : ids.shape[1]], ids[row])
         assert (batch.sequences[row, ids.shape[1] + len(expected):] == 0).all()  # pad after the cut
     assert len(generated(batch, ids.shape[1], 0)) < 20 and len(generated(batch, ids.shape[1], 1)) == 20
+    # the rows needed different numbers of steps per block, so waiting for each other would have cost forwards
+    assert len({tuple(s[:2]) for s in steps_per_row}) > 1
+
+
+# ---------------------------------------------------------------------------------------------- EOS fill
+def scripted_forward(model, monkeypatch, script, block_size):
+    """Patch `model.forward` so that the k-th call with block logits returns `script[k]` ``[1, B, vocab]``, restricted
+    to the positions the call asks logits for; returns the list of those positions per call."""
+    asked, real_forward = [], model.forward
+
+    def scripted(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        wanted = kwargs["logits_mask"][0, -block_size:]
+        if wanted.any():
+            out.logits = script[len(asked)][0, wanted]
+            asked.append(wanted.nonzero().squeeze(-1).tolist())
+        return out
+
+    monkeypatch.setattr(model, "forward", scripted)
+    return asked
+
+
+def scripted_logits(choices, vocab):
+    """Logits [1, B, vocab] giving position j token t with probability p for (t, p) in choices."""
+    logits = torch.full((1, len(choices), vocab), -1e4)
+    for j, (token, p) in enumerate(choices):
+        logits[0, j, :] = math.log((1 - p) / (vocab - 2))
+        logits[0, j, token] = math.log(p)
+    return logits
+
+
+def test_eos_fill_fills_after_the_first_eos_and_ends_the_block(monkeypatch):
+    """B = 8, one token per step (tau = 1). Step 1 decodes EOS at position 2 (the most confident): positions 3-7
+    become EOS at once, and only positions 0 and 1 are left: 3 steps in all (the first inside the prefill) instead of
+    8. Steps 2 and 3 ask logits only for the positions still masked. Without EOS fill the block takes 8 steps."""
+    model = make_model(8, scale=1.0)
+    vocab = model.config.text_config.vocab_size
+    EOS = 9
+    step = scripted_logits([(5, 0.5), (6, 0.4), (EOS, 0.9)] + [(EOS, 0.8)] * 5, vocab)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True)
+    asked = scripted_forward(model, monkeypatch, [step] * 8, 8)
+    out = model.generate(ids, output_trace=True, **options)
+    assert generated(out, 5) == [5, 6, EOS] and out.num_forwards.tolist() == [2]
+    assert asked == [list(range(8)), [0, 1], [1]]
+    events = out.trace[0]
+    assert [e["eos_filled"] for e in events] == [[3, 4, 5, 6, 7], [], []]
+    assert [e["unmasked"][0][:2] for e in events] == [[2, EOS], [0, 5], [1, 6]]
+    asked.clear()
+    unfilled = model.generate(ids, eos_fill=False, **options)
+    assert generated(unfilled, 5) == [5, 6, EOS] and unfilled.num_forwards.tolist() == [7]
+
+
+# ---------------------------------------------------------------------------------------------- trace
+def replay_trace(events, block_size):
+    """Rebuild a row's blocks from its trace events (unmasked, then revised, then eos_filled); checks each event's
+    `block_tokens` on the way. Returns the concatenated blocks."""
+    blocks = {}
+    for event in events:
+        if event["step"] == -1:  # the prompt alone, or a commit of its own: nothing decided
+            continue
+        block = blocks.setdefault(event["block"], [MASK] * block_size)
+        for position, token, confidence in event["unmasked"]:
+            assert block[position] == MASK and 0 < confidence <= 1
+            block[position] = token
+        for position, old, new, confidence in event["revised"]:
+            assert block[position] == old != new and 0 < confidence <= 1
+            block[position] = new
+        for position in event["eos_filled"]:
+            block[position] = event["block_tokens"][position]
+        assert block == event["block_tokens"]
+    return [token for index in sorted(blocks) for token in blocks[index]]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(fuse_commit=False), dict(prefill_step=False), dict(edit_threshold=0.5), dict(eos_fill=False)],
+)
+def test_trace_agrees_with_sequences_and_forwards(options):
+    model = make_model(4)
+    # a first row that first emits some token (the EOS) in a later block, so that it stops early (searched, so that
+    # re-initialised tiny weights do not silently weaken the test)
+    for seed in range(20, 80):
+        first = make_prompt(seed, 4, True)
+        one_ids, _, one_pixels, one_grid = left_pad([first])
+        free = model.generate(one_ids, pixel_values=one_pixels, image_grid_thw=one_grid, max_new_tokens=14,
+                              threshold=0.6)[0, one_ids.shape[1]:].tolist()
+        cut = next((j for j in range(4, 13) if free[j] not in free[:j]), None)
+        if cut is not None:
+            break
+    eos = free[cut]
+    prompts = [first, make_prompt(21, 9, False), make_prompt(22, 6, True)]
+    ids, attention, pixels, grid = left_pad(prompts)
+    common = dict(attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=14,
+                  threshold=0.6, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **options)
+    out = model.generate(ids, output_trace=True, **common)
+    plain = model.generate(ids, **common)
+    assert plain.trace is None
+    assert torch.equal(out.sequences, plain.sequences) and torch.equal(out.num_forwards, plain.num_forwards)
+    json.dumps(out.trace)  # plain JSON
+    for row, events in enumerate(out.trace):
+        assert len(events) == int(out.num_forwards[row]) + 1
+        assert [e["forward"] for e in events] == list(range(len(events)))
+        assert events[0]["kind"] == "prefill" and all(e["kind"] != "prefill" for e in events[1:])
+        assert (events[0]["step"] == 0) == options.get("prefill_step", True)
+        assert all(e["block_start"] == 4 * e["block"] for e in events)
+        tokens = generated(out, ids.shape[1], row)
+        replayed = replay_trace(events, 4)
+        assert replayed[: len(tokens)] == tokens
+        assert (eos in tokens) == (tokens[-1] == eos) and (eos in tokens or len(tokens) == 14)
+        # one commit per block after the first; a fused one takes the next block's step 0
+        commits = [e["block"] for e in events if e["kind"] == "commit"]
+        fused = options.get("fuse_commit", True)
+        assert commits == list(range(1, len(replayed) // 4) if fused else range(len(replayed) // 4 - 1))
+        steps = [e["step"] for e in events if e["step"] >= 0]
+        assert sum(step == 0 for step in steps) == len(replayed) // 4
+    assert len(generated(out, ids.shape[1], 0)) == cut + 1
+    if "edit_threshold" in options:
+        assert any(e["revised"] for events in out.trace for e in events), "revision is exercised"
+    if options == {}:
+        assert any(e["eos_filled"] for e in out.trace[0]), "EOS fill is exercised"
 
 
 # ---------------------------------------------------------------------------------------------- revision
@@ -298,8 +463,9 @@ def test_revision_replaces_a_decoded_token_with_scripted_logits(monkeypatch):
 
         def scripted(*args, **kwargs):
             out = real_forward(*args, **kwargs)
-            if kwargs.get("logits_to_keep"):  # a denoising step (prefill and commits ask for no logits)
-                out.logits = script[len(calls)]
+            wanted = kwargs["logits_mask"][0, -4:]  # the block's positions that get logits in this step
+            if wanted.any():  # a denoising step (the first one inside the prefill)
+                out.logits = script[len(calls)][0, wanted]
                 calls.append(1)
             return out
 
@@ -360,9 +526,11 @@ def test_logits_processor_is_applied_to_every_block_position():
                          logits_processor=LogitsProcessorList([processor]))
     assert (plain[:, ids.shape[1]:] == banned).any() and not (out[:, ids.shape[1]:] == banned).any()
     vocab = model.config.text_config.vocab_size
-    # every position of the block is a row; input_ids = prompt (+ finished blocks) per row
+    # every still-masked position of a block is a row; input_ids = prompt (+ finished blocks) per row; the first
+    # step (inside the prefill) sees every position of both rows
     assert processor.shapes[0] == ((2 * 4, ids.shape[1]), (2 * 4, vocab))
-    assert ((2 * 4, ids.shape[1] + 4), (2 * 4, vocab)) in processor.shapes
+    assert all(ids_shape[0] == scores_shape[0] for ids_shape, scores_shape in processor.shapes)
+    assert {ids_shape[1] for ids_shape, _ in processor.shapes} == {ids.shape[1], ids.shape[1] + 4}
 
 
 class StopAfter(StoppingCriteria):
@@ -439,6 +607,7 @@ def test_plain_generation_config_passed_to_generate_keeps_lengths_ids_and_sampli
 def test_config_save_load_round_trip(tmp_path):
     config = BardVLGenerationConfig(block_size=8, steps_per_block=4, unmasking="static", threshold=0.8,
                                     edit_threshold=0.95, temperature=0.5, top_k=10, top_p=0.9, fuse_commit=False,
+                                    eos_fill=False, prefill_step=False, output_trace=True,
                                     eos_token_id=[1, 2], pad_token_id=0, max_new_tokens=64)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "generation_config.json").read_text())
@@ -496,6 +665,9 @@ def test_autoregressive_generation_config_file_does_not_carry_over(tmp_path, cap
 @pytest.mark.parametrize(
     ("options", "match"),
     [
+        (dict(output_trace=True), "return_dict_in_generate"),
+        (dict(eos_fill="yes"), "eos_fill"),
+        (dict(prefill_step=None), "prefill_step"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(threshold=0.0), "threshold"),
         (dict(threshold=1.5), "threshold"),

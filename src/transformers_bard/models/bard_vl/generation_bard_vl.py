@@ -45,7 +45,17 @@ DEFAULT_MAX_NEW_TOKENS = 256
 UNMASKING_CHOICES = ("threshold", "static")
 # Fields of BardVLGenerationConfig that GenerationConfig does not have. A saved BARD config always contains them
 # (they are not in `GenerationConfig()`, so `to_diff_dict` keeps them); a file with none of them is an AR config.
-BARD_FIELDS = ("block_size", "steps_per_block", "unmasking", "threshold", "edit_threshold", "fuse_commit")
+BARD_FIELDS = (
+    "block_size",
+    "steps_per_block",
+    "unmasking",
+    "threshold",
+    "edit_threshold",
+    "fuse_commit",
+    "eos_fill",
+    "prefill_step",
+    "output_trace",
+)
 # What survives from an AR generation_config.json read from disk (DESIGN 4.6).
 KEPT_FROM_AR_FILE = ("max_new_tokens", "max_length", "bos_token_id", "eos_token_id", "pad_token_id")
 # Extra model inputs `generate` forwards to the prefill.
@@ -154,6 +164,22 @@ class BardVLGenerationConfig(GenerationConfig):
     fuse_commit (`bool`, defaults to `True`):
         Commit a finished block in the same forward as the first step of the next block (2B tokens, exact; saves one
         forward per committed block). `False` commits with a forward of its own.
+    eos_fill (`bool`, defaults to `True`):
+        EOS fill (DESIGN 4.4): training pads every response with EOS to the end of its block, so once a step leaves
+        an EOS at position j of the block, every later position is EOS padding and is filled with that EOS at once;
+        the block is then done as soon as the positions before j are decoded. A one-token answer at B = 32 thereby
+        costs a few forwards instead of 32. The output is cut after the first EOS anyway, so on a model trained that
+        way the tokens are the ones of `eos_fill=False` (the filled positions are what the model would decode
+        there); on a model that was not, the earlier positions may come out differently. No effect without
+        `eos_token_id`.
+    prefill_step (`bool`, defaults to `True`):
+        Take the first denoising step of block 0 inside the prompt's forward (DESIGN 4.4): the B mask tokens are
+        appended to the prompt, their logits taken and their keys/values cropped again. Exact (prompt queries never
+        see noisy keys), and one forward fewer per prompt. `False` runs the prompt alone first.
+    output_trace (`bool`, defaults to `False`):
+        With `return_dict_in_generate=True`, record every forward of every row in `BardVLGenerationOutput.trace`
+        (what was unmasked, with which confidence, what was revised or EOS-filled; format in the output's
+        docstring). Off: nothing is recorded.
 
     Sampling: `temperature` 0 (default) takes the argmax; `temperature` > 0 samples after temperature, `top_k`
     (0/`None` = off) and `top_p` (1/`None` = off). The confidence of a position is the probability of its chosen
@@ -172,6 +198,9 @@ class BardVLGenerationConfig(GenerationConfig):
         self.threshold = kwargs.pop("threshold", 0.9)
         self.edit_threshold = kwargs.pop("edit_threshold", None)
         self.fuse_commit = kwargs.pop("fuse_commit", True)
+        self.eos_fill = kwargs.pop("eos_fill", True)
+        self.prefill_step = kwargs.pop("prefill_step", True)
+        self.output_trace = kwargs.pop("output_trace", False)
         kwargs.setdefault("temperature", 0.0)
         super().__init__(**kwargs)
 
@@ -201,8 +230,9 @@ class BardVLGenerationConfig(GenerationConfig):
             not _is_number(self.edit_threshold) or not 0.0 < self.edit_threshold <= 1.0
         ):
             raise ValueError(f"`edit_threshold` must be in (0, 1] or None (no revision), got {self.edit_threshold!r}.")
-        if not isinstance(self.fuse_commit, bool):
-            raise ValueError(f"`fuse_commit` must be True or False, got {self.fuse_commit!r}.")
+        for field in ("fuse_commit", "eos_fill", "prefill_step", "output_trace"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"`{field}` must be True or False, got {getattr(self, field)!r}.")
         self._validate_sampling()
         self._validate_lengths_and_ids()
         for field, (neutral, what, fix) in UNSUPPORTED_OPTIONS.items():
@@ -389,17 +419,31 @@ class BardVLGenerationOutput(ModelOutput):
         tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`):
             `num_generated_tokens / num_forwards` per row (DESIGN 4.5).
         num_forwards (`torch.LongTensor` of shape `(batch,)`):
-            Forward passes spent on the row after the prefill: denoising steps plus commits (a fused commit shares
-            the forward of the next block's first step and counts once). Forwards of a batch in which the row did
-            not take part (it had finished its block or had stopped) are not counted.
+            Forward passes spent on the row after the prompt's forward (the prefill, which also takes block 0's first
+            denoising step unless `prefill_step=False`, is not counted): denoising steps plus commits (a fused commit
+            shares the forward of the next block's first step and counts once). Rows never wait for each other: in
+            every batched forward each running row either commits or takes a denoising step, and stopped rows leave.
         num_generated_tokens (`torch.LongTensor` of shape `(batch,)`):
             Generated tokens of the row, up to and including the first EOS (pad tokens excluded).
+        trace (`list[list[dict]]`, *optional*):
+            With `output_trace=True`: `trace[row]` lists the forwards the row took part in, in order, the prefill
+            first, so `len(trace[row]) == num_forwards[row] + 1`. Each event is a JSON-serialisable dict:
+            `forward` (its index in the list), `kind` (`"prefill"`, `"denoise"` or `"commit"`: the forward that
+            appends the previous block to the cache, fused with the first step of `block` unless
+            `fuse_commit=False`), `block` (the response block the unmasking applies to; for a commit-only forward
+            the committed block), `step` (denoising step within `block`, 0-based; -1 when the forward took no
+            step), `block_start` (offset of the block in the generated tokens), `unmasked` (`[[position, token,
+            confidence], ...]`, positions 0..B-1 of the block), `revised` (`[[position, old, new, confidence],
+            ...]`), `eos_filled` (positions set to the EOS at the block's first EOS by EOS fill) and `block_tokens`
+            (the block after the forward, `mask_token_id` where still masked). Replaying `unmasked`, then
+            `revised`, then `eos_filled` block by block rebuilds the generated tokens.
     """
 
     sequences: torch.LongTensor | None = None
     tokens_per_forward: torch.FloatTensor | None = None
     num_forwards: torch.LongTensor | None = None
     num_generated_tokens: torch.LongTensor | None = None
+    trace: list | None = None
 
 
 @dataclass
@@ -419,12 +463,40 @@ class _DecodingPlan:
     temperature: float
     warpers: LogitsProcessorList  # temperature / top-k / top-p, empty when greedy
     fuse_commit: bool
+    eos_fill: bool
+    prefill_step: bool
+    output_trace: bool
     prompt_attention: str
 
-    def tokens_at_step(self, step: int) -> int:
-        """k_s: B // S tokens per step, the first B % S steps one more (DESIGN 4.2)."""
+    def tokens_at_step(self, steps: torch.Tensor) -> torch.Tensor:
+        """k_s per row for rows at step `steps` ``[m]``: B // S tokens per step, the first B % S steps one more
+        (DESIGN 4.2)."""
         base, extra = divmod(self.block_size, self.steps_per_block)
-        return max(1, base + (1 if step < extra else 0))
+        return (base + (steps < extra).long()).clamp(min=1)
+
+
+@dataclass
+class _Rows:
+    """Decoding state of the rows still running; the cache holds exactly these rows, in this order.
+
+    Every row moves through its blocks on its own (DESIGN 4.4: a row whose block is finished does not wait for the
+    others): rows of one batch may denoise different blocks in the same forward.
+    """
+
+    index: torch.Tensor  # [m] row of the batch
+    block: torch.Tensor  # [m, B] the block being denoised; mask_token_id where undecided
+    block_index: torch.Tensor  # [m] which response block that is
+    steps: torch.Tensor  # [m] denoising steps taken in it
+    committing: torch.Tensor  # [m] bool: the previous block is finished but not yet in the cache
+    finished: torch.Tensor  # [m, B] that previous block
+    response_start: torch.Tensor  # [m] M-RoPE position of response offset 0 (DESIGN 2)
+    first_block: torch.Tensor  # [m] block id of response block 0 (DESIGN 3.2)
+    key_segments: torch.Tensor  # [m, K] labels of the cached keys (PAD where a row had nothing to commit)
+    key_blocks: torch.Tensor  # [m, K]
+
+    def select(self, keep: torch.Tensor) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name)[keep])
 
 
 class BardVLGenerationMixin:
@@ -453,17 +525,21 @@ class BardVLGenerationMixin:
         ```
         0. Resolve the generation config (model default < `generation_config` < keyword options) and check inputs.
         1. Prefill the left-padded prompt (and images) into a DynamicCache with the prefix mask of DESIGN 3.2 and
-           M-RoPE positions from `get_rope_index(..., attention_mask=...)`.
-        2. For each block: start from B mask tokens; each denoising step runs the B tokens against the cache and
-           crops them off again; the mask token's logit is set to -inf, logits processors run, a token and a
-           confidence are chosen per position, and `threshold`/`static` unmasking (plus optional revision) fills
-           positions. Rows whose block is finished wait (frozen, not counted) for the others.
-        3. Commit the finished block: fused with the next block's first step (one forward of 2B tokens) or, with
-           `fuse_commit=False`, a forward of its own. The last block of a row is never committed.
+           M-RoPE positions from `get_rope_index(..., attention_mask=...)`; block 0's B mask tokens ride along and
+           take its first denoising step (`prefill_step`), their keys/values cropped off again.
+        2. Each denoising step runs a row's B block tokens against the cache and crops them off again; the LM head
+           runs only at still-masked positions (all B with revision); the mask token's logit is set to -inf, logits
+           processors run, a token and a confidence are chosen per position, and `threshold`/`static` unmasking
+           (plus optional revision) fills positions. EOS fill then sets every position after the block's first EOS
+           to EOS (`eos_fill`).
+        3. A finished block is committed to the cache in the row's next forward, fused with the first step of its
+           next block (one forward of 2B tokens) or, with `fuse_commit=False`, alone. Rows advance independently: in
+           one batched forward some rows commit while others denoise (a row with nothing to commit fills its commit
+           slot with padding keys, which nothing attends to). The last block of a row is never committed.
         4. A row stops when its finished block holds an EOS (cut after it), when a stopping criterion fires, or at
            `max_new_tokens`; stopped rows leave the batch and the cache.
         5. Return `sequences` (prompt + new tokens, pad-filled) or a `BardVLGenerationOutput` with
-           `tokens_per_forward`.
+           `tokens_per_forward` (and the `trace` with `output_trace=True`).
         ```
 
         Args:
@@ -477,12 +553,13 @@ class BardVLGenerationMixin:
                 A `BardVLGenerationConfig`, or a plain `GenerationConfig` applied on top of the model's config (see the
                 module docstring). Keyword options of the config (`max_new_tokens=`, `threshold=`, ...) override both.
             logits_processor (`LogitsProcessorList`, *optional*):
-                Applied to the block's logits (mask token already at -inf) before choosing tokens. Every block
-                position is a row of its own: `input_ids` is the row's prompt plus its finished blocks, `scores` is
-                `(rows * B, vocab)`.
+                Applied to the block's logits (mask token already at -inf) before choosing tokens. Every position the
+                step decides (the still-masked ones; all B with revision) is a row of its own: `input_ids` is the
+                row's prompt plus its finished blocks, `scores` is `(positions, vocab)`; one call per group of rows
+                at the same block.
             stopping_criteria (`StoppingCriteriaList`, *optional*):
-                Checked after every finished block with `input_ids` = prompt + generated tokens of the running rows;
-                rows for which it returns True stop.
+                Checked whenever rows finish a block, with `input_ids` = prompt + generated tokens of those rows (one
+                call per group of rows at the same block); rows for which it returns True stop.
             streamer (`BaseStreamer`, *optional*):
                 Receives the prompt, then each finished block's kept tokens, then `end()`. Batch size 1 only.
             return_dict_in_generate (`bool`, *optional*):
@@ -499,6 +576,9 @@ class BardVLGenerationMixin:
         generation_config, model_kwargs = self._resolve_generation_config(generation_config, kwargs)
         if return_dict_in_generate is None:
             return_dict_in_generate = bool(generation_config.return_dict_in_generate)
+        if generation_config.output_trace and not return_dict_in_generate:
+            raise ValueError("`output_trace=True` needs `return_dict_in_generate=True`: the trace is a field of "
+                             "the returned BardVLGenerationOutput.")
         attention_mask, mm_token_type_ids = self._check_generate_inputs(
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, streamer
         )
@@ -506,68 +586,50 @@ class BardVLGenerationMixin:
         B = plan.block_size
         batch = input_ids.shape[0]
         device = input_ids.device
-
-        # 1. prefill
-        cache, key_segments, key_blocks, response_start, first_block = self._prefill_prompt(
-            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, plan
-        )
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-
         fill = plan.pad_token_id if plan.pad_token_id is not None else 0
         generated = input_ids.new_full((batch, plan.num_blocks * B), fill)  # [batch, num_blocks * B]
         lengths = torch.zeros(batch, dtype=torch.long, device=device)  # kept tokens per row
         forwards = torch.zeros(batch, dtype=torch.long, device=device)
-        active = torch.arange(batch, device=device)  # rows still decoding; the cache holds exactly these rows
-        pending = None  # (tokens, positions, block ids) of a finished block awaiting its fused commit
+        trace = [[] for _ in range(batch)] if plan.output_trace else None
 
-        for block_index in range(plan.num_blocks):
-            # 2. denoise one block
-            context = torch.cat([input_ids[active], generated[active, : block_index * B]], dim=1)  # [m, P + bB]
-            positions = self._block_positions(response_start[active], block_index, B)  # [3, m, B]
-            block_ids = first_block[active] + block_index  # [m]
-            block = torch.full((active.numel(), B), plan.mask_token_id, dtype=torch.long, device=device)
-            step_mask = None
-            step = 0
-            while True:
-                stepping = (block == plan.mask_token_id).any(-1)  # [m]
-                if not stepping.any():
+        # 1. prefill (+ block 0's first denoising step)
+        cache, rows, logits = self._prefill_prompt(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, plan
+        )
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        decide = torch.full((batch, B), plan.prefill_step, dtype=torch.bool, device=device)
+        self._take_step(rows, logits, decide, input_ids, generated, plan, logits_processor, generator, trace,
+                        "prefill")
+
+        step_mask = None  # reused while the cached keys and the rows stay the same
+        while True:
+            # 4. rows whose block has no mask left: keep its tokens, then stop or move on to the next block
+            complete = (rows.block != plan.mask_token_id).all(-1)  # [m]
+            if complete.any():
+                stop = self._finish_blocks(rows, complete, input_ids, generated, lengths, plan, stopping_criteria,
+                                           streamer)
+                go_on = complete & ~stop
+                rows.committing = rows.committing | go_on
+                rows.finished = torch.where(go_on[:, None], rows.block, rows.finished)
+                rows.block = rows.block.masked_fill(go_on[:, None], plan.mask_token_id)
+                rows.block_index = rows.block_index + go_on.long()
+                rows.steps = rows.steps.masked_fill(go_on, 0)
+                if stop.all():
                     break
-                if pending is not None:
-                    # 3. fused: commit the previous block and take this block's first step in one forward
-                    logits, key_segments, key_blocks = self._fused_commit_step(
-                        pending, block, positions, block_ids, key_segments, key_blocks, cache, plan
-                    )
-                    pending = None
-                else:
-                    if step_mask is None:  # the keys only change at a commit: one mask per block
-                        step_mask = self._step_mask(block_ids, B, key_segments, key_blocks, plan)
-                    logits = self._denoise_step(block, positions, step_mask, cache)
-                forwards[active[stepping]] += 1
-                tokens, confidence = self._propose_tokens(logits, context, plan, logits_processor, generator)
-                block = self._unmask_tokens(block, tokens, confidence, stepping, plan.tokens_at_step(step), plan)
-                step += 1
-
-            # 4. finish the block: keep, stream, decide which rows stop
-            stop = self._finish_block(block, block_index, active, generated, lengths, plan, streamer)
-            if stopping_criteria:
-                so_far = torch.cat([input_ids[active], generated[active, : (block_index + 1) * B]], dim=1)
-                stop = stop | stopping_criteria(so_far, None).to(device)
-            if stop.all():
-                break
-            if stop.any():
-                keep = (~stop).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                active, block, positions, block_ids = active[keep], block[keep], positions[:, keep], block_ids[keep]
-                key_segments, key_blocks = key_segments[keep], key_blocks[keep]
-            # 3. commit the block of the rows that go on
-            if plan.fuse_commit:
-                pending = (block, positions, block_ids)
-            else:
-                key_segments, key_blocks = self._commit_block(
-                    block, positions, block_ids, key_segments, key_blocks, cache, plan
-                )
-                forwards[active] += 1
+                if stop.any():
+                    keep = (~stop).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    rows.select(keep)
+                    step_mask = None
+            # 2.-3. one forward: committing rows append their finished block (with their next block's first step
+            # unless fuse_commit=False), every other row takes a denoising step
+            denoising = ~rows.committing if not plan.fuse_commit else torch.ones_like(rows.committing)
+            kind = ["commit" if c else "denoise" for c in rows.committing.tolist()] if trace is not None else None
+            logits, decide, step_mask = self._decoding_forward(rows, denoising, cache, step_mask, plan)
+            forwards[rows.index] += 1
+            self._take_step(rows, logits, decide, input_ids, generated, plan, logits_processor, generator, trace,
+                            kind)
 
         if streamer is not None:
             streamer.end()
@@ -585,6 +647,7 @@ class BardVLGenerationMixin:
             tokens_per_forward=lengths.float() / forwards.clamp(min=1).float(),
             num_forwards=forwards,
             num_generated_tokens=lengths,
+            trace=trace,
         )
 
     # ------------------------------------------------------------------ 0. configuration and inputs
@@ -717,22 +780,28 @@ class BardVLGenerationMixin:
             temperature=temperature,
             warpers=warpers,
             fuse_commit=config.fuse_commit,
+            eos_fill=config.eos_fill,
+            prefill_step=config.prefill_step,
+            output_trace=config.output_trace,
             prompt_attention=self.config.prompt_attention,
         )
 
     # ------------------------------------------------------------------ 1. prefill
     def _prefill_prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
                         model_kwargs, plan):
-        """Run the prompt into a new DynamicCache (DESIGN 4.1).
+        """Run the prompt into a new DynamicCache (DESIGN 4.1), with block 0's B mask tokens appended when
+        `plan.prefill_step` (DESIGN 4.4).
 
-        Returns the cache, the key labels (segments and block ids, ``[batch, P]``), the M-RoPE position of the first
-        response token (``[batch]``, max prompt position + 1, DESIGN 2) and the block id of the first response block
-        (``[batch]``, ceil(real prompt length / B), DESIGN 3.2).
+        The appended block is labelled NOISY with block id ceil(real prompt length / B), so the mask of DESIGN 3.2
+        lets it see the whole prompt and itself while no prompt query sees it: the prompt's keys/values are those of
+        a prompt-only forward, and the block's logits those of a first denoising step. Its keys/values are cropped
+        off afterwards. Returns the cache, the rows' state (`_Rows`, prompt key labels ``[batch, P]``) and the
+        block's logits ``[batch * B, vocab]`` (None without `prefill_step`).
         """
         B = plan.block_size
+        batch, P = input_ids.shape
         segments = torch.where(attention_mask.bool(), PREFIX, PAD)  # [batch, P]
         blocks = block_ids_from_segments(segments, B)  # prompt chunks counted from each row's first real token
-        mask = attention_mask_from_labels(segments, blocks, segments, blocks, plan.prompt_attention)
         positions, _ = self.model.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
@@ -740,36 +809,65 @@ class BardVLGenerationMixin:
             video_grid_thw=model_kwargs.get("video_grid_thw"),
             attention_mask=attention_mask,
         )  # [3, batch, P]
+        real = attention_mask.bool()[None]  # [1, batch, P]
+        response_start = positions.masked_fill(~real, torch.iinfo(positions.dtype).min).amax(dim=(0, 2)) + 1
+        first_block = torch.div(real[0].sum(-1) + B - 1, B, rounding_mode="floor")  # [batch]
+        zero = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        rows = _Rows(
+            index=torch.arange(batch, device=input_ids.device),
+            block=torch.full((batch, B), plan.mask_token_id, dtype=torch.long, device=input_ids.device),
+            block_index=zero,
+            steps=zero,
+            committing=torch.zeros(batch, dtype=torch.bool, device=input_ids.device),
+            finished=torch.zeros((batch, B), dtype=torch.long, device=input_ids.device),
+            response_start=response_start,
+            first_block=first_block,
+            key_segments=segments,
+            key_blocks=blocks,
+        )
+        q_ids, q_segments, q_blocks, q_positions, mm_types = input_ids, segments, blocks, positions, mm_token_type_ids
+        wanted = torch.zeros_like(attention_mask, dtype=torch.bool)  # no logits needed from the prompt
+        if plan.prefill_step:
+            noisy_segments, noisy_blocks = self._block_labels(NOISY, first_block, B)
+            q_ids = torch.cat([input_ids, rows.block], dim=1)  # [batch, P + B]
+            q_segments = torch.cat([segments, noisy_segments], dim=1)
+            q_blocks = torch.cat([blocks, noisy_blocks], dim=1)
+            q_positions = torch.cat([positions, self._block_positions(response_start, zero, B)], dim=2)
+            mm_types = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(batch, B)], dim=1)
+            wanted = torch.cat([wanted, torch.ones_like(rows.block, dtype=torch.bool)], dim=1)
+        mask = attention_mask_from_labels(q_segments, q_blocks, q_segments, q_blocks, plan.prompt_attention)
         cache = DynamicCache(config=self.config)
-        self(
-            input_ids=input_ids,
+        logits = self(
+            input_ids=q_ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=q_positions,
             cache=cache,
             use_cache=True,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            logits_mask=torch.zeros_like(attention_mask, dtype=torch.bool),  # no logits needed from the prompt
+            mm_token_type_ids=mm_types,
+            logits_mask=wanted,
             **model_kwargs,
-        )
-        real = attention_mask.bool()[None]  # [1, batch, P]
-        response_start = positions.masked_fill(~real, torch.iinfo(positions.dtype).min).amax(dim=(0, 2)) + 1
-        first_block = torch.div(real[0].sum(-1) + B - 1, B, rounding_mode="floor")
-        return cache, segments, blocks, response_start, first_block
+        ).logits  # [batch * B, vocab], or [0, vocab]
+        if not plan.prefill_step:
+            return cache, rows, None
+        cache.crop(-B)
+        return cache, rows, logits
 
     # ------------------------------------------------------------------ 2.-3. forwards
     @staticmethod
-    def _block_positions(response_start, block_index: int, block_size: int) -> torch.Tensor:
-        """Positions ``[3, m, B]`` of block `block_index`: response offset j sits at response_start + j (DESIGN 2)."""
-        offsets = block_index * block_size + torch.arange(block_size, device=response_start.device)
-        return (response_start[:, None] + offsets[None, :])[None].expand(3, -1, -1)
+    def _block_positions(response_start, block_index, block_size: int) -> torch.Tensor:
+        """Positions ``[3, m, B]`` of each row's block `block_index` ``[m]``: response offset j sits at
+        response_start + j (DESIGN 2)."""
+        offsets = block_index[:, None] * block_size + torch.arange(block_size, device=response_start.device)
+        return (response_start[:, None] + offsets)[None].expand(3, -1, -1)
 
     @staticmethod
-    def _block_labels(segment: int, block_ids, block_size: int):
-        """Segment and block-id labels ``[m, B]`` of one block whose rows have block ids `block_ids` ``[m]``."""
-        segments = torch.full((block_ids.numel(), block_size), segment, dtype=torch.long, device=block_ids.device)
-        return segments, block_ids[:, None].expand(-1, block_size)
+    def _block_labels(segment, block_ids, block_size: int):
+        """Segment and block-id labels ``[m, B]`` of one block per row; `segment` is a label or a per-row ``[m]``
+        tensor of labels, `block_ids` ``[m]``."""
+        segments = torch.as_tensor(segment, dtype=torch.long, device=block_ids.device).expand(block_ids.shape)
+        return segments[:, None].expand(-1, block_size), block_ids[:, None].expand(-1, block_size)
 
     @staticmethod
     def _mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan):
@@ -780,97 +878,134 @@ class BardVLGenerationMixin:
         mask = attention_mask_from_labels(q_segments, q_blocks, k_segments, k_blocks, plan.prompt_attention)
         return mask, k_segments, k_blocks
 
-    def _step_mask(self, block_ids, block_size, key_segments, key_blocks, plan):
-        """Mask of a denoising step: the noisy block sees the prompt, the committed blocks and itself."""
-        q_segments, q_blocks = self._block_labels(NOISY, block_ids, block_size)
-        return self._mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan)[0]
+    def _decoding_forward(self, rows: _Rows, denoising, cache, step_mask, plan: _DecodingPlan):
+        """One batched forward after the prefill: ``[commit slot ; noisy slot]``, each B tokens per row.
 
-    def _denoise_step(self, block, positions, step_mask, cache) -> torch.Tensor:
-        """One denoising step: logits ``[m, B, vocab]``; the block's keys/values are cropped off again (DESIGN 4.2)."""
-        B = block.shape[1]
-        logits = self(
-            input_ids=block, attention_mask=step_mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_to_keep=B,
-        ).logits
-        cache.crop(-B)
-        return logits
-
-    def _commit_block(self, block, positions, block_ids, key_segments, key_blocks, cache, plan):
-        """Append a finished block's keys/values as clean tokens (DESIGN 4.3); returns the extended key labels."""
-        q_segments, q_blocks = self._block_labels(CLEAN, block_ids, block.shape[1])
-        mask, k_segments, k_blocks = self._mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan)
-        self(
-            input_ids=block, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_mask=torch.zeros_like(block, dtype=torch.bool),  # the commit needs no logits
-        )
-        return k_segments, k_blocks
-
-    def _fused_commit_step(self, pending, block, positions, block_ids, key_segments, key_blocks, cache, plan):
-        """Commit the pending block and take the first step of `block` in one forward of 2B tokens (DESIGN 4.3).
-
-        Exact: clean queries never see noisy keys (DESIGN 3.2), so the committed keys/values equal those of a
-        separate commit, and the noisy queries see the committed block as they would after it. Returns the logits of
-        the noisy half ``[m, B, vocab]`` and the key labels extended by the committed block.
+        Commit slot (present when some row commits, DESIGN 4.3): the finished block of committing rows, CLEAN, and
+        padding for the others; it stays in the cache. Noisy slot (present when some row denoises, DESIGN 4.2): the
+        current block of `denoising` rows ``[m]``, NOISY, padding for the others; cropped off after the call.
+        Exact for every row: clean queries never see noisy keys, nothing sees padding keys, so each row computes
+        what it would alone. The LM head runs only at the noisy positions still masked (every position of the
+        block with revision). Returns the logits ``[N, vocab]`` (row-major over the True entries of `decide`),
+        `decide` ``[m, B]`` and the mask to reuse in the next forward (None when the keys changed).
         """
-        committed, committed_positions, committed_ids = pending
-        B = block.shape[1]
-        clean_segments, clean_blocks = self._block_labels(CLEAN, committed_ids, B)
-        noisy_segments, noisy_blocks = self._block_labels(NOISY, block_ids, B)
-        mask, k_segments, k_blocks = self._mask_after_cache(
-            torch.cat([clean_segments, noisy_segments], dim=1),
-            torch.cat([clean_blocks, noisy_blocks], dim=1),
-            key_segments,
-            key_blocks,
-            plan,
-        )  # [m, 1, 2B, K + 2B]
+        B = plan.block_size
+        committing = rows.committing
+        has_commit, has_noisy = bool(committing.any()), bool(denoising.any())
+        ids, positions, segments, blocks, wanted = [], [], [], [], []
+        decide = torch.zeros_like(rows.block, dtype=torch.bool)
+        if has_commit:
+            committed = (rows.block_index - 1).clamp(min=0)  # rows in block 0 have padding here
+            seg, blk = self._block_labels(torch.where(committing, CLEAN, PAD), rows.first_block + committed, B)
+            ids.append(rows.finished)
+            positions.append(self._block_positions(rows.response_start, committed, B))
+            segments.append(seg)
+            blocks.append(blk)
+            wanted.append(torch.zeros_like(decide))  # the committed half needs no logits
+        if has_noisy:
+            seg, blk = self._block_labels(torch.where(denoising, NOISY, PAD), rows.first_block + rows.block_index, B)
+            decide = denoising[:, None] & (rows.block == plan.mask_token_id)
+            if plan.edit_threshold is not None:  # revision may replace any decoded token of the block
+                decide = denoising[:, None].expand_as(decide)
+            ids.append(rows.block)
+            positions.append(self._block_positions(rows.response_start, rows.block_index, B))
+            segments.append(seg)
+            blocks.append(blk)
+            wanted.append(decide)
+        q_segments, q_blocks = torch.cat(segments, dim=1), torch.cat(blocks, dim=1)
+        if has_commit or step_mask is None:  # the keys only change at a commit
+            step_mask, k_segments, k_blocks = self._mask_after_cache(
+                q_segments, q_blocks, rows.key_segments, rows.key_blocks, plan
+            )  # [m, 1, q, K + q]
         logits = self(
-            input_ids=torch.cat([committed, block], dim=1),
-            attention_mask=mask,
-            position_ids=torch.cat([committed_positions, positions], dim=2),
+            input_ids=torch.cat(ids, dim=1),
+            attention_mask=step_mask,
+            position_ids=torch.cat(positions, dim=2),
             cache=cache,
             use_cache=True,
-            logits_to_keep=B,
-        ).logits
-        cache.crop(-B)  # keep the committed block, drop the noisy one
-        return logits, k_segments[:, :-B], k_blocks[:, :-B]
+            logits_mask=torch.cat(wanted, dim=1),
+        ).logits  # [N, vocab]
+        if has_noisy:
+            cache.crop(-B)
+        if has_commit:
+            K = rows.key_segments.shape[1]
+            rows.key_segments, rows.key_blocks = k_segments[:, : K + B], k_blocks[:, : K + B]
+            rows.committing = torch.zeros_like(committing)
+            step_mask = None
+        return logits, decide, step_mask
 
     # ------------------------------------------------------------------ 2. choosing tokens
-    def _propose_tokens(self, logits, context, plan: _DecodingPlan, logits_processor, generator):
-        """A token and its confidence per block position (DESIGN 4.2); both ``[m, B]``.
+    def _take_step(self, rows: _Rows, logits, decide, input_ids, generated, plan, logits_processor, generator,
+                   trace, kind):
+        """Choose tokens at the `decide` positions ``[m, B]`` from `logits` ``[N, vocab]``, unmask (DESIGN 4.2),
+        EOS-fill (DESIGN 4.4), record the trace and advance the rows' blocks."""
+        stepping = decide.any(-1)  # [m]
+        before = rows.block
+        chosen = filled = None
+        if logits is not None and bool(stepping.any()):
+            entry_row, entry_pos = decide.nonzero(as_tuple=True)  # [N]: row-major, the order of `logits`
+            tokens, confidence = self._propose_tokens(
+                logits, rows, entry_row, input_ids, generated, plan, logits_processor, generator
+            )
+            tokens = before.index_put((entry_row, entry_pos), tokens)  # [m, B]
+            confidence = torch.full(before.shape, -float("inf"), device=before.device).index_put(
+                (entry_row, entry_pos), confidence
+            )
+            chosen = self._unmask_tokens(before, tokens, confidence, stepping, plan.tokens_at_step(rows.steps), plan)
+            rows.block = chosen
+            if plan.eos_fill and plan.eos_token_ids is not None:
+                rows.block, filled = self._fill_after_eos(chosen, plan)
+        if trace is not None:
+            self._record_trace(trace, rows, kind, stepping, before, chosen, filled, confidence if chosen is not None
+                               else None, plan)
+        rows.steps = rows.steps + stepping.long()
 
-        The mask token is never a candidate; logits processors see ``(m * B, vocab)`` scores with the row's prompt and
-        finished blocks as `input_ids`; greedy takes the argmax and its softmax probability, sampling draws from the
+    def _propose_tokens(self, logits, rows: _Rows, entry_row, input_ids, generated, plan: _DecodingPlan,
+                        logits_processor, generator):
+        """A token and its confidence per decided position (DESIGN 4.2); both ``[N]``.
+
+        The mask token is never a candidate; logits processors see ``(positions, vocab)`` scores with each
+        position's row prompt and finished blocks as `input_ids` (one call per group of rows at the same block, so
+        `input_ids` is rectangular); greedy takes the argmax and its softmax probability, sampling draws from the
         temperature/top-k/top-p distribution and reports the drawn token's probability under it.
         """
-        rows, B, vocab = logits.shape
-        scores = logits.float().reshape(rows * B, vocab)  # [m * B, vocab]
+        scores = logits.float()  # [N, vocab]
         scores[:, plan.mask_token_id] = -float("inf")
-        flat_context = None
         if logits_processor or plan.warpers:
-            flat_context = context.repeat_interleave(B, dim=0)  # [m * B, P + bB]
-        if logits_processor:
-            scores = logits_processor(flat_context, scores)
+            B = plan.block_size
+            block_of = rows.block_index[entry_row]  # [N]
+            for index in block_of.unique().tolist():
+                group = (block_of == index).nonzero().squeeze(-1)
+                batch_rows = rows.index[entry_row[group]]
+                context = torch.cat([input_ids[batch_rows], generated[batch_rows, : index * B]], dim=1)
+                part = scores[group]
+                if logits_processor:
+                    part = logits_processor(context, part)
+                if plan.temperature > 0:
+                    part = plan.warpers(context, part)
+                scores[group] = part
         if plan.temperature == 0:
-            # max softmax probability = exp(max - logsumexp): no second (m * B, vocab) tensor
+            # max softmax probability = exp(max - logsumexp): no second (N, vocab) tensor
             best, tokens = scores.max(dim=-1)
             confidence = torch.exp(best - torch.logsumexp(scores, dim=-1))
         else:
-            probs = torch.softmax(plan.warpers(flat_context, scores), dim=-1)
+            probs = torch.softmax(scores, dim=-1)
             tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
             confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens.view(rows, B), confidence.view(rows, B)
+        return tokens, confidence
 
     @staticmethod
-    def _unmask_tokens(block, tokens, confidence, stepping, k: int, plan: _DecodingPlan):
-        """Fill masked positions (DESIGN 4.2): `static` takes the k most confident, `threshold` every one above tau
-        and at least k; ties go to the earlier position. Revision replaces decoded tokens the model now contradicts
-        with confidence above `edit_threshold`. Rows not `stepping` (block already finished) are left unchanged."""
+    def _unmask_tokens(block, tokens, confidence, stepping, k, plan: _DecodingPlan):
+        """Fill masked positions (DESIGN 4.2): `static` takes the k most confident (`k` ``[m]`` per row),
+        `threshold` every one above tau and at least k; ties go to the earlier position. Revision replaces decoded
+        tokens the model now contradicts with confidence above `edit_threshold`. Rows not `stepping` are left
+        unchanged."""
         masked = block == plan.mask_token_id  # [m, B]
         ranked = confidence.masked_fill(~masked, -float("inf"))
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
         columns = torch.arange(block.shape[1], device=block.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(-1, order, columns)  # [m, B]; 0 = the most confident position
-        chosen = masked & (rank < k)
+        chosen = masked & (rank < k[:, None])
         if plan.unmasking == "threshold":
             chosen = chosen | (masked & (confidence > plan.threshold))
         updated = torch.where(chosen, tokens, block)
@@ -879,13 +1014,53 @@ class BardVLGenerationMixin:
             updated = torch.where(revise, tokens, updated)
         return torch.where(stepping[:, None], updated, block)
 
+    @staticmethod
+    def _fill_after_eos(block, plan: _DecodingPlan):
+        """EOS fill (DESIGN 4.4): every position after a block's first EOS becomes that EOS. Returns the block and
+        the positions that changed ``[m, B]``."""
+        is_eos = torch.isin(block, plan.eos_token_ids)  # [m, B]
+        first = is_eos.int().argmax(-1, keepdim=True)  # [m, 1]
+        eos = block.gather(1, first)  # [m, 1]
+        after = is_eos.any(-1, keepdim=True) & (torch.arange(block.shape[1], device=block.device)[None] > first)
+        return torch.where(after, eos, block), after & (block != eos)
+
+    def _record_trace(self, trace, rows: _Rows, kind, stepping, before, chosen, filled, confidence, plan):
+        """Append one event per row of this forward to `trace` (format: `BardVLGenerationOutput.trace`)."""
+        B, mask = plan.block_size, plan.mask_token_id
+        after = rows.block.tolist()
+        columns = {"before": before.tolist(), "block_index": rows.block_index.tolist(), "steps": rows.steps.tolist()}
+        if chosen is not None:
+            columns.update(chosen=chosen.tolist(), confidence=confidence.tolist())
+        if filled is not None:
+            columns["filled"] = filled.tolist()
+        finished = rows.finished.tolist()
+        for r, (row, steps) in enumerate(zip(rows.index.tolist(), stepping.tolist())):
+            event_kind = kind if isinstance(kind, str) else kind[r]
+            block_index = columns["block_index"][r]
+            event = {"forward": len(trace[row]), "kind": event_kind, "block": block_index, "step": -1,
+                     "block_start": block_index * B, "unmasked": [], "revised": [], "eos_filled": [],
+                     "block_tokens": after[r]}
+            if steps:
+                old, new, conf = columns["before"][r], columns["chosen"][r], columns["confidence"][r]
+                event["step"] = columns["steps"][r]
+                event["unmasked"] = [[j, new[j], conf[j]] for j in range(B) if old[j] == mask and new[j] != mask]
+                event["revised"] = [[j, old[j], new[j], conf[j]] for j in range(B) if old[j] != mask and new[j] != old[j]]
+                if "filled" in columns:
+                    event["eos_filled"] = [j for j in range(B) if columns["filled"][r][j]]
+            elif event_kind == "commit":  # a commit of its own (fuse_commit=False): the committed block
+                event.update(block=block_index - 1, block_start=(block_index - 1) * B, block_tokens=finished[r])
+            trace[row].append(event)
+
     # ------------------------------------------------------------------ 4. finishing a block
     @staticmethod
-    def _finish_block(block, block_index, active, generated, lengths, plan: _DecodingPlan, streamer):
-        """Write the block's kept tokens (cut after the first EOS and at `max_new_tokens`) into `generated`, update
-        `lengths`, stream them; returns which running rows stop ``[m]``."""
+    def _finish_blocks(rows: _Rows, complete, input_ids, generated, lengths, plan: _DecodingPlan, stopping_criteria,
+                       streamer):
+        """Write the kept tokens of the `complete` rows' blocks (cut after the first EOS and at `max_new_tokens`)
+        into `generated`, update `lengths`, stream them; returns which rows stop ``[m]``."""
         B = plan.block_size
-        offset = block_index * B
+        done = complete.nonzero().squeeze(-1)  # [d]
+        block, batch_rows = rows.block[done], rows.index[done]
+        offset = rows.block_index[done] * B  # [d]
         if plan.eos_token_ids is not None:
             is_eos = torch.isin(block, plan.eos_token_ids)
         else:
@@ -893,14 +1068,22 @@ class BardVLGenerationMixin:
         has_eos = is_eos.any(-1)
         first_eos = is_eos.int().argmax(-1)
         keep = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, B))
-        keep = keep.clamp(max=plan.max_new_tokens - offset)  # [m]
-        beyond = torch.arange(B, device=block.device)[None, :] >= keep[:, None]
+        keep = torch.minimum(keep, plan.max_new_tokens - offset)  # [d]
+        columns = torch.arange(B, device=block.device)[None, :]
         fill = plan.pad_token_id if plan.pad_token_id is not None else 0
-        generated[active, offset : offset + B] = block.masked_fill(beyond, fill)
-        lengths[active] = offset + keep
+        generated[batch_rows[:, None], offset[:, None] + columns] = block.masked_fill(columns >= keep[:, None], fill)
+        lengths[batch_rows] = offset + keep
         if streamer is not None:
             streamer.put(block[0, : int(keep[0])].cpu())
-        return has_eos | (offset + B >= plan.max_new_tokens)
+        stop_done = has_eos | (offset + B >= plan.max_new_tokens)
+        if stopping_criteria:
+            for index in rows.block_index[done].unique().tolist():
+                group = (rows.block_index[done] == index).nonzero().squeeze(-1)
+                so_far = torch.cat([input_ids[batch_rows[group]], generated[batch_rows[group], : (index + 1) * B]], 1)
+                stop_done[group] |= stopping_criteria(so_far, None).to(stop_done.device)
+        stop = torch.zeros_like(complete)
+        stop[done] = stop_done
+        return stop
 
     # ------------------------------------------------------------------ loading
     def adjust_generation_fn(
