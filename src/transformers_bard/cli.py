@@ -43,6 +43,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps-per-block", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--stream", action="store_true", help="Print finished blocks as they are decoded.")
+    p.add_argument(
+        "--show-steps", action="store_true",
+        help="Replay the denoising trace: one line per forward, masks as _, new tokens highlighted, then a summary.",
+    )
+    p.add_argument(
+        "--compare-ar", default=None, metavar="PATH",
+        help="With --show-steps: also time the AR source at PATH on the same prompt (default: the checkpoint's "
+        "source_model when it is a local folder).",
+    )
     p.set_defaults(func=_run_generate)
 
 
@@ -68,6 +77,10 @@ def _run_generate(args) -> int:
         ).items()
         if value is not None
     }
+    if args.show_steps or args.compare_ar:
+        from .app.terminal import run_show_steps
+
+        return run_show_steps(model, processor, inputs, options, args.max_new_tokens, compare_ar=args.compare_ar)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     out = model.generate(
         **inputs, max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, streamer=streamer, **options
@@ -147,6 +160,36 @@ def _run_training(args) -> int:
     return 0
 
 
+def _add_app(sub) -> None:
+    p = sub.add_parser(
+        "app", help="Gradio app: BARD decoding block by block, animated from its trace, raced against AR (extra `app`)."
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="BARD-VL checkpoint folder. Default: demo_output/pbm/stage-b* if present, else the shipped "
+                   "digits AR source converted on the fly (cached).")
+    p.add_argument("--ar-source", default=None, help="AR Qwen3-VL folder to race (default: the model's source_model).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--cache-dir", default=None, help="Where the on-the-fly conversion is cached.")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for both decoders (default 1).")
+    p.add_argument("--replay-seconds", type=float, default=3.0,
+                   help="How long the page's replay of the race lasts (the slower decoder's time, scaled).")
+    p.set_defaults(func=_run_app)
+
+
+def _run_app(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        print("transformers-bard app: error: the app needs gradio: pip install 'transformers-bard[app]'", file=sys.stderr)
+        return 2
+    from .app.gradio_app import launch
+
+    launch(args.model, ar_source=args.ar_source, host=args.host, port=args.port, cache_dir=args.cache_dir,
+           threads=args.threads, replay_seconds=args.replay_seconds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformers-bard",
@@ -161,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub)
     _add_demo(sub)
     _add_walkthrough(sub)
+    _add_app(sub)
     return parser
 
 
