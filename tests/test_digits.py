@@ -12,19 +12,20 @@ from transformers_bard.demo.digits import (
     QUESTION_TYPES,
     build_digits_dataset,
     digit_indices,
-    evaluate_ar,
+    evaluate,
     load_digits_ar_path,
     load_digits_arrays,
     make_question,
     render_grid,
     score_answer,
+    time_decoding,
 )
 from transformers_bard.testing import build_tiny_tokenizer
 
-# A hand-checked grid: row sums 9, 22, 21, 28; the digit at row 2, column 3 is 2.
+# A hand-checked grid: column 3 reads 4 2 5 9; the digit at row 2, column 3 is 2.
 GRID = np.array([[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5, 8], [9, 7, 9, 3]])
-ROW_SUMS = {1: 9, 2: 22, 3: 21, 4: 28}
-COUNTS = {0: 0, 1: 2, 2: 1, 3: 3, 4: 1, 5: 3, 6: 1, 7: 1, 8: 1, 9: 3}
+COLUMNS = {1: "3 5 5 9", 2: "1 9 3 7", 3: "4 2 5 9", 4: "1 6 8 3"}
+ROWS = "3 1 4 1 | 5 9 2 6 | 5 3 5 8 | 9 7 9 3"
 
 
 def _answer(row):
@@ -79,7 +80,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_vision_format():
-    row = build_digits_dataset("train", 1, seed=0, question_types=["read"])[0]
+    row = build_digits_dataset("train", 1, seed=0, question_weights=["read"])[0]
     user, assistant = row["messages"]
     assert user["role"] == "user" and user["content"][0]["type"] == "image"
     assert user["content"][1] == {"type": "text", "text": "Read all digits row by row."}
@@ -129,17 +130,23 @@ def test_augment_changes_pixels_only():
 
 def test_hand_checked_answers():
     rng = np.random.default_rng(0)
-    assert make_question("read", GRID, rng) == ("Read all digits row by row.", "3 1 4 1 | 5 9 2 6 | 5 3 5 8 | 9 7 9 3")
-    for _ in range(30):
-        question, answer = make_question("row_sum", GRID, rng)
-        assert int(answer) == ROW_SUMS[int(re.fullmatch(r"What is the sum of row (\d)\?", question).group(1))]
-        question, answer = make_question("count", GRID, rng)
-        assert int(answer) == COUNTS[int(re.fullmatch(r"How many (\d)s are there\?", question).group(1))]
+    assert make_question("read", GRID, rng) == ("Read all digits row by row.", ROWS)
+    assert make_question("read_twice", GRID, rng) == (
+        "Read all digits row by row, then column by column.",
+        ROWS + " ; 3 5 5 9 | 1 9 3 7 | 4 2 5 9 | 1 6 8 3",
+    )
+    asked = set()
+    for _ in range(40):
+        question, answer = make_question("column", GRID, rng)
+        col = int(re.fullmatch(r"Read column (\d)\.", question).group(1))
+        assert answer == COLUMNS[col]
         question, answer = make_question("position", GRID, rng)
         row, col = map(int, re.fullmatch(r"What digit is at row (\d), column (\d)\?", question).groups())
         assert int(answer) == GRID[row - 1, col - 1]
+        asked.add((row, col))
+    assert len(asked) > 8  # the cell is drawn, not fixed
     with pytest.raises(ValueError, match="question_type"):
-        make_question("colour", GRID, rng)
+        make_question("count", GRID, rng)
 
 
 def test_answers_match_the_digit_labels():
@@ -151,34 +158,59 @@ def test_answers_match_the_digit_labels():
         np.testing.assert_array_equal(grid.reshape(-1), labels[row["digit_ids"]])
         question, answer = _question(row), _answer(row)
         numbers = [int(n) for n in re.findall(r"\d", question)]
+        by_rows = " | ".join(" ".join(map(str, r)) for r in grid)
         if row["question_type"] == "read":
-            expected = " | ".join(" ".join(map(str, r)) for r in grid)
-        elif row["question_type"] == "count":
-            expected = str((grid == numbers[0]).sum())
-        elif row["question_type"] == "row_sum":
-            expected = str(grid[numbers[0] - 1].sum())
+            expected = by_rows
+        elif row["question_type"] == "read_twice":
+            expected = by_rows + " ; " + " | ".join(" ".join(map(str, c)) for c in grid.T)
+        elif row["question_type"] == "column":
+            expected = " ".join(map(str, grid[:, numbers[0] - 1]))
         else:
             expected = str(grid[numbers[0] - 1, numbers[1] - 1])
         assert answer == expected
 
 
-def test_long_answers_tokenize_to_30_to_60_tokens_and_short_ones_to_few():
+def test_answer_length_of_every_question_type():
+    # The supervised response (answer + <|im_end|>) spans the lengths the issue asks for: one token, about a row, all
+    # digits, and more than 32 + 1 tokens (a B = 32 model decodes it in several blocks).
     tokenizer = build_tiny_tokenizer()
-    dataset = build_digits_dataset("train", 40, seed=2)
+    expected = {"position": 2, "column": 8, "read": 38, "read_twice": 78}
+    dataset = build_digits_dataset("train", 40, seed=2, balanced=True)
+    seen = set()
     for row in dataset:
-        # The supervised response: the answer and <|im_end|>.
         length = len(tokenizer.encode(_answer(row) + "<|im_end|>"))
-        if row["question_type"] == "read":
-            assert 30 <= length <= 60
-        else:
-            assert length <= 3
+        assert length == expected[row["question_type"]], (row["question_type"], _answer(row))
+        seen.add(row["question_type"])
+    assert seen == set(QUESTION_TYPES)
 
 
-def test_question_type_weights_and_errors():
-    only_read = build_digits_dataset("train", 10, seed=0, question_types={"read": 1.0, "count": 0.0})
+def test_question_weights_are_respected():
+    weights = {"position": 3, "column": 2, "read": 1, "read_twice": 1}
+    dataset = build_digits_dataset("train", 1400, seed=4, question_weights=weights)
+    counts = {kind: dataset["question_type"].count(kind) for kind in weights}
+    for kind, weight in weights.items():
+        expected = 1400 * weight / 7
+        # 4 binomial standard deviations: fails by chance about once in 10^4 seeds; a wrong weight misses by far more.
+        assert abs(counts[kind] - expected) < 4 * (expected * (1 - weight / 7)) ** 0.5, counts
+    only_read = build_digits_dataset("train", 10, seed=0, question_weights={"read": 1.0, "position": 0.0})
     assert set(only_read["question_type"]) == {"read"}
-    with pytest.raises(ValueError, match="question_types"):
-        build_digits_dataset("train", 2, question_types=["read", "sum"])
+
+
+def test_balanced_rows_take_turns():
+    dataset = build_digits_dataset("test", 10, seed=0, balanced=True)
+    assert list(dataset["question_type"]) == [QUESTION_TYPES[i % 4] for i in range(10)]
+    fewer = build_digits_dataset("test", 4, seed=0, question_weights={"read": 1, "column": 0, "position": 2},
+                                 balanced=True)
+    assert list(fewer["question_type"]) == ["read", "position", "read", "position"]
+
+
+def test_question_weights_errors():
+    with pytest.raises(ValueError, match="question_weights"):
+        build_digits_dataset("train", 2, question_weights=["read", "sum"])
+    with pytest.raises(ValueError, match="question_weights"):
+        build_digits_dataset("train", 2, question_weights={"read": -1.0})
+    with pytest.raises(ValueError, match="question_weights"):
+        build_digits_dataset("train", 2, question_weights={"read": 0.0})
     with pytest.raises(ValueError, match="split"):
         build_digits_dataset("dev", 2)
     with pytest.raises(ValueError, match="num_samples"):
@@ -236,23 +268,43 @@ def test_shipped_checkpoint_reads_one_token_per_digit(shipped):
 
 
 def test_shipped_checkpoint_reads_test_grids(shipped):
-    # Measured on 200 unseen test grids per type (training_info.json): `read` and `position` 100%. Ten of each must
+    # Measured on 200 unseen test grids per type (training_info.json): >= 98% on every type. Three of each must
     # mostly pass with greedy AR decoding; a broken checkpoint, processor or prompt format scores ~0.
     model, processor = shipped
-    dataset = build_digits_dataset("test", 20, seed=123, question_types=["read", "position"])
-    scores = evaluate_ar(load_digits_ar_path(), dataset, max_new_tokens=48, model=model, processor=processor)
-    assert scores["num_samples"] == 20 and min(scores["counts"].values()) >= 5
-    assert scores["per_type"]["read"] >= 0.6, scores["predictions"]
-    assert scores["per_type"]["position"] >= 0.6, scores["predictions"]
-    assert scores["tokens_per_second"] > 0
+    dataset = build_digits_dataset("test", 12, seed=123, balanced=True)
+    scores = evaluate(model, processor, dataset, batch_size=12)
+    assert scores["num_samples"] == 12 and scores["counts"] == {kind: 3 for kind in QUESTION_TYPES}
+    assert scores["accuracy"] >= 0.75, scores["predictions"]
+    assert scores["correct"] == [
+        score_answer(p, _answer(row)) for p, row in zip(scores["predictions"], dataset)
+    ]
+    assert scores["tokens_per_forward"] == 1.0 and scores["num_forwards"] == scores["generated_tokens"]
 
 
-def test_evaluate_ar_batched_matches_one_by_one(shipped):
+def test_evaluate_batched_matches_one_by_one(shipped):
     # Left-padded batches must give the same greedy answers as batch 1.
     model, processor = shipped
     dataset = build_digits_dataset("test", 6, seed=5)
-    path = load_digits_ar_path()
-    single = evaluate_ar(path, dataset, max_new_tokens=48, model=model, processor=processor)
-    batched = evaluate_ar(path, dataset, max_new_tokens=48, batch_size=4, model=model, processor=processor)
+    single = evaluate(model, processor, dataset, batch_size=1)
+    batched = evaluate(model, processor, dataset, batch_size=4)
     assert batched["predictions"] == single["predictions"]
     assert batched["generated_tokens"] == single["generated_tokens"]
+
+
+def test_evaluate_and_time_a_bard_model(shipped, tmp_path):
+    # The same loop decodes a converted BARD model: it reports tokens per forward, and the timing counts the same
+    # answer tokens as the accuracy pass.
+    from transformers_bard import BardVLForConditionalGeneration, convert_from_autoregressive
+
+    model, processor = shipped
+    convert_from_autoregressive(load_digits_ar_path(), tmp_path / "b4", block_size=4)
+    bard = BardVLForConditionalGeneration.from_pretrained(tmp_path / "b4").eval()
+    dataset = build_digits_dataset("test", 2, seed=6, question_weights=["column"])
+    scores = evaluate(bard, processor, dataset, max_new_tokens=8, batch_size=2, generate_kwargs={"threshold": 0.5})
+    assert scores["num_forwards"] >= 2 and scores["tokens_per_forward"] > 0
+    timed = time_decoding({"ar": (model, None), "bard": (bard, {"threshold": 0.5})}, processor, dataset, 8)
+    assert timed["bard"]["tokens"] == scores["generated_tokens"]
+    assert timed["ar"]["tokens"] == evaluate(model, processor, dataset, max_new_tokens=8)["generated_tokens"]
+    assert all(t["tokens_per_second"] > 0 for t in timed.values())
+    with pytest.raises(ValueError, match="decoders"):
+        time_decoding({}, processor, dataset)

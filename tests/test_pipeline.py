@@ -1,66 +1,160 @@
-"""The end-to-end pipeline (transformers-bard demo) on a tiny random source: every step runs and reports honestly."""
+"""The end-to-end pipeline (transformers-bard demo) on a tiny random source, its claims logic and its report."""
 
 import json
 
 import pytest
 
-from transformers_bard.demo.digits import score_answer
-from transformers_bard.demo.pipeline import PipelineConfig, results_markdown, run_pipeline
+from transformers_bard.demo.pipeline import PipelineConfig, judge_claims, results_markdown, run_pipeline
 
 
-@pytest.fixture(scope="module")
-def pipeline_results(tiny_qwen3_vl_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    cfg = PipelineConfig(
-        output_dir=str(out), source=str(tiny_qwen3_vl_dir), train_samples=8, eval_samples=2, block_sizes=(4, 8),
-        pbm_steps=1, swd_steps=1, batch_size=4, thresholds=(1.0, 0.5), max_new_tokens=8,
-        ablations=("direct", "ar_teacher", "mix"), threads=1,
+def _tiny_config(out, source, **overrides):
+    # The quick run's shape on a ~1M-parameter random source: one or two optimizer steps per stage, one test row per
+    # question type, answers cut at 8 tokens.
+    values = dict(
+        output_dir=str(out), source=str(source), train_samples=8, eval_samples=4, timing_samples=2,
+        block_sizes=(4, 8), pbm_steps=(2, 1), swd_steps=1, batch_size=4, thresholds=(1.0, 0.5),
+        stage_thresholds=(1.0,), claim_threshold=1.0, max_new_tokens=8, eval_batch_size=4, threads=1,
     )
+    values.update(overrides)
+    return PipelineConfig.quick(**values)
+
+
+def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
     lines = []
-    results = run_pipeline(cfg, report=lines.append)
-    return out, results, lines
+    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir), report=lines.append)
+    rows = results["rows"]
+    assert [(r["model"], r["threshold"]) for r in rows] == [
+        ("AR (source, greedy)", None), ("PBM B=4", 1.0), ("PBM B=8", 1.0), ("PBM B=8", 0.5), ("PBM+SWD B=8", 1.0),
+        ("PBM+SWD B=8", 0.5),
+    ]
+    for stage in ("pbm/stage-b4", "pbm/stage-b8", "swd-b8/stage-b8"):
+        assert (tmp_path / stage / "config.json").is_file(), stage
+    assert results["eval_samples"] == 4 and results["eval_samples_per_type"] == {
+        "position": 1, "column": 1, "read": 1, "read_twice": 1,
+    }
+    for row in rows:
+        lo, hi = row["ci95"]
+        assert 0.0 <= lo <= row["accuracy"] <= hi <= 1.0 and hi - lo > 0.3  # 4 rows: a wide interval
+        assert set(row["per_type_ci95"]) == set(row["per_type"])
+        assert row["tokens_per_second"] > 0 and row["speedup"] > 0
+    assert rows[0]["speedup"] == 1.0 and rows[0]["tokens_per_forward"] == 1.0
+    claims = {c["claim"]: c for c in results["claims"]}
+    assert sorted(claims) == ["a", "b", "c", "d", "e"]
+    assert claims["c"]["verdict"] in ("holds", "does not hold", "cannot tell")
+    assert claims["c"]["num_samples"] == 4
+    assert [claims[k]["verdict"] for k in "bde"] == ["not run"] * 3
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["claims"] == json.loads(json.dumps(results["claims"]))
+    assert (tmp_path / "results.md").read_text() == results_markdown(results)
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    progress = [line for line in lines if "elapsed]" in line]
+    assert any("progressive block merging" in line for line in progress)
+    assert all(" left" in line or "remaining" in line for line in progress[1:-1])
+    assert any(str(tmp_path / "results.json") in line for line in lines)
 
 
-def test_pipeline_trains_evaluates_and_writes_reports(pipeline_results):
-    out, results, lines = pipeline_results
-    names = [r["model"] for r in results["rows"]]
-    expected_models = ["PBM B=4", "PBM B=8", "PBM+SWD B=8", "direct B=8", "PBM+SWD(AR teacher) B=8", "PBM(mix) B=8"]
-    assert names[0].startswith("AR")
-    assert names[1:] == [m for m in expected_models for _ in (1.0, 0.5)]
-    for stage in ("pbm/stage-b4", "pbm/stage-b8", "swd-b8/stage-b8", "direct/stage-b8", "swd-ar-b8/stage-b8",
-                  "pbm-mix/stage-b8"):
-        assert (out / stage / "config.json").is_file(), stage
-    ar_tps = results["rows"][0]["tokens_per_second"]
-    for row in results["rows"][1:]:
-        assert 0.0 <= row["accuracy"] <= 1.0
-        assert row["speedup"] == pytest.approx(row["tokens_per_second"] / ar_tps)
-        if row["threshold"] == 1.0:
-            # one token per step, B steps per block: exactly one token per forward (DESIGN 4.5)
-            assert row["tokens_per_forward"] == pytest.approx(1.0)
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
-    assert (out / "results.md").read_text() == results_markdown(results)
-    assert (out / "results.png").stat().st_size > 1000
-    assert any("progressive block merging done" in line for line in lines)
+@pytest.mark.slow
+def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
+    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, ablations=("direct", "ar_teacher", "mix")),
+                           report=lambda line: None)
+    names = {r["model"] for r in results["rows"]}
+    assert {"direct B=8", "PBM+SWD(AR teacher) B=8", "PBM(mix)+revision B=8"} <= names
+    for stage in ("direct/stage-b8", "swd-ar-b8/stage-b8", "pbm-mix/stage-b8"):
+        assert (tmp_path / stage / "config.json").is_file(), stage
+    assert all(c["verdict"] in ("holds", "does not hold", "cannot tell") for c in results["claims"])
 
 
-def test_markdown_table_from_hand_written_results():
-    results = {"rows": [
-        dict(model="AR", block_size=1, threshold=None, accuracy=0.5, per_type={"read": 0.25}, tokens_per_forward=1.0,
-             tokens_per_second=100.0, speedup=1.0),
-        dict(model="PBM B=4", block_size=4, threshold=0.9, accuracy=0.75, per_type={"count": 1.0},
-             tokens_per_forward=2.5, tokens_per_second=250.0, speedup=2.5),
-    ]}
+def _eval(correct, tokens_per_forward):
+    return {"correct": correct, "accuracy": sum(correct) / len(correct), "tokens_per_forward": tokens_per_forward}
+
+
+NAMES = {"ar": "AR", "pbm": "PBM B=32", "swd": "PBM+SWD B=32", "direct": "direct B=32", "mix": "mix B=32"}
+
+
+def test_claims_on_constructed_results():
+    cfg = PipelineConfig(thresholds=(0.9, 0.7, 0.5), claim_threshold=0.9)
+    right, n = [True] * 400, 400
+    evals = {
+        ("AR", None): _eval(right, 1.0),
+        # 0.9 is the most accurate but too slow; 0.7 is the highest threshold with >= 3 tokens per forward.
+        ("PBM+SWD B=32", 0.9): _eval(right, 2.5),
+        ("PBM+SWD B=32", 0.7): _eval([True] * 398 + [False] * 2, 3.2),
+        ("PBM+SWD B=32", 0.5): _eval([True] * 300 + [False] * 100, 5.0),
+        ("PBM B=32", 0.9): _eval([True] * 300 + [False] * 100, 4.0),
+        ("PBM B=32", 0.7): _eval([True] * 250 + [False] * 150, 4.4),
+        ("PBM B=32", 0.5): _eval([True] * 200 + [False] * 200, 6.0),
+        ("direct B=32", 0.9): _eval([True] * 302 + [False] * 98, 4.1),
+        # 240 right: 230 shared with PBM at 0.7, 10 only mix, 20 only PBM.
+        ("mix B=32", 0.9): _eval([True] * 230 + [False] * 20 + [True] * 10 + [False] * 140, 4.5),
+    }
+    claims = {c["claim"]: c for c in judge_claims(cfg, evals, NAMES)}
+    a = claims["a"]
+    assert a["compared"][0]["threshold"] == 0.7 and a["verdict"] == "holds"  # 2 misses of 400: within 2%
+    assert a["margin"] == pytest.approx(0.02) and a["difference"] == pytest.approx(-2 / n)
+    assert claims["b"]["verdict"] == "cannot tell"  # 300 vs 302 of 400
+    assert claims["c"]["verdict"] == "holds"  # 400 vs 300 of 400
+    assert claims["d"]["verdict"] == "not run"
+    # (e): mix at tau=0.9 has 4.5 tokens/forward; mask-only is taken at 0.7 (4.4, the closest), 240 vs 250.
+    assert claims["e"]["compared"][1]["threshold"] == 0.7 and claims["e"]["verdict"] == "cannot tell"
+
+    # The same 240 right answers, all shared with PBM's 250: a consistent deficit, which the pairing resolves.
+    evals[("mix B=32", 0.9)] = _eval([True] * 240 + [False] * 160, 4.5)
+    assert {c["claim"]: c for c in judge_claims(cfg, evals, NAMES)}["e"]["verdict"] == "does not hold"
+    # The mix model much worse at equal speed: does not hold.
+    evals[("mix B=32", 0.9)] = _eval([True] * 150 + [False] * 250, 4.5)
+    assert {c["claim"]: c for c in judge_claims(cfg, evals, NAMES)}["e"]["verdict"] == "does not hold"
+
+
+def test_claim_a_without_a_fast_threshold():
+    cfg = PipelineConfig(thresholds=(0.9, 0.5), claim_threshold=0.9)
+    evals = {("AR", None): _eval([True] * 10, 1.0)}
+    for name in ("PBM+SWD B=32", "PBM B=32"):
+        evals[(name, 0.9)] = _eval([True] * 10, 1.5)
+        evals[(name, 0.5)] = _eval([True] * 10, 2.5)
+    a = judge_claims(cfg, evals, {k: NAMES[k] for k in ("ar", "pbm", "swd")})[0]
+    assert a["verdict"] == "does not hold" and "3 tokens per forward" in a["note"]
+    assert a["compared"][0]["threshold"] == 0.5  # the fastest, reported with its numbers
+
+
+def test_markdown_tables_from_hand_written_results():
+    results = {
+        "rows": [
+            dict(model="AR", block_size=1, threshold=None, accuracy=0.5, ci95=[0.25, 0.75],
+                 per_type={"read": 0.25}, tokens_per_forward=1.0, tokens_per_second=100.0, speedup=1.0),
+            dict(model="PBM B=4", block_size=4, threshold=0.9, accuracy=0.75, ci95=[0.5, 0.9],
+                 per_type={"position": 1.0}, tokens_per_forward=2.5, tokens_per_second=250.0, speedup=2.5),
+        ],
+        "claims": [
+            {"claim": "b", "statement": "PBM beats direct", "verdict": "not run", "note": "needs --ablations direct"},
+            {"claim": "c", "statement": "SWD helps", "compared": [
+                {"model": "S", "threshold": 0.9, "accuracy": 0.8}, {"model": "P", "threshold": 0.9, "accuracy": 0.7}],
+             "difference": 0.1, "ci95": [0.02, 0.18], "margin": 0.0, "verdict": "holds"},
+        ],
+    }
     table = results_markdown(results).splitlines()
-    assert table[2] == "| AR | 1 | - | 0.500 | 0.25 | - | - | - | 1.00 | 100 | 1.00x |"
-    assert table[3] == "| PBM B=4 | 4 | 0.9 | 0.750 | - | 1.00 | - | - | 2.50 | 250 | 2.50x |"
+    assert table[0] == (
+        "| model | B | tau | exact match [95% CI] | position | read | tokens/forward | tokens/s | vs AR |"
+    )
+    assert table[2] == "| AR | 1 | - | 0.500 [0.250, 0.750] | - | 0.25 | 1.00 | 100 | 1.00x |"
+    assert table[3] == "| PBM B=4 | 4 | 0.9 | 0.750 [0.500, 0.900] | 1.00 | - | 2.50 | 250 | 2.50x |"
+    assert table[7] == "| (b) PBM beats direct | - | - | not run (needs --ablations direct) |"
+    assert table[8] == "| (c) SWD helps | S tau=0.9: 0.800 vs P tau=0.9: 0.700 | 0.100 [0.020, 0.180] | holds |"
 
 
 def test_bad_pipeline_settings():
     with pytest.raises(ValueError, match="block_sizes"):
         PipelineConfig(block_sizes=(4, 6))
+    with pytest.raises(ValueError, match="pbm_steps"):
+        PipelineConfig(pbm_steps=(800, 200))
     with pytest.raises(ValueError, match="thresholds"):
         PipelineConfig(thresholds=(0.0,))
+    with pytest.raises(ValueError, match="claim_threshold"):
+        PipelineConfig(claim_threshold=0.8)
+    with pytest.raises(ValueError, match="swd_mask_rates"):
+        PipelineConfig(swd_mask_rates=(0.5, 0.1))
+    with pytest.raises(ValueError, match="question_weights"):
+        PipelineConfig(question_weights={"count": 1.0})
     with pytest.raises(ValueError, match="ablations"):
         PipelineConfig(ablations=("nope",))
-    assert score_answer(" 1  2 ", "1 2")
+    assert PipelineConfig(pbm_steps=300).stage_steps() == [300, 300, 300, 300]
+    assert PipelineConfig().stage_steps() == [800, 200, 200, 200]

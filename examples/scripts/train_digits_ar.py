@@ -40,7 +40,7 @@ from datasets import concatenate_datasets
 from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 from trl import SFTConfig, SFTTrainer
 
-from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, evaluate_ar
+from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, evaluate
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.testing import (
     QWEN3_VL_CHAT_TEMPLATE,
@@ -55,12 +55,12 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Checkpoint folder to write (Hub layout).")
     parser.add_argument("--overwrite", action="store_true", help="Replace `output_dir` if it exists.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data and the trainer.")
-    parser.add_argument("--max_steps", type=int, default=1600, help="Optimizer steps (one pass over fresh grids).")
+    parser.add_argument("--max_steps", type=int, default=2000, help="Optimizer steps (one pass over fresh grids).")
     parser.add_argument("--curriculum_steps", type=int, default=50, help="Steps per grid-size stage.")
     parser.add_argument("--no_augment", action="store_true", help="Train on unshifted digits.")
     parser.add_argument(
         "--question_weights",
-        default="read:2,count:1,row_sum:1,position:1",
+        default="position:1,column:1,read:1,read_twice:2",
         help="Sampling weights of the question types, as `type:weight` pairs separated by commas.",
     )
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -73,6 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--vision_depth", type=int, default=3)
     parser.add_argument("--num_threads", type=int, default=2, help="torch.set_num_threads.")
     parser.add_argument("--eval_samples", type=int, default=200, help="Test grids per question type after training.")
+    parser.add_argument("--eval_batch_size", type=int, default=20, help="Rows per left-padded `generate` call.")
     parser.add_argument("--logging_steps", type=int, default=25)
     return parser.parse_args(argv)
 
@@ -142,7 +143,7 @@ def build_train_dataset(args, weights):
                 "train",
                 count,
                 seed=10 * args.seed + stage,
-                question_types=weights,
+                question_weights=weights,
                 rows=rows,
                 cols=cols,
                 augment=not args.no_augment,
@@ -264,16 +265,19 @@ def main(argv=None):
         }
         if args.eval_samples > 0:
             for question_type in QUESTION_TYPES:
-                test = build_digits_dataset("test", args.eval_samples, seed=1, question_types=[question_type])
-                scores = evaluate_ar(staging, test, max_new_tokens=48, model=model, processor=processor)
+                test = build_digits_dataset("test", args.eval_samples, seed=1, question_weights=[question_type])
+                began = time.time()
+                scores = evaluate(model, processor, test, max_new_tokens=96, batch_size=args.eval_batch_size)
+                scores["tokens_per_second"] = scores["generated_tokens"] / (time.time() - began)
                 info[f"test_{question_type}"] = {
                     "accuracy": scores["accuracy"],
                     "num_samples": scores["num_samples"],
                     "tokens_per_second": round(scores["tokens_per_second"], 1),
+                    "batch_size": args.eval_batch_size,
                 }
                 print(
-                    f"test {question_type:>8}: accuracy {scores['accuracy']:.3f} on {scores['num_samples']} grids, "
-                    f"{scores['tokens_per_second']:.0f} tokens/s (batch 1)"
+                    f"test {question_type:>10}: accuracy {scores['accuracy']:.3f} on {scores['num_samples']} grids, "
+                    f"{scores['tokens_per_second']:.0f} tokens/s (batch {args.eval_batch_size})", flush=True
                 )
         (staging / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         staging.chmod(0o755)  # mkdtemp makes it private

@@ -95,19 +95,27 @@ def _run_generate(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="The whole BARD pipeline on the built-in digits task: convert, PBM, SWD, evaluate (offline, CPU).",
+        help="The whole BARD pipeline on the built-in digits task: convert, PBM, SWD, evaluate, judge the paper's "
+        "claims (offline, CPU).",
     )
     p.add_argument("--output-dir", default="demo_output", help="Where checkpoints and results are written.")
     p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
     p.add_argument(
         "--ablations", default="", help="Comma-separated ablations to add (direct, ar_teacher, mix), or 'all'."
     )
+    p.add_argument("--seed", type=int, default=0, help="Seed of the data sampling, the noise and the trainers.")
     p.add_argument("--train-samples", type=int, default=None, help="Training rows of the digits task.")
-    p.add_argument("--eval-samples", type=int, default=None, help="Test rows evaluated per model and threshold.")
-    p.add_argument("--pbm-steps", type=int, default=None, help="Optimizer steps per progressive-merging stage.")
+    p.add_argument("--eval-samples", type=int, default=None, help="Test rows (equal per question type).")
+    p.add_argument(
+        "--pbm-steps", default=None, help="Optimizer steps per PBM stage: one value, or one per block size (800,200,...)."
+    )
     p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
-    p.add_argument("--thresholds", default=None, help="Comma-separated confidence thresholds, e.g. 1.0,0.9,0.7.")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    p.add_argument("--swd-mask-rates", default=None, help="SWD mask-rate clamp as low,high (default 0.1,0.5).")
+    p.add_argument(
+        "--question-weights", default=None, help="Training mix, e.g. position:3,column:2,read:1,read_twice:1."
+    )
+    p.add_argument("--thresholds", default=None, help="Comma-separated confidence thresholds, e.g. 0.9,0.7,0.5.")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training (decoding uses 1).")
     p.set_defaults(func=_run_demo)
 
 
@@ -115,12 +123,22 @@ def _run_demo(args) -> int:
     from .demo.pipeline import ABLATIONS, PipelineConfig, run_pipeline
 
     ablations = ABLATIONS if args.ablations == "all" else tuple(a for a in args.ablations.split(",") if a)
-    overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads)
-    for name in ("train_samples", "eval_samples", "pbm_steps", "swd_steps"):
+    overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads, seed=args.seed)
+    for name in ("train_samples", "eval_samples", "swd_steps"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.pbm_steps:
+        steps = tuple(int(s) for s in args.pbm_steps.split(","))
+        overrides["pbm_steps"] = steps[0] if len(steps) == 1 else steps
+    if args.swd_mask_rates:
+        overrides["swd_mask_rates"] = tuple(float(r) for r in args.swd_mask_rates.split(","))
+    if args.question_weights:
+        pairs = (pair.split(":") for pair in args.question_weights.split(","))
+        overrides["question_weights"] = {name: float(weight) for name, weight in pairs}
     if args.thresholds:
         overrides["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
+        if PipelineConfig.claim_threshold not in overrides["thresholds"]:
+            overrides["claim_threshold"] = overrides["thresholds"][0]
     config = PipelineConfig.quick(**overrides) if args.quick else PipelineConfig(**overrides)
     run_pipeline(config)
     return 0

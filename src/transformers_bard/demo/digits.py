@@ -10,19 +10,23 @@ Geometry: every digit is upscaled 4x (nearest) to a 32 x 32 cell, which is exact
 original pixels) and nothing else, and the image token at M-RoPE position (h, w) is the digit at row h, column w. The
 default 4 x 4 grid is a 128 x 128 RGB image: 16 image tokens.
 
-Questions (`QUESTION_TYPES`):
-- `read`: "Read all digits row by row." -> "3 1 4 1 | 5 9 2 6 | 5 3 5 8 | 9 7 9 3" (the long answer: 37 tokens with
-  the tiny BPE tokenizer of `transformers_bard.testing`, one per digit, space and bar; 38 with `<|im_end|>`);
-- `count`: "How many 7s are there?" -> "2";
-- `row_sum`: "What is the sum of row 2?" -> "22";
-- `position`: "What digit is at row 2, column 3?" -> "2".
+Questions (`QUESTION_TYPES`), with answer lengths in tokens of the tiny BPE tokenizer of `transformers_bard.testing`
+(one per digit, space, bar and semicolon; `<|im_end|>` not counted) on the default 4 x 4 grid:
+- `position`: "What digit is at row 2, column 3?" -> "2" (1 token);
+- `column`: "Read column 3." -> "4 2 5 9" (7 tokens: about one row or column);
+- `read`: "Read all digits row by row." -> "3 1 4 1 | 5 9 2 6 | 5 3 5 8 | 9 7 9 3" (37 tokens: all digits);
+- `read_twice`: "Read all digits row by row, then column by column." -> the `read` answer, " ; ", then the grid read
+  column by column in the same format (77 tokens: a B = 32 model decodes it in three blocks or more).
+There is no arithmetic: an earlier task asked for counts and row sums, which the 2.5M-parameter AR source did not
+learn (33% and 9% exact match), so they carried no signal into the BARD models.
 
 Splits are made by digit image (stratified by label, fixed): a test grid only holds digit images that no training
 grid holds. Samples are in TRL's vision format (`messages` + `images`); row i depends only on the split, the seed,
 the question types, the grid shape and i (a longer dataset extends a shorter one).
 
 `load_digits_ar_path()` is a stock Qwen3-VL of 2.5M parameters trained from scratch on this task
-(`examples/scripts/train_digits_ar.py`); `evaluate_ar` scores greedy autoregressive decoding.
+(`examples/scripts/train_digits_ar.py`). `evaluate` scores greedy decoding of either kind of model (batched, for
+accuracy) and `time_decoding` times several decoders at batch 1, interleaved.
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ __all__ = [
     "SPLITS",
     "build_digits_dataset",
     "digit_indices",
-    "evaluate_ar",
+    "evaluate",
     "load_digits_ar_path",
     "load_digits_arrays",
     "make_question",
     "render_grid",
     "score_answer",
+    "time_decoding",
     "write_digits_file",
 ]
 
@@ -62,7 +67,7 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_FRACTIONS = {"train": 0.75, "validation": 0.10}
 _SPLIT_SEED = 0
 
-QUESTION_TYPES = ("read", "count", "row_sum", "position")
+QUESTION_TYPES = ("position", "column", "read", "read_twice")
 
 # Side of one digit cell in pixels: patch 16 x spatial merge 2, so one digit is one merged image token.
 CELL_SIZE = 32
@@ -73,7 +78,9 @@ _MAX_INK = 16
 _MAX_SHIFT = 3
 
 READ_QUESTION = "Read all digits row by row."
+READ_TWICE_QUESTION = "Read all digits row by row, then column by column."
 _ROW_SEPARATOR = " | "
+_TWICE_SEPARATOR = " ; "
 
 
 def write_digits_file(path: str | os.PathLike | None = None) -> Path:
@@ -176,56 +183,68 @@ def render_grid(digit_images: np.ndarray, shifts: np.ndarray | None = None) -> I
     return Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB")
 
 
+def _read_rows(digits: np.ndarray) -> str:
+    # [rows, cols] -> "3 1 4 1 | 5 9 2 6 | ..."
+    return _ROW_SEPARATOR.join(" ".join(str(int(d)) for d in row) for row in digits)
+
+
 def make_question(question_type: str, digits: np.ndarray, rng: np.random.Generator) -> tuple[str, str]:
     """(question, answer) of `question_type` about a grid of digit labels `[rows, cols]`.
 
-    Rows and columns are counted from 1. The random choices (which digit to count, which row or cell) come from
-    `rng`.
+    Rows and columns are counted from 1. The random choice of the cell or column comes from `rng`.
     """
     digits = np.asarray(digits)
     rows, cols = digits.shape
-    if question_type == "read":
-        answer = _ROW_SEPARATOR.join(" ".join(str(int(d)) for d in row) for row in digits)
-        return READ_QUESTION, answer
-    if question_type == "count":
-        digit = int(rng.integers(10))
-        return f"How many {digit}s are there?", str(int((digits == digit).sum()))
-    if question_type == "row_sum":
-        row = int(rng.integers(rows))
-        return f"What is the sum of row {row + 1}?", str(int(digits[row].sum()))
     if question_type == "position":
         row, col = int(rng.integers(rows)), int(rng.integers(cols))
         return f"What digit is at row {row + 1}, column {col + 1}?", str(int(digits[row, col]))
+    if question_type == "column":
+        col = int(rng.integers(cols))
+        return f"Read column {col + 1}.", " ".join(str(int(d)) for d in digits[:, col])
+    if question_type == "read":
+        return READ_QUESTION, _read_rows(digits)
+    if question_type == "read_twice":
+        # Row-major, then column-major (the transposed grid read row by row).
+        return READ_TWICE_QUESTION, _read_rows(digits) + _TWICE_SEPARATOR + _read_rows(digits.T)
     raise ValueError(f"`question_type` must be one of {QUESTION_TYPES}, got {question_type!r}.")
 
 
-def _question_weights(question_types) -> tuple[list[str], np.ndarray]:
-    if isinstance(question_types, str):
-        question_types = (question_types,)
-    if isinstance(question_types, Mapping):
-        names, weights = list(question_types), [float(question_types[name]) for name in question_types]
+def _question_weights(question_weights) -> tuple[list[str], np.ndarray]:
+    """(names, probabilities) from a mapping type -> weight, a sequence of types (uniform), one type, or None (all)."""
+    if question_weights is None:
+        question_weights = QUESTION_TYPES
+    if isinstance(question_weights, str):
+        question_weights = (question_weights,)
+    if isinstance(question_weights, Mapping):
+        names = list(question_weights)
+        weights = [question_weights[name] for name in names]
     else:
-        names, weights = list(question_types), [1.0] * len(question_types)
+        names, weights = list(question_weights), [1.0] * len(question_weights)
     unknown = [name for name in names if name not in QUESTION_TYPES]
     if not names or unknown or len(set(names)) != len(names):
         raise ValueError(
-            f"`question_types` must name distinct types among {QUESTION_TYPES} (a sequence, or a mapping to weights), "
-            f"got {question_types!r}."
+            f"`question_weights` must name distinct types among {QUESTION_TYPES} (a mapping type -> weight, or a "
+            f"sequence of types drawn uniformly), got {question_weights!r}."
         )
-    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"`question_types` weights must be non-negative with a positive sum, got {question_types!r}.")
-    weights = np.asarray(weights) / sum(weights)
-    return names, weights
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0 for w in weights) or (
+        sum(weights) <= 0
+    ):
+        raise ValueError(
+            f"`question_weights` must map to non-negative numbers with a positive sum, got {question_weights!r}; "
+            "e.g. {'position': 3, 'column': 2, 'read': 1, 'read_twice': 1}."
+        )
+    return names, np.asarray(weights, dtype=np.float64) / float(sum(weights))
 
 
 def build_digits_dataset(
     split: str,
     num_samples: int,
     seed: int = 0,
-    question_types: Sequence[str] | Mapping[str, float] = QUESTION_TYPES,
+    question_weights: Mapping[str, float] | Sequence[str] | None = None,
     rows: int = 4,
     cols: int = 4,
     augment: bool = False,
+    balanced: bool = False,
 ):
     """A `datasets.Dataset` of digit-grid questions in TRL's vision format.
 
@@ -241,10 +260,14 @@ def build_digits_dataset(
         split: "train", "validation" or "test"; a grid only uses that split's digit images (`digit_indices`).
         num_samples: number of rows.
         seed: the same (split, seed) gives the same rows; different splits use independent random streams.
-        question_types: types to draw from, uniformly (a sequence) or with weights (a mapping name -> weight).
+        question_weights: which question types to draw and how often: a mapping type -> weight (e.g.
+            `{"position": 3, "column": 2, "read": 1, "read_twice": 1}`: half of the rows ask for one cell), a sequence
+            of types drawn uniformly, or None (every type of `QUESTION_TYPES`, uniformly).
         rows, cols: grid shape, 1..8 each. The default 4 x 4 gives 16 image tokens and 37-token `read` answers.
         augment: move every digit by a random offset of up to 3 pixels each way inside its cell (training
             augmentation; the answers do not change). Off by default: evaluation grids are never shifted.
+        balanced: the types take turns instead of being drawn (row i asks type i mod k, in the order given), so every
+            type gets the same number of rows (+-1): for test sets. Weights are then ignored; zero weights drop types.
     """
     from datasets import Dataset, Features, List, Value
     from datasets import Image as ImageFeature
@@ -257,7 +280,9 @@ def build_digits_dataset(
     for name, value in (("rows", rows), ("cols", cols)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
             raise ValueError(f"`{name}` must be an integer in [1, 8], got {value!r}.")
-    names, weights = _question_weights(question_types)
+    names, weights = _question_weights(question_weights)
+    if balanced:
+        names = [name for name, weight in zip(names, weights) if weight > 0]
 
     images, labels = load_digits_arrays()
     pool = digit_indices(split)
@@ -265,9 +290,9 @@ def build_digits_dataset(
     # Its own stream, so `augment` changes the pixels only, never which digits and questions are drawn.
     shift_rng = np.random.default_rng([seed, SPLITS.index(split), 1])
     columns = {"messages": [], "images": [], "question_type": [], "digits": [], "digit_ids": []}
-    for _ in range(num_samples):
+    for index in range(num_samples):
         ids = rng.choice(pool, size=(rows, cols))  # [rows, cols], with replacement
-        question_type = names[int(rng.choice(len(names), p=weights))]
+        question_type = names[index % len(names)] if balanced else names[int(rng.choice(len(names), p=weights))]
         question, answer = make_question(question_type, labels[ids], rng)
         columns["messages"].append(
             [
@@ -326,93 +351,105 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
     return prompt
 
 
-def evaluate_ar(
-    model_dir: str | os.PathLike,
-    dataset,
-    max_new_tokens: int = 64,
-    batch_size: int = 1,
-    model=None,
-    processor=None,
-    show_progress: bool = False,
-) -> dict:
-    """Exact-match accuracy of an autoregressive Qwen3-VL model on a digits dataset, with greedy decoding.
+def _generate_kwargs(model, max_new_tokens: int, pad_token_id, extra: Mapping | None) -> dict:
+    """Greedy decoding arguments for a stock AR Qwen3-VL or a BARD-VL model (which has `config.block_size`)."""
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, return_dict_in_generate=True)
+    if getattr(model.config, "block_size", None) is None:
+        # The AR source ships Qwen3-VL-Instruct's sampling settings; unset them so greedy decoding does not warn.
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs.update(extra or {})
+    return kwargs
 
-    Runs `model.generate(do_sample=False)` (stock autoregressive decoding with the KV cache) on the prompt of each
-    row (everything before the last assistant turn) and compares the decoded text with the reference answer
-    (`score_answer`).
+
+def _prepare(processor, rows) -> dict:
+    """Left-padded model inputs `[batch, prompt]` for a slice of a digits dataset (a dict of columns)."""
+    conversations = [prompt_messages(messages) for messages in rows["messages"]]
+    texts = [processor.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
+    return processor(images=list(rows["images"]), text=texts, padding=True, padding_side="left", return_tensors="pt")
+
+
+def _answer_tokens(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """The generated tokens up to and including the first EOS (what both decoders are timed and scored on)."""
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def evaluate(
+    model,
+    processor,
+    dataset,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    generate_kwargs: Mapping | None = None,
+    show_progress: bool = False,
+    desc: str = "decode",
+) -> dict:
+    """Exact match of greedy decoding on a digits dataset: the one evaluation loop for AR and BARD-VL models.
+
+    Calls `model.generate(do_sample=False, return_dict_in_generate=True)` on left-padded batches of prompts
+    (everything before the last assistant turn): stock autoregressive decoding for a Qwen3-VL model, block-diffusion
+    decoding (DESIGN 4) for a BARD-VL model, whose extra settings (`threshold`, `edit_threshold`, ...) come in
+    `generate_kwargs`. Every answer is cut after its first EOS, decoded and compared with the reference
+    (`score_answer`). Batched decoding is for accuracy; time with `time_decoding` (batch 1).
 
     Args:
-        model_dir: checkpoint folder (Hub layout); the model and processor are loaded from it unless given.
+        model: a `Qwen3VLForConditionalGeneration` or `BardVLForConditionalGeneration`, in eval mode.
+        processor: its `BardVLProcessor`.
         dataset: rows with `messages`, `images` and `question_type` (as `build_digits_dataset` makes them).
         max_new_tokens: generation budget per row.
-        batch_size: rows per `generate` call (left-padded); 1 measures batch-1 latency, prefill included.
-        model, processor: already loaded objects, to skip loading.
-        show_progress: show a tqdm bar.
+        batch_size: rows per `generate` call.
+        generate_kwargs: extra `generate` arguments (BARD: `threshold`, `edit_threshold`, ...).
+        show_progress: show a tqdm bar titled `desc`.
 
     Returns:
-        `{"accuracy": float, "per_type": {type: accuracy}, "counts": {type: n}, "num_samples": n,
-        "generated_tokens": int, "seconds": float, "tokens_per_second": float, "predictions": [str, ...]}`.
-        Generated tokens count every new token up to and including the first EOS.
+        `{"accuracy", "per_type": {type: accuracy}, "counts": {type: n}, "num_samples", "correct": [bool per row],
+        "predictions": [str per row], "question_types": [str per row], "generated_tokens", "num_forwards",
+        "tokens_per_forward", "seconds"}`. Generated tokens count every new token up to and including the first EOS;
+        `num_forwards` and `tokens_per_forward` are BARD's (DESIGN 4.5: prefill excluded); an AR model makes one
+        forward per token, so both are taken as `generated_tokens` and 1.0.
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import Qwen3VLForConditionalGeneration
 
-    from ..models.bard_vl.processing_bard_vl import BardVLProcessor
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-    if processor is None:
-        processor = BardVLProcessor.from_pretrained(model_dir)
-    if model is None:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir)
-    model.eval()
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_new_tokens", max_new_tokens)
     tokenizer = processor.tokenizer
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    pad_id = tokenizer.pad_token_id
-
-    predictions, correct, types = [], [], []
-    generated_tokens, seconds = 0, 0.0
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="AR decode", disable=not show_progress):
+    eos_ids = _eos_ids(model)
+    kwargs = _generate_kwargs(model, max_new_tokens, tokenizer.pad_token_id, generate_kwargs)
+    correct, predictions, types = [], [], []
+    generated, forwards, bard_tokens, seconds = 0, 0, 0, 0.0
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not show_progress):
         rows = dataset[start : start + batch_size]
-        conversations = [prompt_messages(messages) for messages in rows["messages"]]
-        texts = [processor.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
-        inputs = processor(
-            images=list(rows["images"]),
-            text=texts,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        )
+        inputs = _prepare(processor, rows)
         began = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            output = model.generate(**inputs, **kwargs)
         seconds += time.perf_counter() - began
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()  # [batch, new]
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()  # [batch, new]
         for tokens, messages, question_type in zip(new_tokens, rows["messages"], rows["question_type"]):
-            ends = [index for index, token in enumerate(tokens) if token in eos_ids]
-            kept = tokens[: ends[0] + 1] if ends else tokens
-            generated_tokens += len(kept)
+            kept = _answer_tokens(tokens, eos_ids)
+            generated += len(kept)
             text = tokenizer.decode(kept, skip_special_tokens=True)
-            reference = messages[-1]["content"][-1]["text"]
             predictions.append(text)
-            correct.append(score_answer(text, reference))
+            correct.append(score_answer(text, messages[-1]["content"][-1]["text"]))
             types.append(question_type)
-
+        if getattr(output, "num_forwards", None) is not None:
+            forwards += int(output.num_forwards.sum())
+            bard_tokens += int(output.num_generated_tokens.sum())
     per_type, counts = {}, {}
-    for question_type in sorted(set(types)):
+    for question_type in [kind for kind in QUESTION_TYPES if kind in types]:
         hits = [hit for hit, kind in zip(correct, types) if kind == question_type]
         per_type[question_type], counts[question_type] = sum(hits) / len(hits), len(hits)
     return {
@@ -420,8 +457,51 @@ def evaluate_ar(
         "per_type": per_type,
         "counts": counts,
         "num_samples": len(correct),
-        "generated_tokens": generated_tokens,
-        "seconds": seconds,
-        "tokens_per_second": generated_tokens / seconds if seconds > 0 else float("nan"),
+        "correct": correct,
         "predictions": predictions,
+        "question_types": types,
+        "generated_tokens": generated,
+        "num_forwards": forwards if forwards else generated,
+        "tokens_per_forward": bard_tokens / forwards if forwards else 1.0,
+        "seconds": seconds,
     }
+
+
+def time_decoding(decoders: Mapping[str, tuple], processor, dataset, max_new_tokens: int = 96) -> dict[str, dict]:
+    """Batch-1 wall-clock throughput of several decoders on the same rows, interleaved.
+
+    For every row in turn, each decoder generates its answer once (batch 1, prefill included), so a change of machine
+    load during the measurement hits every decoder alike. Run it with one torch thread for a fair comparison: a tiny
+    model decodes fastest on one thread, and AR and BARD get the same.
+
+    Args:
+        decoders: name -> `(model, generate_kwargs)`; the kwargs are as in `evaluate` (None for the AR model).
+        processor: the shared `BardVLProcessor`.
+        dataset: the timing rows (a fixed subset of the test set).
+
+    Returns:
+        name -> `{"tokens", "seconds", "tokens_per_second"}`; tokens are counted up to and including the first EOS,
+        the same way for every decoder.
+    """
+    import torch
+
+    _check_positive("max_new_tokens", max_new_tokens)
+    if not decoders:
+        raise ValueError("`decoders` must name at least one (model, generate_kwargs) pair.")
+    pad_id = processor.tokenizer.pad_token_id
+    plans = {
+        name: (model, _generate_kwargs(model, max_new_tokens, pad_id, extra), _eos_ids(model))
+        for name, (model, extra) in decoders.items()
+    }
+    totals = {name: {"tokens": 0, "seconds": 0.0} for name in decoders}
+    for index in range(len(dataset)):
+        inputs = _prepare(processor, dataset[index : index + 1])
+        for name, (model, kwargs, eos_ids) in plans.items():
+            began = time.perf_counter()
+            with torch.inference_mode():
+                output = model.generate(**inputs, **kwargs)
+            totals[name]["seconds"] += time.perf_counter() - began
+            totals[name]["tokens"] += len(_answer_tokens(output.sequences[0, inputs["input_ids"].shape[1] :].tolist(), eos_ids))
+    for total in totals.values():
+        total["tokens_per_second"] = total["tokens"] / total["seconds"] if total["seconds"] > 0 else float("nan")
+    return totals

@@ -1,10 +1,23 @@
-"""The end-to-end BARD pipeline on the built-in digits task, with its evaluation and ablations.
+"""The end-to-end BARD pipeline on the built-in digits task, with its evaluation, ablations and the paper's claims.
 
 AR source (shipped) -> conversion (B = 4) -> progressive block merging (B = 4, 8, 16, 32) -> stage-wise distillation
-from the B = 4 anchor (B = 8, 16, 32) -> evaluation of every model on the test split: exact-match accuracy, tokens per
-forward, wall-clock tokens/s and the speedup against autoregressive `generate` of the source (batch 1, prefill
-included), at several confidence thresholds. Ablations (DESIGN 1, paper section 4): direct conversion to B = 32,
-SWD with the AR model as teacher, mixed noise instead of mask-only noise. PBM without SWD is in the main table.
+from the B = 4 anchor (B = 8, 16, 32) -> evaluation on the test split -> the paper's claims judged with intervals.
+
+Evaluation (`digits.evaluate`, one loop for AR and BARD): every model decodes the same test rows (an equal number per
+question type), batched and greedy, for exact match; every accuracy gets a Wilson 95% interval, per question type too.
+Throughput is measured apart (`digits.time_decoding`): batch 1, prefill included, one thread, on a fixed subset of the
+test rows, with AR and every BARD decoder interleaved row by row so machine load hits all alike.
+
+Claims (paper section 4; `claims` in results.json), each as a paired difference over the same rows with Newcombe's
+95% interval (`demo.claims`) and a verdict `holds` / `does not hold` / `cannot tell`:
+(a) the final B = 32 model (PBM + SWD) keeps >= 98% of the AR source's exact match at a threshold where tokens per
+    forward >= 3 (the highest such threshold; judged as non-inferiority with margin 2% of the AR accuracy);
+(b) progressive merging beats direct conversion to B = 32 at equal total steps (ablation `direct`);
+(c) SWD improves on PBM alone;
+(d) the B = 4 anchor is a better teacher than the AR source (ablation `ar_teacher`);
+(e) mixed noise with revision at decoding beats mask-only noise at equal tokens per forward (ablation `mix`: the
+    mask-only model is taken at the threshold whose tokens per forward is closest).
+(b)-(d) compare at `claim_threshold`.
 """
 
 from __future__ import annotations
@@ -13,16 +26,26 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .claims import paired_difference_interval, verdict, wilson_interval
+from .digits import QUESTION_TYPES
+
 logger = logging.getLogger(__name__)
 
 ABLATIONS = ("direct", "ar_teacher", "mix")
+AR_NAME = "AR (source, greedy)"
+
+
+def _default_weights() -> dict[str, float]:
+    # Measured (README, demo section): one-token answers get ~1/37 of the supervised tokens of a `read` row, and the
+    # converted model must re-learn them (its head predicts the token at its own position, DESIGN 2), so `position`
+    # is drawn 3x and `column` 2x as often as the long reads.
+    return {"position": 3.0, "column": 2.0, "read": 1.0, "read_twice": 1.0}
 
 
 @dataclass
@@ -31,84 +54,140 @@ class PipelineConfig:
 
     output_dir: str = "demo_output"
     source: str | None = None  # the AR source checkpoint; None = the shipped digits model
-    seed: int = 0
-    train_samples: int = 4000
-    eval_samples: int = 48
+    seed: int = 0  # data sampling (train and test rows), noise, trainer seed
+    train_samples: int = 8000
+    question_weights: dict[str, float] = field(default_factory=_default_weights)  # training mix of question types
+    eval_samples: int = 400  # test rows, the same number per question type
+    timing_samples: int = 20  # the first test rows of every type in turn, decoded at batch 1 for tokens/s
     block_sizes: tuple[int, ...] = (4, 8, 16, 32)
-    pbm_steps: int = 200  # optimizer steps per PBM stage
+    # Optimizer steps per PBM stage: one value for all, or one per block size. B = 4 re-learns the AR skill under the
+    # diffusion objective and needs far more steps than the later stages (README, demo section).
+    pbm_steps: int | tuple[int, ...] = (800, 200, 200, 200)
     swd_steps: int = 120  # optimizer steps per SWD student
+    # SWD mask rates (DESIGN 3.6): [0.1, 0.5] as configured upstream; [0.001, 1.0] is what the reference code trained.
+    swd_mask_rates: tuple[float, float] = (0.1, 0.5)
     batch_size: int = 16
     learning_rate: float = 5e-4  # a few-million-parameter model adapts with larger steps than the paper's 2e-5
     swd_learning_rate: float = 1e-4
     vision_learning_rate: float = 5e-5
-    thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5)
-    max_new_tokens: int = 64
+    thresholds: tuple[float, ...] = (0.9, 0.7, 0.5)  # the largest-B models and the ablations
+    stage_thresholds: tuple[float, ...] = (0.9,)  # the intermediate stages
+    claim_threshold: float = 0.9  # where claims (b)-(e) compare; must be in `thresholds`
+    edit_threshold: float = 0.9  # revision when decoding the mixed-noise ablation (DESIGN 4.2)
+    max_new_tokens: int = 96  # the longest answer (77 tokens + EOS) in blocks of 32
+    eval_batch_size: int = 50
     ablations: tuple[str, ...] = ()
     threads: int = 2  # torch threads for training
-    eval_threads: int = 1  # for decoding: a tiny model decodes fastest on one thread (same for AR and BARD)
+    eval_threads: int = 1  # decoding: a tiny model decodes fastest on one thread (same for AR and BARD)
 
     @classmethod
     def quick(cls, **overrides) -> PipelineConfig:
-        values = dict(train_samples=600, eval_samples=12, pbm_steps=20, swd_steps=15, thresholds=(1.0, 0.7))
+        """A few-minute run: fewer steps and rows. Its numbers show the pipeline works, not what the method does."""
+        values = dict(
+            train_samples=600, eval_samples=40, timing_samples=4, pbm_steps=(40, 10, 10, 10), swd_steps=10,
+            thresholds=(0.9, 0.5),
+        )
         values.update(overrides)
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("train_samples", "eval_samples", "pbm_steps", "swd_steps", "batch_size", "max_new_tokens"):
+        for name in ("train_samples", "eval_samples", "timing_samples", "swd_steps", "batch_size", "max_new_tokens",
+                     "eval_batch_size", "threads", "eval_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if self.seed is None or isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
+        self.block_sizes = tuple(self.block_sizes)
         sizes = list(self.block_sizes)
         if not sizes or sizes[0] < 1 or any(b % a or b <= a for a, b in zip(sizes, sizes[1:])):
             raise ValueError(f"`block_sizes` must increase, each a multiple of the previous, got {sizes!r}.")
-        for t in self.thresholds:
-            if not 0 < t <= 1:
-                raise ValueError(f"`thresholds` must lie in (0, 1], got {t!r}.")
+        steps = [self.pbm_steps] if isinstance(self.pbm_steps, int) else list(self.pbm_steps)
+        if len(steps) not in (1, len(sizes)) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+            raise ValueError(
+                f"`pbm_steps` must be one positive integer or one per block size {sizes}, got {self.pbm_steps!r}."
+            )
+        self.pbm_steps = steps[0] if len(steps) == 1 else tuple(steps)
+        for name in ("thresholds", "stage_thresholds"):
+            values = tuple(getattr(self, name))
+            setattr(self, name, values)
+            if not values or any(not 0 < t <= 1 for t in values):
+                raise ValueError(f"`{name}` must be a non-empty list of values in (0, 1], got {values!r}.")
+        if self.claim_threshold not in self.thresholds:
+            raise ValueError(
+                f"`claim_threshold` {self.claim_threshold!r} must be one of `thresholds` {self.thresholds!r}."
+            )
+        if not 0 < self.edit_threshold <= 1:
+            raise ValueError(f"`edit_threshold` must lie in (0, 1], got {self.edit_threshold!r}.")
+        low, high = self.swd_mask_rates
+        if not 0 < low < high <= 1:
+            raise ValueError(f"`swd_mask_rates` must be (low, high) with 0 < low < high <= 1, got {self.swd_mask_rates!r}.")
+        self.swd_mask_rates = (float(low), float(high))
+        unknown = [name for name in self.question_weights if name not in QUESTION_TYPES]
+        if unknown or not self.question_weights:
+            raise ValueError(
+                f"`question_weights` must map question types among {QUESTION_TYPES} to weights, got "
+                f"{self.question_weights!r}."
+            )
+        if self.eval_samples < len(QUESTION_TYPES):
+            raise ValueError(f"`eval_samples` must be at least {len(QUESTION_TYPES)} (one row per question type).")
+        self.ablations = tuple(self.ablations)
         unknown = set(self.ablations) - set(ABLATIONS)
         if unknown:
             raise ValueError(f"Unknown `ablations` {sorted(unknown)}; choose from {ABLATIONS}.")
 
+    def stage_steps(self) -> list[int]:
+        """Optimizer steps of each PBM stage, one per block size."""
+        if isinstance(self.pbm_steps, int):
+            return [self.pbm_steps] * len(self.block_sizes)
+        return list(self.pbm_steps)
 
-# ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_bard(model, processor, dataset, threshold: float, max_new_tokens: int = 64) -> dict:
-    """Exact match, tokens per forward and tokens/s of BARD `generate` (batch 1, prefill included) on `dataset`."""
-    from .digits import prompt_messages, score_answer
 
-    tokenizer = processor.tokenizer
-    correct, types, tpf, predictions = [], [], [], []
-    generated, forwards, seconds = 0, 0, 0.0
-    for row in dataset:
-        conversation = prompt_messages(row["messages"])
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        inputs = processor(images=row["images"], text=[text], return_tensors="pt")
-        began = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, threshold=threshold, return_dict_in_generate=True
-            )
-        seconds += time.perf_counter() - began
-        new = out.sequences[0, inputs["input_ids"].shape[1]:]
-        prediction = tokenizer.decode(new, skip_special_tokens=True)
-        reference = row["messages"][-1]["content"][-1]["text"]
-        predictions.append(prediction)
-        correct.append(score_answer(prediction, reference))
-        types.append(row["question_type"])
-        generated += int(out.num_generated_tokens[0])
-        forwards += int(out.num_forwards[0])
-        tpf.append(float(out.tokens_per_forward[0]))
-    per_type = {
-        kind: sum(c for c, k in zip(correct, types) if k == kind) / types.count(kind) for kind in sorted(set(types))
-    }
-    return {
-        "accuracy": sum(correct) / len(correct),
-        "per_type": per_type,
-        "tokens_per_forward": generated / max(forwards, 1),
-        "mean_row_tokens_per_forward": statistics.fmean(tpf),
-        "tokens_per_second": generated / seconds,
-        "generated_tokens": generated,
-        "seconds": seconds,
-        "predictions": predictions,
-    }
+# ---------------------------------------------------------------------------------------------- progress
+class _Progress:
+    """Prints each stage's wall time, the total elapsed time and an estimate of what is left.
+
+    The estimate extrapolates the seconds per optimizer step measured so far over the training steps still to run,
+    and the seconds per evaluated (model, threshold) over those still to decode.
+    """
+
+    def __init__(self, report, train_steps: int, eval_runs: int):
+        self.report, self.started, self.last = report, time.perf_counter(), time.perf_counter()
+        self.train_left, self.train_done, self.train_seconds = train_steps, 0, 0.0
+        self.eval_left, self.eval_done, self.eval_seconds = eval_runs, 0, 0.0
+        self.timings: dict[str, float] = {}
+
+    def _left(self) -> str:
+        parts = []
+        if self.train_left and self.train_done:
+            parts.append(self.train_left * self.train_seconds / self.train_done)
+        if self.eval_left and self.eval_done:
+            parts.append(self.eval_left * self.eval_seconds / self.eval_done)
+        if not parts:
+            return "remaining: estimated after the first stage"
+        unknown = " + evaluation" if self.eval_left and not self.eval_done else ""
+        return f"about {_minutes(sum(parts))} left{unknown}"
+
+    def stage(self, name: str, train_steps: int = 0, eval_runs: int = 0) -> None:
+        now = time.perf_counter()
+        seconds = now - self.last
+        self.last = now
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
+        if train_steps:
+            self.train_done += train_steps
+            self.train_left -= train_steps
+            self.train_seconds += seconds
+        if eval_runs:
+            self.eval_done += eval_runs
+            self.eval_left -= eval_runs
+            self.eval_seconds += seconds
+        self.report(
+            f"[{_minutes(now - self.started)} elapsed] {name}: {_minutes(seconds)}; {self._left()}"
+        )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 # ---------------------------------------------------------------------------------------------- training steps
@@ -124,21 +203,22 @@ def _common_args(cfg: PipelineConfig, output_dir: Path) -> dict:
         logging_steps=10,
         save_strategy="no",
         report_to="none",
-        seed=cfg.seed,
+        seed=cfg.seed,  # the trainer's seed, and the base seed of the noise (BlockDiffusionConfig.noise_seed)
         dataloader_num_workers=0,
         gradient_checkpointing=False,  # a few-million-parameter model has no activation memory to save
-        disable_tqdm=False,
+        disable_tqdm=False,  # per-stage progress bar with elapsed and remaining time
     )
 
 
 def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps, prior="mask"):
-    """PBM (DESIGN 3.5): one BlockMergeTrainer run over `block_sizes`; returns {B: stage folder}."""
+    """PBM (DESIGN 3.5): one BlockMergeTrainer run over `block_sizes`, `steps[i]` optimizer steps at `block_sizes[i]`;
+    returns {B: stage folder}."""
     from ..trainer.block_merge_config import BlockMergeConfig
     from ..trainer.block_merge_trainer import BlockMergeTrainer
 
     args = BlockMergeConfig(
-        block_sizes=list(block_sizes), stage_steps=[steps], learning_rate=cfg.learning_rate,
-        max_warmup_steps=max(1, steps // 10), noise_prior=prior, **_common_args(cfg, output_dir),
+        block_sizes=list(block_sizes), stage_steps=list(steps), learning_rate=cfg.learning_rate,
+        max_warmup_steps=max(1, min(steps) // 10), noise_prior=prior, **_common_args(cfg, output_dir),
     )
     trainer = BlockMergeTrainer(str(model_dir), args=args, train_dataset=train)
     trainer.train()
@@ -155,35 +235,138 @@ def run_distill(cfg: PipelineConfig, student: Path, teacher: Path, output_dir: P
     block_size = AutoConfig.from_pretrained(student).block_size
     args = DiffusionDistillConfig(
         max_steps=cfg.swd_steps, learning_rate=cfg.swd_learning_rate, max_warmup_steps=max(1, cfg.swd_steps // 10),
-        teacher_type=teacher_type, **_common_args(cfg, output_dir),
+        teacher_type=teacher_type, noise_min_rate=cfg.swd_mask_rates[0], noise_max_rate=cfg.swd_mask_rates[1],
+        **_common_args(cfg, output_dir),
     )
     trainer = DiffusionDistillTrainer(str(student), teacher_model=str(teacher), args=args, train_dataset=train)
     trainer.train()
     return output_dir / f"stage-b{block_size}"
 
 
+# ---------------------------------------------------------------------------------------------- rows and claims
+def _row(name: str, block_size: int, threshold, result: dict) -> dict:
+    """One table row: accuracy with its Wilson interval, per type too (tokens/s and speedup come from timing)."""
+    correct, types = result["correct"], result["question_types"]
+    per_type_ci = {}
+    for kind, count in result["counts"].items():
+        hits = sum(1 for hit, k in zip(correct, types) if k == kind)
+        per_type_ci[kind] = list(wilson_interval(hits, count))
+    return dict(
+        model=name, block_size=block_size, threshold=threshold, accuracy=result["accuracy"],
+        ci95=list(wilson_interval(sum(correct), len(correct))), per_type=result["per_type"],
+        per_type_ci95=per_type_ci, num_samples=len(correct), tokens_per_forward=result["tokens_per_forward"],
+        tokens_per_second=None, speedup=None,
+    )
+
+
+def _compare(claim: str, statement: str, first: tuple, second: tuple, evals: dict, margin_of_second: float = 0.0):
+    """A claim entry: `first` vs `second` ((name, threshold) keys of `evals`), paired over the same rows."""
+    a, b = evals[first], evals[second]
+    paired = paired_difference_interval(a["correct"], b["correct"])
+    margin = margin_of_second * b["accuracy"]
+    return {
+        "claim": claim,
+        "statement": statement,
+        "compared": [
+            {"model": first[0], "threshold": first[1], "accuracy": a["accuracy"],
+             "tokens_per_forward": a["tokens_per_forward"]},
+            {"model": second[0], "threshold": second[1], "accuracy": b["accuracy"],
+             "tokens_per_forward": b["tokens_per_forward"]},
+        ],
+        "difference": paired["difference"],
+        "ci95": paired["ci95"],
+        "margin": margin,
+        "first_only": paired["first_only"],
+        "second_only": paired["second_only"],
+        "num_samples": paired["num_samples"],
+        "verdict": verdict(paired["ci95"], margin),
+    }
+
+
+def _not_run(claim: str, statement: str, why: str) -> dict:
+    return {"claim": claim, "statement": statement, "verdict": "not run", "note": why}
+
+
+def judge_claims(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
+    """The five claims of the module docstring from `evals[(model name, threshold)]` (results of `digits.evaluate`).
+
+    `names` maps roles to model names: `ar`, `pbm`, `swd` (the largest B) and, when run, `direct`, `ar_teacher`,
+    `mix`.
+    """
+    tau, largest = cfg.claim_threshold, cfg.block_sizes[-1]
+    claims = []
+    statement = (
+        f"PBM+SWD at B={largest} keeps >= 98% of the AR source's exact match at a threshold with >= 3 tokens/forward"
+    )
+    fast = [t for t in cfg.thresholds if evals[(names["swd"], t)]["tokens_per_forward"] >= 3.0]
+    if fast:
+        entry = _compare("a", statement, (names["swd"], max(fast)), (names["ar"], None), evals, margin_of_second=0.02)
+    else:
+        best = max(cfg.thresholds, key=lambda t: evals[(names["swd"], t)]["tokens_per_forward"])
+        entry = _compare("a", statement, (names["swd"], best), (names["ar"], None), evals, margin_of_second=0.02)
+        entry["verdict"] = "does not hold"
+        entry["note"] = f"no threshold in {list(cfg.thresholds)} reaches 3 tokens per forward"
+    claims.append(entry)
+
+    statement = f"progressive merging beats direct conversion to B={largest} at equal total steps (tau={tau})"
+    if "direct" in names:
+        claims.append(_compare("b", statement, (names["pbm"], tau), (names["direct"], tau), evals))
+    else:
+        claims.append(_not_run("b", statement, "needs --ablations direct"))
+    claims.append(
+        _compare("c", f"SWD improves on PBM alone at B={largest} (tau={tau})", (names["swd"], tau),
+                 (names["pbm"], tau), evals)
+    )
+    statement = f"the B={cfg.block_sizes[0]} anchor is a better SWD teacher than the AR source (B={largest}, tau={tau})"
+    if "ar_teacher" in names:
+        claims.append(_compare("d", statement, (names["swd"], tau), (names["ar_teacher"], tau), evals))
+    else:
+        claims.append(_not_run("d", statement, "needs --ablations ar_teacher"))
+    statement = f"mixed noise with revision beats mask-only noise at equal tokens/forward (B={largest})"
+    if "mix" in names:
+        target = evals[(names["mix"], tau)]["tokens_per_forward"]
+        matched = min(cfg.thresholds, key=lambda t: abs(evals[(names["pbm"], t)]["tokens_per_forward"] - target))
+        claims.append(_compare("e", statement, (names["mix"], tau), (names["pbm"], matched), evals))
+    else:
+        claims.append(_not_run("e", statement, "needs --ablations mix"))
+    return claims
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
-    """Run conversion, PBM, SWD, ablations and the evaluation; write results.json, results.md and results.png."""
+    """Run conversion, PBM, SWD, ablations, evaluation and claims; write results.json, results.md and results.png."""
     from transformers import Qwen3VLForConditionalGeneration
 
     from ..conversion import convert_from_autoregressive
-    from .digits import build_digits_dataset, evaluate_ar, load_digits_ar_path
     from ..models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
     from ..models.bard_vl.processing_bard_vl import BardVLProcessor
+    from .digits import build_digits_dataset, evaluate, load_digits_ar_path, time_decoding
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    timings = {}
+    largest, stage_steps = cfg.block_sizes[-1], cfg.stage_steps()
 
-    def step(name):
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
-        report(f"[{time.perf_counter() - started:7.1f}s] {name} done")
+    # Planned work, for the remaining-time estimate.
+    train_steps = sum(stage_steps) + cfg.swd_steps * (len(cfg.block_sizes) - 1)
+    train_steps += sum({"direct": sum(stage_steps), "ar_teacher": cfg.swd_steps, "mix": sum(stage_steps)}[a]
+                       for a in cfg.ablations)
+    intermediate = 2 * (len(cfg.block_sizes) - 1) - 1  # PBM B < largest, SWD B < largest
+    eval_runs = 1 + intermediate * len(cfg.stage_thresholds) + (2 + len(cfg.ablations)) * len(cfg.thresholds)
+    progress = _Progress(report, train_steps, eval_runs)
+    report(
+        f"digits demo: {train_steps} optimizer steps, {eval_runs} evaluations of {cfg.eval_samples} test rows; "
+        f"writing to {out.resolve()}"
+    )
 
-    train = build_digits_dataset("train", cfg.train_samples, seed=cfg.seed)
-    test = build_digits_dataset("test", cfg.eval_samples, seed=cfg.seed)
+    train = build_digits_dataset("train", cfg.train_samples, seed=cfg.seed, question_weights=cfg.question_weights)
+    # Balanced (every type equally often), then grouped by type so a batch holds answers of similar length.
+    test = build_digits_dataset("test", cfg.eval_samples, seed=cfg.seed, balanced=True)
+    test = test.select(sorted(range(len(test)), key=lambda i: (QUESTION_TYPES.index(test[i]["question_type"]), i)))
+    # Timing rows: the first rows of every type in turn (position, column, read, read_twice, position, ...).
+    groups = [[i for i, kind in enumerate(test["question_type"]) if kind == name] for name in QUESTION_TYPES]
+    interleaved = [group[j] for j in range(max(map(len, groups))) for group in groups if j < len(group)]
+    timing = test.select(interleaved[: cfg.timing_samples])
     ar_dir = Path(cfg.source) if cfg.source else load_digits_ar_path()
     processor = BardVLProcessor.from_pretrained(ar_dir)
 
@@ -191,66 +374,87 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     if converted.exists():
         shutil.rmtree(converted)
     convert_from_autoregressive(ar_dir, converted, block_size=cfg.block_sizes[0])
-    step("conversion")
+    progress.stage("conversion")
 
-    models: dict[str, Path] = {}
-    pbm = run_block_merge(cfg, converted, out / "pbm", train, cfg.block_sizes, cfg.pbm_steps)
-    models.update({f"PBM B={b}": path for b, path in pbm.items()})
-    step("progressive block merging")
+    models: dict[str, tuple[Path, tuple[float, ...], dict]] = {}  # name -> (folder, thresholds, generate kwargs)
+    names = {"ar": AR_NAME}
+    pbm = run_block_merge(cfg, converted, out / "pbm", train, cfg.block_sizes, stage_steps)
+    for b, path in pbm.items():
+        models[f"PBM B={b}"] = (path, cfg.thresholds if b == largest else cfg.stage_thresholds, {})
+    names["pbm"] = f"PBM B={largest}"
+    progress.stage("progressive block merging", train_steps=sum(stage_steps))
 
     anchor = pbm[cfg.block_sizes[0]]
     for b in cfg.block_sizes[1:]:
-        models[f"PBM+SWD B={b}"] = run_distill(cfg, pbm[b], anchor, out / f"swd-b{b}", train)
-    step("stage-wise distillation")
+        path = run_distill(cfg, pbm[b], anchor, out / f"swd-b{b}", train)
+        models[f"PBM+SWD B={b}"] = (path, cfg.thresholds if b == largest else cfg.stage_thresholds, {})
+        progress.stage(f"stage-wise distillation B={b}", train_steps=cfg.swd_steps)
+    names["swd"] = f"PBM+SWD B={largest}"
 
-    largest = cfg.block_sizes[-1]
     if "direct" in cfg.ablations:
-        total = cfg.pbm_steps * len(cfg.block_sizes)  # the same number of optimizer steps as the whole PBM schedule
-        direct = run_block_merge(cfg, converted, out / "direct", train, [largest], total)
-        models[f"direct B={largest}"] = direct[largest]
-        step("ablation: direct conversion")
+        # The same number of optimizer steps as the whole PBM schedule, all at the largest block size.
+        direct = run_block_merge(cfg, converted, out / "direct", train, [largest], [sum(stage_steps)])
+        names["direct"] = f"direct B={largest}"
+        models[names["direct"]] = (direct[largest], cfg.thresholds, {})
+        progress.stage("ablation: direct conversion", train_steps=sum(stage_steps))
     if "ar_teacher" in cfg.ablations:
-        models[f"PBM+SWD(AR teacher) B={largest}"] = run_distill(
-            cfg, pbm[largest], ar_dir, out / f"swd-ar-b{largest}", train, teacher_type="autoregressive"
-        )
-        step("ablation: AR teacher")
+        path = run_distill(cfg, pbm[largest], ar_dir, out / f"swd-ar-b{largest}", train, teacher_type="autoregressive")
+        names["ar_teacher"] = f"PBM+SWD(AR teacher) B={largest}"
+        models[names["ar_teacher"]] = (path, cfg.thresholds, {})
+        progress.stage("ablation: AR teacher", train_steps=cfg.swd_steps)
     if "mix" in cfg.ablations:
-        mixed = run_block_merge(cfg, converted, out / "pbm-mix", train, cfg.block_sizes, cfg.pbm_steps, prior="mix")
-        models[f"PBM(mix) B={largest}"] = mixed[largest]
-        step("ablation: mixed noise")
+        mixed = run_block_merge(cfg, converted, out / "pbm-mix", train, cfg.block_sizes, stage_steps, prior="mix")
+        names["mix"] = f"PBM(mix)+revision B={largest}"
+        models[names["mix"]] = (mixed[largest], cfg.thresholds, {"edit_threshold": cfg.edit_threshold})
+        progress.stage("ablation: mixed noise", train_steps=sum(stage_steps))
 
-    # evaluation: AR baseline, then every model at every threshold
+    # Accuracy: batched greedy decoding of the same test rows by every model and threshold, one thread.
     torch.set_num_threads(cfg.eval_threads)
     ar_model = Qwen3VLForConditionalGeneration.from_pretrained(ar_dir).eval()
-    ar = evaluate_ar(ar_dir, test, max_new_tokens=cfg.max_new_tokens, model=ar_model, processor=processor)
-    rows = [
-        dict(model="AR (source, greedy)", block_size=1, threshold=None, accuracy=ar["accuracy"],
-             per_type=ar["per_type"], tokens_per_forward=1.0, tokens_per_second=ar["tokens_per_second"], speedup=1.0)
-    ]
-    for name, path in models.items():
+    decode = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    evals = {(AR_NAME, None): evaluate(ar_model, processor, test, **decode)}
+    rows = [_row(AR_NAME, 1, None, evals[(AR_NAME, None)])]
+    decoders = {(AR_NAME, None): (ar_model, None)}
+    progress.stage(f"evaluation: {AR_NAME}", eval_runs=1)
+    for name, (path, thresholds, extra) in models.items():
         model = BardVLForConditionalGeneration.from_pretrained(path).eval()
-        for threshold in cfg.thresholds:
-            result = evaluate_bard(model, processor, test, threshold, cfg.max_new_tokens)
-            rows.append(
-                dict(model=name, block_size=model.config.block_size, threshold=threshold,
-                     accuracy=result["accuracy"], per_type=result["per_type"],
-                     tokens_per_forward=result["tokens_per_forward"], tokens_per_second=result["tokens_per_second"],
-                     speedup=result["tokens_per_second"] / ar["tokens_per_second"])
+        for threshold in thresholds:
+            kwargs = {"threshold": threshold, **extra}
+            result = evaluate(model, processor, test, generate_kwargs=kwargs, **decode)
+            evals[(name, threshold)] = result
+            rows.append(_row(name, model.config.block_size, threshold, result))
+            decoders[(name, threshold)] = (model, kwargs)
+            progress.stage(
+                f"evaluation: {name} tau={threshold} exact match {result['accuracy']:.3f}, "
+                f"{result['tokens_per_forward']:.2f} tokens/forward",
+                eval_runs=1,
             )
-            report(
-                f"  {name:<28} tau={threshold:<4} acc={result['accuracy']:.3f} "
-                f"tok/fwd={result['tokens_per_forward']:.2f} tok/s={result['tokens_per_second']:.0f}"
-            )
-    step("evaluation")
 
+    # Throughput: batch 1, every decoder on the same rows, interleaved row by row.
+    timed = time_decoding(
+        {f"{name}@{tau}": decoder for (name, tau), decoder in decoders.items()}, processor, timing,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    ar_tps = timed[f"{AR_NAME}@None"]["tokens_per_second"]
+    for row in rows:
+        row["tokens_per_second"] = timed[f"{row['model']}@{row['threshold']}"]["tokens_per_second"]
+        row["speedup"] = row["tokens_per_second"] / ar_tps
+    progress.stage(f"timing: batch 1 on {len(timing)} rows, {len(decoders)} decoders interleaved")
+
+    claims = judge_claims(cfg, evals, names)
     results = {
         "config": asdict(cfg),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {cfg.threads} threads",
-        "timings_s": timings,
-        "total_s": round(time.perf_counter() - started, 1),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {cfg.threads} training threads, "
+        f"{cfg.eval_threads} decoding thread(s)",
+        "eval_samples": len(test),
+        "eval_samples_per_type": evals[(AR_NAME, None)]["counts"],
+        "timing_samples": len(timing),
+        "timings_s": progress.timings,
+        "total_s": round(time.perf_counter() - progress.started, 1),
         "rows": rows,
+        "claims": claims,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     plot_results(results, out / "results.png")
     report(results_markdown(results))
@@ -258,25 +462,50 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------- reports
+def _interval(value: float, ci95) -> str:
+    return f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]"
+
+
 def results_markdown(results: dict) -> str:
+    """The accuracy table (with Wilson 95% intervals) and the claims table, as Markdown."""
+    types = [kind for kind in QUESTION_TYPES if any(kind in r["per_type"] for r in results["rows"])]
     lines = [
-        "| model | B | tau | exact match | read | count | row_sum | position | tokens/forward | tokens/s | vs AR |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | B | tau | exact match [95% CI] | " + " | ".join(types) + " | tokens/forward | tokens/s | vs AR |",
+        "|---|---:|---:|---|" + "---:|" * len(types) + "---:|---:|---:|",
     ]
     for r in results["rows"]:
-        per = r["per_type"]
-        cells = [per.get(k) for k in ("read", "count", "row_sum", "position")]
+        cells = [r["per_type"].get(kind) for kind in types]
+        tps = "-" if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.0f}"
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(
             f"| {r['model']} | {r['block_size']} | {'-' if r['threshold'] is None else r['threshold']} | "
-            f"{r['accuracy']:.3f} | "
+            f"{_interval(r['accuracy'], r['ci95'])} | "
             + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-            + f" | {r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.0f} | {r['speedup']:.2f}x |"
+            + f" | {r['tokens_per_forward']:.2f} | {tps} | {speedup} |"
         )
+    if results.get("claims"):
+        lines += ["", "| claim | compared (exact match) | paired difference [95% CI] | verdict |", "|---|---|---|---|"]
+        for c in results["claims"]:
+            if "compared" not in c:
+                lines.append(f"| ({c['claim']}) {c['statement']} | - | - | {c['verdict']} ({c['note']}) |")
+                continue
+            first, second = c["compared"]
+            label = " vs ".join(
+                f"{m['model']}{'' if m['threshold'] is None else ' tau=' + str(m['threshold'])}: {m['accuracy']:.3f}"
+                for m in (first, second)
+            )
+            margin = f", margin -{c['margin']:.3f}" if c["margin"] else ""
+            note = f" ({c['note']})" if c.get("note") else ""
+            lines.append(
+                f"| ({c['claim']}) {c['statement']} | {label} | {_interval(c['difference'], c['ci95'])}{margin} | "
+                f"{c['verdict']}{note} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot_results(results: dict, path: Path) -> None:
-    """Accuracy against throughput, one curve per model over the thresholds (like the paper's OCRBench figure)."""
+    """Accuracy (with its 95% interval) against throughput, one curve per model over the thresholds."""
     try:
         import matplotlib
 
@@ -285,17 +514,20 @@ def plot_results(results: dict, path: Path) -> None:
     except ImportError:  # matplotlib is in the `demo` extra
         logger.warning("matplotlib is not installed; skipping %s (pip install 'transformers-bard[demo]')", path)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     names = list(dict.fromkeys(r["model"] for r in results["rows"]))
     for name in names:
-        pts = [r for r in results["rows"] if r["model"] == name]
+        pts = [r for r in results["rows"] if r["model"] == name and r["tokens_per_second"] is not None]
+        if not pts:
+            continue
         xs = [r["tokens_per_second"] for r in pts]
         ys = [100 * r["accuracy"] for r in pts]
+        errors = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"]) for r in pts]]
         marker = "*" if name.startswith("AR") else "o"
-        ax.plot(xs, ys, marker=marker, markersize=12 if marker == "*" else 5, label=name)
-    ax.set_xlabel("tokens / s (batch 1, prefill included)")
-    ax.set_ylabel("exact match on the test split (%)")
-    ax.set_title("Digits task: accuracy against decoding throughput")
+        ax.errorbar(xs, ys, yerr=errors, marker=marker, markersize=12 if marker == "*" else 5, capsize=3, label=name)
+    ax.set_xlabel("tokens / s (batch 1, prefill included, one thread)")
+    ax.set_ylabel("exact match on the test split (%, 95% CI)")
+    ax.set_title(f"Digits task ({results.get('eval_samples', '?')} test rows): accuracy against throughput")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -303,4 +535,6 @@ def plot_results(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["ABLATIONS", "PipelineConfig", "evaluate_bard", "run_pipeline", "results_markdown", "plot_results"]
+__all__ = [
+    "ABLATIONS", "PipelineConfig", "judge_claims", "plot_results", "results_markdown", "run_pipeline",
+]

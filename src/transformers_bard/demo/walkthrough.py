@@ -49,7 +49,7 @@ def run_walkthrough(output_dir: Path, block_size: int = 4, report=print) -> dict
         f"AutoProcessor -> {type(processor).__name__}, trust_remote_code -> {type(remote).__name__}"
     )
 
-    row = build_digits_dataset("test", 1, question_types=("read",))[0]
+    row = build_digits_dataset("test", 1, question_weights=("read",))[0]
     text = processor.apply_chat_template(prompt_messages(row["messages"]), add_generation_prompt=True)
     inputs = processor(images=row["images"], text=[text], return_tensors="pt")
     with torch.no_grad():
