@@ -434,6 +434,31 @@ def test_trace_agrees_with_sequences_and_forwards(options):
         assert any(e["eos_filled"] for e in out.trace[0]), "EOS fill is exercised"
 
 
+@pytest.mark.parametrize("edit_threshold", [None, 0.5])
+def test_lm_head_runs_only_where_a_step_decides(edit_threshold):
+    """Each forward's LM head rows are the block's still-masked positions (all B with revision); the prefill's prompt
+    and the committed half of a fused commit get none (DESIGN 4.2, 4.3)."""
+    model = make_model(8)
+    ids, attention, _, _ = left_pad([make_prompt(30, 6, False), make_prompt(31, 9, False)])
+    rows_per_call = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows_per_call.append(args[0].shape[0]))
+    try:
+        out = model.generate(ids, attention_mask=attention, max_new_tokens=24, threshold=0.6, output_trace=True,
+                             edit_threshold=edit_threshold, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    expected = [0] * len(rows_per_call)
+    for events in out.trace:
+        masked_before = 8
+        for event in events:
+            if event["step"] == 0:
+                masked_before = 8
+            expected[event["forward"]] += 8 if edit_threshold is not None else masked_before
+            masked_before = event["block_tokens"].count(MASK)
+    assert rows_per_call == expected
+    assert edit_threshold is not None or sum(rows_per_call) < 8 * sum(len(events) for events in out.trace)
+
+
 # ---------------------------------------------------------------------------------------------- revision
 def test_revision_replaces_a_decoded_token_with_scripted_logits(monkeypatch):
     """B = 4, one token per step (tau = 1). Step 1 decodes position 0 as token 5; step 2 predicts token 7 there with
@@ -749,3 +774,37 @@ def test_processor_batch_with_images(tiny_qwen3_vl_dir):
                                 pixel_values=inputs["pixel_values"][start: start + patches[row]],
                                 max_new_tokens=8, threshold=0.6, return_dict_in_generate=True)
         assert generated(out, width, row) == generated(single, int(real.sum()))
+
+
+# ---------------------------------------------------------------------------------------------- a trained model
+@pytest.mark.slow
+def test_eos_fill_leaves_the_output_of_a_trained_model_unchanged(tmp_path):
+    """EOS fill is exact only for a model that learned EOS padding (DESIGN 3.1, 4.4), so check it on one: the shipped
+    digits AR model converted to B = 8 and trained with block merging for 30 steps (about a minute on one thread).
+    Outputs with and without EOS fill are identical at tau = 1.0 and 0.9, and EOS fill saves forwards."""
+    from transformers_bard import convert_from_autoregressive
+    from transformers_bard.demo.digits import build_digits_dataset, load_digits_ar_path, prompt_messages
+    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+    from transformers_bard.trainer.block_merge_config import BlockMergeConfig
+    from transformers_bard.trainer.block_merge_trainer import BlockMergeTrainer
+
+    converted = convert_from_autoregressive(load_digits_ar_path(), tmp_path / "b8", block_size=8)
+    args = BlockMergeConfig(
+        block_sizes=[8], stage_steps=[30], learning_rate=5e-4, max_warmup_steps=1, output_dir=str(tmp_path / "pbm"),
+        per_device_train_batch_size=8, max_length=512, use_cpu=True, bf16=False, save_strategy="no",
+        report_to="none", seed=0, dataloader_num_workers=0, gradient_checkpointing=False, disable_tqdm=True,
+    )
+    BlockMergeTrainer(str(converted), args=args, train_dataset=build_digits_dataset("train", 240, seed=0)).train()
+    model = BardVLForConditionalGeneration.from_pretrained(tmp_path / "pbm" / "stage-b8").eval()
+    processor = BardVLProcessor.from_pretrained(tmp_path / "pbm" / "stage-b8")
+    forwards = {True: 0, False: 0}
+    for row in build_digits_dataset("test", 8, seed=1):
+        text = processor.apply_chat_template(prompt_messages(row["messages"]), add_generation_prompt=True)
+        inputs = processor(images=row["images"], text=[text], return_tensors="pt")
+        for threshold in (1.0, 0.9):
+            out = {fill: model.generate(**inputs, max_new_tokens=48, threshold=threshold, eos_fill=fill,
+                                        return_dict_in_generate=True) for fill in (True, False)}
+            assert torch.equal(out[True].sequences, out[False].sequences), row["question_type"]
+            for fill in out:
+                forwards[fill] += int(out[fill].num_forwards[0])
+    assert forwards[True] < forwards[False]
