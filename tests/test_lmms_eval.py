@@ -86,7 +86,7 @@ def test_digits_tasks_follow_question_types_and_hold_the_demo_rows(digits_tasks)
     from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset
     from transformers_bard.integrations.lmms_eval import DIGITS_GROUP, digits_doc_to_text, write_digits_tasks
 
-    rows = build_digits_dataset("test", NUM_SAMPLES, seed=0)
+    rows = build_digits_dataset("test", NUM_SAMPLES, seed=0, balanced=True)
     present = [kind for kind in QUESTION_TYPES if kind in set(rows["question_type"])]
     splits = load_from_disk(str(digits_tasks / "data"))
     assert list(splits) == present
@@ -158,7 +158,7 @@ def _direct_answers(model, processor, autoregressive: bool) -> dict:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     answers, seen = {}, {}
-    for row in build_digits_dataset("test", NUM_SAMPLES, seed=0):
+    for row in build_digits_dataset("test", NUM_SAMPLES, seed=0, balanced=True):
         text = processor.apply_chat_template(prompt_messages(row["messages"]), add_generation_prompt=True)
         inputs = processor(images=row["images"], text=[text], return_tensors="pt")
         options = (
@@ -237,3 +237,17 @@ def test_lmms_eval_runs_bard_and_ar_on_digits(converted_digits, digits_tasks, tm
     ar = AutoModelForImageTextToText.from_pretrained(ar_dir).eval()
     _check_results(*outputs["ar"], _direct_answers(ar, BardVLProcessor.from_pretrained(ar_dir), autoregressive=True),
                    autoregressive=True)
+
+
+def test_lmms_eval_command_for_transformers_bard_eval():
+    from transformers_bard.integrations.lmms_eval import lmms_eval_command
+
+    command = lmms_eval_command("ckpt", "mme", autoregressive=True, model_args="threshold=0.7",
+                                extra_args=["--batch_size", "8"], python="py")
+    assert command == ["py", "-m", "lmms_eval", "--model", "bard_vl_ar", "--model_args",
+                       "pretrained=ckpt,threshold=0.7", "--tasks", "mme", "--batch_size", "8"]
+    # A digits task with the user's own --include_path: nothing is written or added.
+    command = lmms_eval_command("ckpt", "bard_digits_read", extra_args=["--include_path", "mine"])
+    assert command.count("--include_path") == 1 and command[-1] == "mine" and "bard_vl" in command
+    with pytest.raises(ValueError, match="tasks"):
+        lmms_eval_command("ckpt", "")

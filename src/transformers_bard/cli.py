@@ -208,6 +208,34 @@ def _run_app(args) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="Evaluate with lmms-eval (extra `lmms`): bard_vl or its AR source; the digits task works offline. Other "
+        "arguments go to lmms-eval (--batch_size, --output_path, --log_samples, --limit, ...).",
+    )
+    p.add_argument("model", help="BARD-VL checkpoint folder or Hub id.")
+    p.add_argument("--tasks", default="bard_digits", help="lmms-eval tasks (default: the digits group bard_digits).")
+    p.add_argument("--ar", action="store_true", help="Evaluate the checkpoint's AR source (model bard_vl_ar).")
+    p.add_argument("--model-args", default="", help="More lmms-eval model_args, e.g. threshold=0.7,device=cpu.")
+    p.set_defaults(func=_run_eval, passes_through=True)
+
+
+def _run_eval(args) -> int:
+    import importlib.util
+    import shlex
+    import subprocess
+
+    if importlib.util.find_spec("lmms_eval") is None:
+        print("transformers-bard eval: error: needs lmms-eval: pip install 'transformers-bard[lmms]'", file=sys.stderr)
+        return 2
+    from .integrations.lmms_eval import lmms_eval_command
+
+    command = lmms_eval_command(args.model, args.tasks, args.ar, args.model_args, args.trainer_args, sys.executable)
+    print("$ " + shlex.join(command), file=sys.stderr)
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformers-bard",
@@ -223,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_walkthrough(sub)
     _add_app(sub)
+    _add_eval(sub)
     return parser
 
 

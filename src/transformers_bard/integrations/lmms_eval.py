@@ -29,6 +29,7 @@ from pathlib import Path
 
 __all__ = [
     "DIGITS_GROUP",
+    "lmms_eval_command",
     "digits_doc_to_target",
     "digits_doc_to_text",
     "digits_doc_to_visual",
@@ -148,28 +149,37 @@ def _group_yaml(tasks: list[str]) -> str:
 
 def write_digits_tasks(
     output_dir: str | os.PathLike | None = None,
-    num_samples: int = 48,
-    seed: int = 0,
+    num_samples: int | None = None,
+    seed: int | None = None,
     split: str = "test",
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     **dataset_kwargs,
 ) -> Path:
     """Write the digits task as an lmms-eval task folder and return its path (for `--include_path`).
 
-    The rows are `build_digits_dataset(split, num_samples, seed=seed, **dataset_kwargs)`: with the defaults, the demo
-    pipeline's test set (`PipelineConfig.eval_samples` = 48, seed 0). They are saved with `save_to_disk` as one
+    The rows are `build_digits_dataset(split, num_samples, seed=seed, balanced=True, **dataset_kwargs)`: by default
+    the demo pipeline's test set and budget (`PipelineConfig`'s `eval_samples`, `seed`, `max_new_tokens`). They are
+    saved with `save_to_disk` as one
     split per question type, and one YAML per type present (in `QUESTION_TYPES` order) plus the group `bard_digits`
     point at them. The subtasks therefore follow `QUESTION_TYPES` and the dataset builder as they change.
 
     Args:
         output_dir: the folder to write. Default: a folder under `~/.cache/transformers_bard/lmms_eval_tasks` named
             after the arguments, reused when it already holds the same task (rebuilt otherwise).
-        num_samples, seed, split: as in `build_digits_dataset`.
-        max_new_tokens: the tasks' generation budget (lmms-eval `generation_kwargs`).
-        dataset_kwargs: further `build_digits_dataset` arguments (JSON-serialisable: e.g. the question types).
+        num_samples, seed, split: as in `build_digits_dataset` (defaults: the demo pipeline's).
+        max_new_tokens: the tasks' generation budget (lmms-eval `generation_kwargs`; default: the demo pipeline's).
+        dataset_kwargs: further `build_digits_dataset` arguments (JSON-serialisable); `balanced=True` unless given,
+            as the pipeline builds its test set.
     """
     from ..demo.digits import QUESTION_TYPES, build_digits_dataset
+    from ..demo.pipeline import PipelineConfig
 
+    demo = PipelineConfig()
+    num_samples = demo.eval_samples if num_samples is None else num_samples
+    seed = demo.seed if seed is None else seed
+    max_new_tokens = demo.max_new_tokens if max_new_tokens is None else max_new_tokens
+    # The pipeline's test set takes the question types in turn (`balanced`): the same count per subtask.
+    dataset_kwargs = {"balanced": True, **dataset_kwargs}
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
     spec = dict(
@@ -221,3 +231,28 @@ def write_digits_tasks(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def lmms_eval_command(
+    pretrained: str,
+    tasks: str = DIGITS_GROUP,
+    autoregressive: bool = False,
+    model_args: str = "",
+    extra_args=(),
+    python: str = "python",
+) -> list[str]:
+    """The lmms-eval command line for a checkpoint (what `transformers-bard eval` runs).
+
+    `--model bard_vl` (or `bard_vl_ar` with `autoregressive`), `--model_args pretrained=...[,model_args]`, `--tasks`;
+    when a task of the digits group is requested, the digits task folder is written (`write_digits_tasks()`, demo
+    defaults) and passed as `--include_path`. `extra_args` are appended unchanged (e.g. `--batch_size 16
+    --output_path out --log_samples`).
+    """
+    if not tasks:
+        raise ValueError("`tasks` must name at least one lmms-eval task, e.g. 'bard_digits' or 'mme'.")
+    model_args = ",".join(part for part in (f"pretrained={pretrained}", model_args) if part)
+    command = [python, "-m", "lmms_eval", "--model", "bard_vl_ar" if autoregressive else "bard_vl",
+               "--model_args", model_args, "--tasks", tasks]
+    if any(task.strip().startswith(DIGITS_GROUP) for task in tasks.split(",")) and "--include_path" not in extra_args:
+        command += ["--include_path", str(write_digits_tasks())]
+    return command + list(extra_args)
