@@ -4,8 +4,9 @@ Layouts compared (DESIGN 3.1), all forward + backward of one sample with the los
 
 - ``packed+selective``: our row ``[prefix ; x0 ; xt]`` (length P + 2R), LM head only at the corrupted xt positions
   (`BardVLForConditionalGeneration(..., logits_mask=...)`) and the PBM loss (`block_merge_loss`);
-- ``packed+chunked``: the same with the chunked LM head + cross-entropy (`ce_chunk_size`, at most
-  ``[chunk, vocab]`` logits alive);
+- ``packed+fused``: the same with TRL's fused LM head (`use_fused_lm_head`, `trl.trainer.utils.add_fused_lm_head`):
+  per-position log-probabilities from ``[tokens, 32768]`` vocabulary tiles, never the ``[N, vocab]`` logits. On CPU
+  (no Triton) TRL scores every position of the row and masks afterwards; on CUDA only the supervised ones;
 - ``vanilla 2L``: the prompt duplicated, ``[Q, x0] + [Q, xt]`` (length 2(P + R)) under an equivalent dense 4-D mask,
   with the full-sequence logits ``[2(P + R), vocab]`` and a masked cross-entropy, as a stock HF forward computes them;
 - ``AR SFT (full logits)``: a plain autoregressive step on ``[Q, x0]`` (length P + R), causal mask, full logits and
@@ -32,11 +33,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from trl.trainer.utils import add_fused_lm_head
 
 from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.masking_bard_vl import packed_segment_ids
 from transformers_bard.noise import MixedNoiseScheduler
-from transformers_bard.trainer.block_merge_trainer import add_chunked_lm_head, block_merge_loss
+from transformers_bard.trainer.block_merge_trainer import fused_lm_head_inputs
+from transformers_bard.trainer.losses import block_merge_loss
 
 QWEN_VOCAB = 151_936
 MASK_ID = 151_671
@@ -91,7 +94,7 @@ def make_sample(P: int, R: int, B: int, vocab: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------- the steps
-def packed_step(model, prompt, x0, noise, B, chunk_size=None):
+def packed_step(model, prompt, x0, noise, B, fused=False):
     P, R = len(prompt), len(x0)
     input_ids = torch.cat([prompt, x0, noise.noisy_input_ids[0]])[None]  # [1, P + 2R]
     segment_ids = packed_segment_ids(torch.ones(1, P), torch.ones(1, R))
@@ -103,19 +106,14 @@ def packed_step(model, prompt, x0, noise, B, chunk_size=None):
     rates[:, P + R :] = noise.rates
     eos = torch.zeros_like(logits_mask)
     lengths = torch.tensor([R])
-    if chunk_size is None:
-        out = model(input_ids=input_ids, segment_ids=segment_ids, logits_mask=logits_mask, use_cache=False)
+    inputs = {"input_ids": input_ids, "segment_ids": segment_ids, "logits_mask": logits_mask}
+    if not fused:
+        out = model(**inputs, use_cache=False)
         loss, _ = block_merge_loss(labels, logits_mask, rates, eos, lengths, 1, logits=out.logits)
     else:
-        out = model(
-            input_ids=input_ids,
-            segment_ids=segment_ids,
-            logits_mask=logits_mask,
-            use_cache=False,
-            ce_labels=labels[logits_mask],
-            ce_chunk_size=chunk_size,
-        )
-        loss, _ = block_merge_loss(labels, logits_mask, rates, eos, lengths, 1, ce=out.ce, correct=out.correct)
+        out = model(**fused_lm_head_inputs(model, inputs, labels), fused_lm_head=True)
+        ce, correct = -out.log_probs[logits_mask], out.is_top1[logits_mask]
+        loss, _ = block_merge_loss(labels, logits_mask, rates, eos, lengths, 1, ce=ce, correct=correct)
     loss.backward()
 
 
@@ -214,7 +212,6 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=QWEN_VOCAB)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=256, help="ce_chunk_size of the chunked row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     cli = parser.parse_args(argv)
@@ -222,8 +219,8 @@ def main(argv=None):
         torch.set_num_threads(cli.threads)
 
     model = build_model(cli.vocab, cli.hidden, cli.layers)
-    chunked = build_model(cli.vocab, cli.hidden, cli.layers)
-    add_chunked_lm_head(chunked)
+    fused = build_model(cli.vocab, cli.hidden, cli.layers)
+    add_fused_lm_head(fused, outputs=("log_probs", "is_top1"))
     B = cli.block_size
     print(
         f"vocab {cli.vocab:,}, hidden {cli.hidden}, {cli.layers} layers, block size {B}, fp32, CPU, "
@@ -244,7 +241,7 @@ def main(argv=None):
         P, R = (int(x) for x in spec.split(":"))
         if R % B:
             raise SystemExit(f"response length {R} must be a multiple of the block size {B}")
-        results = measure(model, chunked, P, R, B, cli)
+        results = measure(model, fused, P, R, B, cli)
         ar_full, ar_head = results["AR SFT (full logits)"], results["AR SFT (response head)"]
         for name, (peak, seconds, tokens, supervised) in results.items():
             print(
@@ -254,7 +251,7 @@ def main(argv=None):
             )
 
 
-def measure(model, chunked, P: int, R: int, B: int, cli) -> dict[str, tuple[int, float, int, int]]:
+def measure(model, fused, P: int, R: int, B: int, cli) -> dict[str, tuple[int, float, int, int]]:
     """{layout: (peak bytes, median step seconds, tokens per row, supervised positions)} for one P:R."""
     prompt, x0, noise = make_sample(P, R, B, cli.vocab)
     n = int(noise.corrupted.sum())
@@ -263,12 +260,7 @@ def measure(model, chunked, P: int, R: int, B: int, cli) -> dict[str, tuple[int,
         "AR SFT (response head)": (model, lambda: ar_step(model, prompt, x0, True), P + R, R),
         "vanilla 2L (full logits)": (model, lambda: vanilla_step(model, prompt, x0, noise, B), 2 * (P + R), n),
         "packed + selective head": (model, lambda: packed_step(model, prompt, x0, noise, B), P + 2 * R, n),
-        f"packed + chunked head ({cli.chunk_size})": (
-            chunked,
-            lambda: packed_step(chunked, prompt, x0, noise, B, cli.chunk_size),
-            P + 2 * R,
-            n,
-        ),
+        "packed + fused head (TRL)": (fused, lambda: packed_step(fused, prompt, x0, noise, B, True), P + 2 * R, n),
     }
     return {
         name: (peak_step_memory(net, step), step_time(net, step, cli.repeats), tokens, supervised)

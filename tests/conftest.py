@@ -106,3 +106,53 @@ def tiny_bard_vl_teacher_dir(tiny_bard_vl_dir, tmp_path_factory):
     model.save_pretrained(output)
     BardVLProcessor.from_pretrained(tiny_bard_vl_dir).save_pretrained(output)
     return output
+
+
+# ---------------------------------------------------------------------- example scripts and `accelerate launch`
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def load_example_script(name: str):
+    """`examples/scripts/{name}.py` as a module (its `main` is the training entry point)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def accelerate_available() -> bool:
+    """Whether `accelerate launch` can run (multi-process tests skip otherwise)."""
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def accelerate_launch(config: str, script: str, arguments: list[str], timeout: int = 600):
+    """Run `accelerate launch --config_file examples/accelerate_configs/{config}.yaml examples/scripts/{script}.py`
+    offline, one thread per process, on a free port; returns the `subprocess.CompletedProcess` (output captured)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # `python -m accelerate.commands.launch` is `accelerate launch` without the CLI's other subcommands, whose imports
+    # (e.g. timm for `accelerate estimate-memory`) must not decide whether training can be launched
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(EXAMPLES / "accelerate_configs" / f"{config}.yaml"),
+        "--main_process_port",
+        str(port),
+        str(EXAMPLES / "scripts" / f"{script}.py"),
+        *arguments,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

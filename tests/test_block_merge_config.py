@@ -55,7 +55,7 @@ def test_noise_fields_build_the_scheduler():
         ({"warmup_steps": 10}, r"`warmup_steps`=10 is not used.*warmup_ratio"),
         ({"warmup_ratio": 1.5}, r"`warmup_ratio` must be in \[0, 1\], got 1.5"),
         ({"vision_learning_rate": -1.0}, r"`vision_learning_rate` must be a number >= 0, got -1.0"),
-        ({"ce_chunk_size": 0}, r"`ce_chunk_size` must be None or an integer >= 1, got 0"),
+        ({"use_fused_lm_head": 1}, r"`use_fused_lm_head` must be a bool, got 1"),
         ({"loss_min_rate": 0.0}, r"`loss_min_rate` must be None or in \(0, 1\], got 0.0"),
         ({"noise_prior": "blur"}, r"Invalid noise settings.*`prior` must be one of"),
         ({"noise_switch_prior": "mix"}, r"`switch_prior` and `switch_at` must be set together"),

@@ -14,14 +14,11 @@ from conftest import tiny_chat_rows
 from transformers_bard import BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.trainer.block_merge_config import BlockMergeConfig
-from transformers_bard.trainer.block_merge_trainer import (
-    STAGE_STATE_NAME,
-    BlockMergeTrainer,
-    add_chunked_lm_head,
-    block_merge_loss,
-    is_vision_tower_parameter,
-)
+from transformers_bard.trainer.block_diffusion_trainer import is_vision_tower_parameter
+from transformers_bard.trainer.block_merge_trainer import BlockMergeTrainer, fused_lm_head_inputs
 from transformers_bard.trainer.collator import SAMPLE_INDEX_COLUMN, BlockDiffusionCollator
+from transformers_bard.trainer.losses import block_merge_loss
+from transformers_bard.trainer.stages import STAGE_STATE_NAME, resume_point
 
 LM_PARAM = "model.language_model.layers.0.self_attn.q_proj.weight"
 VISION_PARAM = "model.visual.blocks.0.attn.qkv.weight"
@@ -95,7 +92,11 @@ def test_block_merge_loss_matches_per_sample_reference(tiny_bard_vl_dir):
     assert stats["num_tokens"] == batch["logits_mask"].sum()
 
 
-def test_chunked_lm_head_gives_the_same_loss_and_gradients(tiny_bard_vl_dir):
+def test_fused_lm_head_gives_the_same_loss_and_gradients(tiny_bard_vl_dir, dataset, tmp_path):
+    """TRL's fused LM head (per-position log-probs, `shift_labels` scored unshifted) weighted by 1/t equals the
+    selective head's PBM loss, and so do its gradients: fp32, loss to rtol 1e-5, gradients to rtol 1e-4 / atol 1e-7."""
+    from trl.trainer.utils import add_fused_lm_head
+
     processor = BardVLProcessor.from_pretrained(tiny_bard_vl_dir)
     model = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_dir)
     collator = BlockDiffusionCollator(processor, model.config.mask_token_id, block_size=4)
@@ -103,20 +104,32 @@ def test_chunked_lm_head_gives_the_same_loss_and_gradients(tiny_bard_vl_dir):
     targets = {key: batch.pop(key) for key in ("labels", "rates", "is_eos_padding", "response_lengths", "sample_ids")}
     common = (targets["labels"], batch["logits_mask"], targets["rates"], targets["is_eos_padding"])
 
-    loss, _ = block_merge_loss(*common, targets["response_lengths"], 3, logits=model(**batch).logits)
+    loss, stats = block_merge_loss(*common, targets["response_lengths"], 3, logits=model(**batch).logits)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    add_chunked_lm_head(model)
-    ce_labels = targets["labels"][batch["logits_mask"]]
-    out = model(**batch, ce_labels=ce_labels, ce_chunk_size=5)
-    chunked, _ = block_merge_loss(*common, targets["response_lengths"], 3, ce=out.ce, correct=out.correct)
-    chunked.backward()
-    torch.testing.assert_close(chunked, loss)
+    add_fused_lm_head(model, outputs=("log_probs", "is_top1"))
+    out = model(**fused_lm_head_inputs(model, batch, targets["labels"]), fused_lm_head=True)
+    mask = batch["logits_mask"]
+    assert torch.equal(out.label_mask, mask)  # scored exactly at the supervised positions, unshifted
+    fused, fused_stats = block_merge_loss(
+        *common, targets["response_lengths"], 3, ce=-out.log_probs[mask], correct=out.is_top1[mask]
+    )
+    fused.backward()
+    torch.testing.assert_close(fused, loss, rtol=1e-5, atol=1e-7)
+    assert fused_stats["num_correct"] == stats["num_correct"]
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, param in model.named_parameters():
         if name in grads:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-7)
+
+    # the same through the trainer: SFTTrainer installs the fused head, `use_fused_lm_head` switches to it
+    trainer = BlockMergeTrainer(str(tiny_bard_vl_dir), args=make_args(tmp_path), train_dataset=dataset)
+    rows = collator([{**row, SAMPLE_INDEX_COLUMN: i} for i, row in enumerate(tiny_chat_rows(3))])
+    selective = trainer.compute_loss(trainer.model, dict(rows))
+    trainer.args.use_fused_lm_head = True
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(rows)), selective, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_equal_gradients(tiny_bard_vl_dir):
@@ -287,11 +300,9 @@ def test_resume_continues_in_the_right_stage_at_the_right_step(tiny_bard_vl_dir,
     # an explicit mid-stage checkpoint resumes the same way; a finished run has nothing left to do
     trainer = BlockMergeTrainer(str(tiny_bard_vl_dir), args=make_args(full, **common), train_dataset=dataset)
     assert trainer.train(resume_from_checkpoint=True).global_step == 0
-    assert trainer._resume_point(str(full / "checkpoints-b8" / "checkpoint-1"))[:2] == (
-        1,
-        str(full / "checkpoints-b8" / "checkpoint-1"),
-    )
-    assert trainer._resume_point(str(full / "stage-b4")) == (1, None, str(full / "stage-b4"))
+    checkpoint = str(full / "checkpoints-b8" / "checkpoint-1")
+    assert resume_point(str(full), [4, 8], checkpoint)[:2] == (1, checkpoint)
+    assert resume_point(str(full), [4, 8], str(full / "stage-b4")) == (1, None, str(full / "stage-b4"))
 
 
 def test_lora_trains_adapters_and_merges(tiny_bard_vl_dir, dataset, tmp_path):
@@ -360,7 +371,7 @@ def test_errors(tiny_qwen3_vl_dir, tiny_bard_vl_dir, dataset, tmp_path):
     trainer = BlockMergeTrainer(str(tiny_bard_vl_dir), args=args, train_dataset=dataset)
     with pytest.raises(ValueError, match="no checkpoint was found"):
         trainer.train(resume_from_checkpoint=True)
-    with pytest.raises(ValueError, match="not a BlockMergeTrainer checkpoint"):
+    with pytest.raises(ValueError, match="not a BARD trainer checkpoint"):
         trainer.train(resume_from_checkpoint=str(tiny_bard_vl_dir))
     # a bad row met during training names its dataset index
     bad = Dataset.from_list(tiny_chat_rows(2) + [{"messages": no_reply[0]["messages"], "images": []}])

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from transformers_bard.trainer.losses import (
     block_diffusion_loss,
     block_diffusion_weights,
-    chunked_cross_entropy,
+    block_merge_loss,
     distillation_objective,
     masked_token_mean_ce,
     teacher_topk,
+    swd_loss,
     topk_distillation_loss,
 )
 
@@ -202,48 +203,60 @@ def test_block_diffusion_loss_validation():
         block_diffusion_loss(**batch, num_samples=0)
 
 
-# ---------------------------------------------------------------------------- chunked cross-entropy
+# ---------------------------------------------------------------------------- packed batches
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1024])
-def test_chunked_cross_entropy_matches_plain(chunk_size):
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(10, 8, generator=g, requires_grad=True)
-    weight = torch.randn(13, 8, generator=g, requires_grad=True)
-    labels = torch.randint(0, 13, (10,), generator=g)
-    upstream = torch.rand(10, generator=g)  # a non-uniform upstream gradient, like 1/t weights
+def test_block_merge_loss_from_per_position_ce_equals_the_logits_path():
+    """The fused head's path (per-position CE and top-1 flags) and the logits path share one reduction: equal loss,
+    gradient and stats; positions are the row-major True entries of `logits_mask`."""
+    g = torch.Generator().manual_seed(3)
+    logits_mask = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 1, 1]], dtype=torch.bool)  # [b=2, L=5], N = 6
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    rates = torch.rand(2, 5, generator=g) * 0.9 + 0.1
+    eos = torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    lengths = torch.tensor([3, 4])
+    logits = torch.randn(6, 7, generator=g, requires_grad=True)
+    args = (labels, logits_mask, rates, eos, lengths, 2)
+    loss, stats = block_merge_loss(*args, logits=logits)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ce = F.cross_entropy(logits, labels[logits_mask], reduction="none")
+    correct = logits.argmax(-1) == labels[logits_mask]
+    per_position, per_position_stats = block_merge_loss(*args, ce=ce, correct=correct)
+    (per_position_grad,) = torch.autograd.grad(per_position, logits)
+    torch.testing.assert_close(per_position, loss)
+    torch.testing.assert_close(per_position_grad, grad)
+    for key in stats:
+        torch.testing.assert_close(per_position_stats[key], stats[key])
+    with pytest.raises(ValueError, match="Pass `logits`, or the per-position `ce` and `correct`"):
+        block_merge_loss(*args)
+    with pytest.raises(ValueError, match="`ce` must be 1-D with N=6"):
+        block_merge_loss(*args, ce=ce[:5], correct=correct[:5])
 
-    plain = F.cross_entropy(hidden @ weight.T, labels, reduction="none")
-    (plain * upstream).sum().backward()
-    plain_grads = hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
 
-    ce, correct = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk_size, return_correct=True)
-    (ce * upstream).sum().backward()
-    assert ce.dtype == torch.float32 and ce.shape == (10,)
-    torch.testing.assert_close(ce, plain)
-    torch.testing.assert_close(hidden.grad, plain_grads[0])
-    torch.testing.assert_close(weight.grad, plain_grads[1])
-    torch.testing.assert_close(correct, (hidden @ weight.T).argmax(-1) == labels)
-
-
-def test_chunked_cross_entropy_gradient_to_hidden_only_and_bf16():
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(5, 4, generator=g).bfloat16().requires_grad_(True)
-    weight = torch.randn(9, 4, generator=g).bfloat16()  # frozen head
+def test_swd_loss_of_micro_batches_sums_to_the_whole_batch_loop_reference():
+    """DESIGN 3.6 by loops: (1/|M|) sum_i [CE_i + 0.5 * KD_i] over a step of 5 positions, split 2 + 3."""
+    g = torch.Generator().manual_seed(4)
+    student = torch.randn(5, 9, generator=g)
+    teacher = torch.randn(5, 9, generator=g)
     labels = torch.randint(0, 9, (5,), generator=g)
-    ce = chunked_cross_entropy(hidden, weight, labels, chunk_size=2)
-    ce.sum().backward()
-    assert ce.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
-    reference = F.cross_entropy((hidden.detach() @ weight.T).float(), labels, reduction="none")
-    torch.testing.assert_close(ce, reference)
-
-
-def test_chunked_cross_entropy_validation():
-    with pytest.raises(ValueError, match="chunk_size"):
-        chunked_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), chunk_size=0)
-    with pytest.raises(ValueError, match="weight"):
-        chunked_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 2), torch.zeros(2, dtype=torch.long))
+    expected = 0.0
+    for i in range(5):
+        log_p = log_softmax_list(student[i].tolist())
+        values, ids = teacher[i].topk(3)
+        q = [math.exp(x) for x in log_softmax_list(values.tolist())]
+        kd = -sum(q_j * log_p[j] for q_j, j in zip(q, ids.tolist()))
+        expected += (-log_p[labels[i]] + 0.5 * kd) / 5
+    parts = []
+    for rows in (slice(0, 2), slice(2, 5)):
+        values, ids = teacher_topk(teacher[rows], 3)
+        parts.append(swd_loss(student[rows], labels[rows], values, ids, num_tokens=torch.tensor(5.0)))
+    loss = parts[0][0] + parts[1][0]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    sums = parts[0][1] + parts[1][1]  # CE, KD, positions, hits, agreement
+    assert sums[2].item() == 5
+    assert (sums[0] + 0.5 * sums[1]).item() / 5 == pytest.approx(expected, rel=1e-5)
+    assert sums[3].item() == (student.argmax(-1) == labels).sum().item()
+    assert sums[4].item() == (student.argmax(-1) == teacher.argmax(-1)).sum().item()
 
 
 # ---------------------------------------------------------------------------- distillation

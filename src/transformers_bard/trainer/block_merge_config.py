@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from trl import SFTConfig
-
-from ..noise import MixedNoiseScheduler
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from .block_diffusion_config import BlockDiffusionConfig, _is_int, _is_number
 
 
 @dataclass
-class BlockMergeConfig(SFTConfig):
+class BlockMergeConfig(BlockDiffusionConfig):
     r"""
     Configuration of [`BlockMergeTrainer`]: supervised block-diffusion fine-tuning over a schedule of growing block
     sizes, each stage initialised from the previous one (DESIGN 3.5). With `block_sizes=[B]` it is plain
     block-diffusion fine-tuning at block size B.
 
-    Only the parameters specific to PBM are listed; see [`trl.SFTConfig`] and [`transformers.TrainingArguments`] for
-    the others. Defaults that differ from `SFTConfig`'s follow the paper's reference runs (DESIGN 3.5): AdamW betas
-    (0.9, 0.95), weight decay 0, gradient clipping 1.0, peak learning rate 2e-5 (2e-6 for the vision tower except its
-    mergers), a warmup of min(1000, 10% of the stage's steps) then cosine decay to 5% of the peak, restarted at every
-    stage; `max_length` 8192; `remove_unused_columns=False` (the collator needs the raw `messages`/`images`).
+    The defaults follow the paper's reference runs (DESIGN 3.5): peak learning rate 2e-5 (2e-6 for the vision tower
+    except its mergers), AdamW betas (0.9, 0.95), weight decay 0, clipping 1.0, a warmup of min(1000, 10% of the
+    stage's steps) then cosine decay to 5% of the peak, restarted at every stage.
+
+    Only the parameters specific to PBM are listed; see [`BlockDiffusionConfig`] (warmup cap, vision learning rate,
+    noise), [`trl.SFTConfig`] and [`transformers.TrainingArguments`] for the others.
 
     Parameters:
         > Schedule
@@ -39,64 +29,18 @@ class BlockMergeConfig(SFTConfig):
         stage_steps (`list[int]`, *optional*):
             Optimizer steps of each stage: one value per block size, or a single value for every stage. When unset,
             each stage runs `max_steps` steps if that is set, else `num_train_epochs` epochs.
-        warmup_ratio (`float`, *optional*, defaults to `0.1`):
-            Linear warmup length as a fraction of each stage's steps (capped by `max_warmup_steps`).
-        max_warmup_steps (`int`, *optional*, defaults to `1000`):
-            Upper bound of each stage's warmup: warmup = min(max_warmup_steps, ceil(warmup_ratio * stage steps)).
-        min_lr_rate (`float`, *optional*, defaults to `0.05`):
-            Final learning rate of the cosine decay, as a fraction of the peak (`lr_scheduler_type` "cosine_with_min_lr").
 
-        > Optimisation
+        > Loss (DESIGN 3.4)
 
-        vision_learning_rate (`float`, *optional*, defaults to `2e-6`):
-            Peak learning rate of the vision tower, except its mergers (the merger and the DeepStack mergers), which
-            train with `learning_rate` like the language model and the LM head.
-        ce_chunk_size (`int`, *optional*):
-            When set, the LM head and the cross-entropy run in chunks of this many supervised positions (never more
-            than `[chunk, vocab]` logits in memory). Not available with FSDP or DeepSpeed ZeRO-3. Unset: the head runs
-            once on all supervised positions.
+        use_fused_lm_head (`bool`, *optional*, defaults to `False`):
+            Score the supervised positions with TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, installed
+            by `SFTTrainer`): the LM head and the log-softmax run in tiles, so the `[N, vocab]` logits never exist.
+            Works sharded (FSDP2 gathers the head weight). False: the model's selective head (`logits_mask`) returns
+            `[N, vocab]` logits. Both give the same loss and gradients.
         loss_min_rate (`float`, *optional*):
             Lower clamp of the noise rate t in the 1/t loss weight (DESIGN 3.4). Unset: no clamp (t >= noise_min_rate
             / number of blocks is guaranteed by the scheduler anyway).
-
-        > Noise (DESIGN 3.3)
-
-        noise_prior (`str`, *optional*, defaults to `"mask"`):
-            `"mask"`, `"mix"` (mask + random substitutes, teaches revision) or `"uniform"`.
-        noise_min_rate (`float`, *optional*, defaults to `0.001`):
-            Lower clamp of the per-block uniform draw.
-        noise_max_rate (`float`, *optional*, defaults to `1.0`):
-            Upper clamp of the per-block uniform draw.
-        noise_switch_prior (`str`, *optional*):
-            Prior used from `noise_switch_at` (a fraction of each stage) on, e.g. `"mix"` after `"mask"`.
-        noise_switch_at (`float`, *optional*):
-            Fraction of each stage's steps at which `noise_switch_prior` takes over.
-        noise_mix_min_prob (`float`, *optional*, defaults to `0.001`):
-            Floor of each `mix` probability before renormalising.
-        noise_seed (`int`, *optional*):
-            Base seed of the per-sample noise; defaults to `seed`. A sample's noise depends only on this seed, the
-            block size, the epoch and the sample's dataset index, not on the batch split.
     """
-
-    # ------------------------------------------------------------------ defaults overridden (DESIGN 3.5)
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (paper: 0.95)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (paper: 0 at 4B, 0.01 at 8B)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (paper: 1.0)."})
-    lr_scheduler_type: str = field(
-        default="cosine_with_min_lr",
-        metadata={"help": "Learning-rate schedule of each stage (paper: warmup then cosine to `min_lr_rate`)."},
-    )
-    max_length: int | None = field(
-        default=8192,
-        metadata={
-            "help": "Bound on prompt + EOS-padded response tokens per row (the packed row is prompt + 2 x response). "
-            "Longer rows raise a ValueError naming the row; None for no bound."
-        },
-    )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Must stay False: the collator reads the raw `messages` and `images` columns."},
-    )
 
     # ------------------------------------------------------------------ schedule
     block_sizes: list[int] = field(
@@ -113,68 +57,28 @@ class BlockMergeConfig(SFTConfig):
             "stage runs `max_steps` if set, else `num_train_epochs` epochs."
         },
     )
-    warmup_ratio: float = field(
-        default=0.1,
-        metadata={"help": "Warmup as a fraction of each stage's steps, capped by `max_warmup_steps` (paper: 0.1)."},
-    )
-    max_warmup_steps: int = field(default=1000, metadata={"help": "Cap of each stage's warmup steps (paper: 1000)."})
-    min_lr_rate: float = field(
-        default=0.05,
-        metadata={"help": "Final learning rate of the cosine decay as a fraction of the peak (paper: 0.05)."},
-    )
 
-    # ------------------------------------------------------------------ optimisation
-    vision_learning_rate: float = field(
-        default=2e-6,
+    # ------------------------------------------------------------------ loss
+    use_fused_lm_head: bool = field(
+        default=False,
         metadata={
-            "help": "Peak learning rate of the vision tower except its mergers (paper: 2e-6); the language model, "
-            "LM head and vision mergers use `learning_rate` (paper: 2e-5)."
-        },
-    )
-    ce_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Run the LM head + cross-entropy in chunks of this many supervised positions (memory); not with "
-            "FSDP or DeepSpeed ZeRO-3. Unset: one LM-head call on all supervised positions."
+            "help": "Score the supervised positions with TRL's fused LM head (tiles; the [N, vocab] logits never "
+            "exist; works with FSDP2). False: the model's selective head returns [N, vocab] logits."
         },
     )
     loss_min_rate: float | None = field(
         default=None, metadata={"help": "Lower clamp of the noise rate t in the 1/t loss weight; unset: no clamp."}
     )
 
-    # ------------------------------------------------------------------ noise
-    noise_prior: str = field(
-        default="mask",
-        metadata={
-            "help": "Noise prior: 'mask', 'mix' or 'uniform' (DESIGN 3.3).",
-            "choices": ["mask", "mix", "uniform"],
-        },
-    )
-    noise_min_rate: float = field(default=0.001, metadata={"help": "Lower clamp of the per-block noise draw."})
-    noise_max_rate: float = field(default=1.0, metadata={"help": "Upper clamp of the per-block noise draw."})
-    noise_switch_prior: str | None = field(
-        default=None, metadata={"help": "Prior used from `noise_switch_at` (fraction of each stage) on."}
-    )
-    noise_switch_at: float | None = field(
-        default=None, metadata={"help": "Fraction of each stage's steps at which `noise_switch_prior` takes over."}
-    )
-    noise_mix_min_prob: float = field(
-        default=0.001, metadata={"help": "Floor of each 'mix' probability before renormalising (paper: 0.001)."}
-    )
-    noise_seed: int | None = field(
-        default=None, metadata={"help": "Base seed of the per-sample noise; defaults to `seed`."}
-    )
-
     def __post_init__(self):
         super().__post_init__()
         self._validate_schedule()
-        self._validate_optimisation()
-        self.noise_scheduler()  # validates the noise fields
-        # The collator reads the raw chat columns; TRL must neither tokenize nor drop them.
-        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        if self.lr_scheduler_type == "cosine_with_min_lr":
-            self.lr_scheduler_kwargs = {**(self.lr_scheduler_kwargs or {})}
-            self.lr_scheduler_kwargs.setdefault("min_lr_rate", self.min_lr_rate)
+        if not isinstance(self.use_fused_lm_head, bool):
+            raise ValueError(f"`use_fused_lm_head` must be a bool, got {self.use_fused_lm_head!r}.")
+        if self.loss_min_rate is not None and (
+            not _is_number(self.loss_min_rate) or not 0.0 < self.loss_min_rate <= 1.0
+        ):
+            raise ValueError(f"`loss_min_rate` must be None or in (0, 1], got {self.loss_min_rate!r}.")
 
     def _validate_schedule(self) -> None:
         sizes = self.block_sizes
@@ -204,86 +108,12 @@ class BlockMergeConfig(SFTConfig):
                     "`max_steps` alone gives every stage that many steps."
                 )
             self.stage_steps = list(steps)
-        if not _is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"`warmup_ratio` must be in [0, 1], got {self.warmup_ratio!r} (paper: 0.1).")
-        if not _is_int(self.max_warmup_steps) or self.max_warmup_steps < 0:
-            raise ValueError(
-                f"`max_warmup_steps` must be an integer >= 0, got {self.max_warmup_steps!r} (paper: 1000)."
-            )
-        if self.warmup_steps:
-            raise ValueError(
-                f"`warmup_steps`={self.warmup_steps} is not used by BlockMergeConfig: each stage warms up for "
-                "min(max_warmup_steps, ceil(warmup_ratio * stage steps)). Set `warmup_ratio`/`max_warmup_steps`."
-            )
-        if not _is_number(self.min_lr_rate) or not 0.0 <= self.min_lr_rate <= 1.0:
-            raise ValueError(f"`min_lr_rate` must be in [0, 1], got {self.min_lr_rate!r} (paper: 0.05).")
-
-    def _validate_optimisation(self) -> None:
-        if self.packing:
-            raise ValueError(
-                "`packing=True` is not supported: block diffusion already packs each sample as [prefix ; x0 ; xt] "
-                "and samples must not attend to each other. Set `packing=False`."
-            )
-        if self.padding_free:
-            raise ValueError(
-                "`padding_free=True` is not supported: the block-diffusion mask is a padded 4-D mask. Set "
-                "`padding_free=False`."
-            )
-        if self.loss_type != "nll":
-            raise ValueError(
-                f"`loss_type`={self.loss_type!r} does not apply: the loss is the ELBO-weighted masked cross-entropy "
-                "of DESIGN 3.4. Leave `loss_type='nll'`."
-            )
-        if self.label_smoothing_factor:
-            raise ValueError(
-                f"`label_smoothing_factor`={self.label_smoothing_factor} is not supported by the block-diffusion "
-                "loss. Set it to 0."
-            )
-        if self.remove_unused_columns:
-            raise ValueError(
-                "`remove_unused_columns` must be False: the collator reads the raw `messages`/`images` columns."
-            )
-        if not _is_number(self.vision_learning_rate) or self.vision_learning_rate < 0:
-            raise ValueError(
-                f"`vision_learning_rate` must be a number >= 0, got {self.vision_learning_rate!r} (paper: 2e-6)."
-            )
-        if self.ce_chunk_size is not None and (not _is_int(self.ce_chunk_size) or self.ce_chunk_size < 1):
-            raise ValueError(f"`ce_chunk_size` must be None or an integer >= 1, got {self.ce_chunk_size!r}.")
-        if self.loss_min_rate is not None and (
-            not _is_number(self.loss_min_rate) or not 0.0 < self.loss_min_rate <= 1.0
-        ):
-            raise ValueError(f"`loss_min_rate` must be None or in (0, 1], got {self.loss_min_rate!r}.")
-        if self.noise_seed is not None and not _is_int(self.noise_seed):
-            raise ValueError(f"`noise_seed` must be None or an integer, got {self.noise_seed!r}.")
-
-    # ------------------------------------------------------------------ derived values
-    def noise_scheduler(self) -> MixedNoiseScheduler:
-        """The `MixedNoiseScheduler` described by the `noise_*` fields."""
-        try:
-            return MixedNoiseScheduler(
-                prior=self.noise_prior,
-                min_rate=self.noise_min_rate,
-                max_rate=self.noise_max_rate,
-                switch_prior=self.noise_switch_prior,
-                switch_at=self.noise_switch_at,
-                mix_min_prob=self.noise_mix_min_prob,
-            )
-        except ValueError as error:
-            # the scheduler names its own arguments; here they are the `noise_*` fields
-            raise ValueError(
-                f"Invalid noise settings (field `noise_<name>` for argument `<name>`): {error}"
-            ) from error
 
     def steps_of_stage(self, stage: int) -> int | None:
         """Optimizer steps of stage `stage` (0-based), or None when it runs `num_train_epochs` epochs."""
         if self.stage_steps is not None:
             return self.stage_steps[stage] if len(self.stage_steps) > 1 else self.stage_steps[0]
-        return self.max_steps if self.max_steps > 0 else None
-
-    def warmup_steps_of_stage(self, num_training_steps: int) -> int:
-        """Warmup of a stage with `num_training_steps` steps: min(max_warmup_steps, ceil(warmup_ratio * steps))."""
-        # round first: 30 * 0.1 is 3.0000000000000004 in floating point, which must not become 4
-        return min(self.max_warmup_steps, math.ceil(round(num_training_steps * self.warmup_ratio, 6)))
+        return super().steps_of_stage(stage)
 
 
 __all__ = ["BlockMergeConfig"]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from datasets import Dataset, IterableDataset
 from trl.data_utils import prepare_multimodal_messages
 
 from ..models.bard_vl.masking_bard_vl import packed_segment_ids
@@ -69,6 +70,25 @@ def ordinary_token_ids(tokenizer, exclude: tuple[int, ...] = ()) -> torch.LongTe
     if not ids:
         raise ValueError("The tokenizer has no ordinary (non-special) token to draw random substitutes from.")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def add_sample_index(dataset):
+    """Add the `bard_sample_index` column (row index) that seeds each sample's noise and names it in errors.
+
+    `Dataset.add_column` adds an in-memory column next to the (memory-mapped) data; an `IterableDataset` gets it
+    lazily. Datasets that already have the column keep theirs; a dict of splits gets it per split.
+    """
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return type(dataset)({name: add_sample_index(split) for name, split in dataset.items()})
+    if SAMPLE_INDEX_COLUMN in (dataset.column_names or []):
+        return dataset
+    if isinstance(dataset, Dataset):
+        return dataset.add_column(SAMPLE_INDEX_COLUMN, list(range(len(dataset))))
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(lambda _, index: {SAMPLE_INDEX_COLUMN: index}, with_indices=True)
+    raise TypeError(f"`train_dataset` must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
 
 
 class BadExampleError(ValueError):
@@ -392,6 +412,7 @@ __all__ = [
     "LOSS_KEYS",
     "SAMPLE_INDEX_COLUMN",
     "TokenizedExample",
+    "add_sample_index",
     "ordinary_token_ids",
     "sample_noise_seed",
 ]

@@ -1,10 +1,9 @@
 """DiffusionDistillConfig: every knob of stage-wise intra-dVLM distillation (SWD, DESIGN 3.6) with the paper's defaults.
 
-It subclasses `BlockMergeConfig` rather than `SFTConfig` directly: SWD trains on the very same packed, noised
-block-diffusion batches as progressive block merging (DESIGN 3.1-3.3) with the same optimiser groups (vision learning
-rate), the same warmup + cosine schedule shape, stage checkpoints, LoRA merging and validation (no packing, no
-padding-free, raw chat columns kept). Only the objective and the frozen teacher are new, so only their knobs are added
-here and the PBM defaults are replaced by the SWD reference values.
+A sibling of `BlockMergeConfig` on `BlockDiffusionConfig`: SWD trains on the very same packed, noised block-diffusion
+batches as progressive block merging (DESIGN 3.1-3.3) with the same optimiser groups (vision learning rate) and the
+same warmup + cosine schedule shape. It adds the teacher and the objective, and the SWD reference defaults; it has no
+multi-stage schedule (one stage at the student's block size) and no PBM loss knobs.
 """
 
 from __future__ import annotations
@@ -12,21 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .block_merge_config import BlockMergeConfig, _is_int, _is_number
+from .block_diffusion_config import BlockDiffusionConfig, _is_int, _is_number
 
 TEACHER_TYPES = ("diffusion", "autoregressive")
 
 
 @dataclass
-class DiffusionDistillConfig(BlockMergeConfig):
+class DiffusionDistillConfig(BlockDiffusionConfig):
     r"""
     Configuration of [`DiffusionDistillTrainer`]: a frozen small-block dVLM (the B_t = 4 anchor) teaches a large-block
     student (a PBM checkpoint at B_s) on the identical noised packed input (DESIGN 3.6). The objective at the masked
     response positions is `ce_weight * CE + kd_weight * KD` (plain token-mean cross-entropy, top-k KD).
 
-    Only the parameters specific to SWD are listed; the others are those of [`BlockMergeConfig`] (noise, vision
+    Only the parameters specific to SWD are listed; the others are those of [`BlockDiffusionConfig`] (noise, vision
     learning rate, warmup cap, ...), [`trl.SFTConfig`] and [`transformers.TrainingArguments`]. Defaults that differ
-    from `BlockMergeConfig`'s follow the reference SWD runs (DESIGN 3.6): learning rate 6e-6 for every parameter
+    from `BlockDiffusionConfig`'s follow the reference SWD runs (DESIGN 3.6): learning rate 6e-6 for every parameter
     (the reference uses one learning rate), 100 warmup steps then cosine decay to 0.5x the peak, 3 epochs, mask rates
     in [0.1, 0.5]. AdamW (0.9, 0.95), no weight decay, clipping 1.0 and gradient checkpointing (SFTConfig's default)
     are inherited and match the reference.
@@ -60,16 +59,16 @@ class DiffusionDistillConfig(BlockMergeConfig):
         reverse_kd (`bool`, *optional*, defaults to `False`):
             Use the reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy.
 
-        > Schedule and noise (inherited fields, new defaults)
+        > Schedule and noise
 
         block_sizes (`list[int]`, *optional*):
             Leave unset: SWD trains one block size, the student's `config.block_size`. When set it must be `[B_s]`
-            and is checked against the student.
+            and is checked against the student. The trainer never writes it (see `DiffusionDistillTrainer.block_sizes`).
         noise_min_rate (`float`, *optional*, defaults to `0.1`) / noise_max_rate (`float`, *optional*, defaults to `0.5`):
             Clamp of the per-block uniform draw (the reference SWD mask rates).
     """
 
-    _VALID_DICT_FIELDS = BlockMergeConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = BlockDiffusionConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
     # ------------------------------------------------------------------ defaults overridden (DESIGN 3.6)
     learning_rate: float = field(
@@ -159,29 +158,24 @@ class DiffusionDistillConfig(BlockMergeConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self._validate_block_sizes()
         self._validate_distillation()
 
-    def _validate_schedule(self) -> None:
-        # The parent validates a multi-stage schedule; SWD has one stage at the student's block size, which is only
-        # known once the student is loaded. Validate the other schedule fields against a one-stage placeholder.
+    def _validate_block_sizes(self) -> None:
         requested = self.block_sizes
-        if requested is not None:
-            if (
-                not isinstance(requested, (list, tuple))
-                or len(requested) != 1
-                or not _is_int(requested[0])
-                or requested[0] < 1
-            ):
-                raise ValueError(
-                    f"`block_sizes` must be unset or one block size [B_s] (distillation trains at the student's "
-                    f"block size), got {requested!r}. Leave it unset to use the student's `config.block_size`."
-                )
-            requested = list(requested)
-        self.block_sizes = requested if requested is not None else [1]
-        try:
-            super()._validate_schedule()
-        finally:
-            self.block_sizes = requested
+        if requested is None:
+            return
+        if (
+            not isinstance(requested, (list, tuple))
+            or len(requested) != 1
+            or not _is_int(requested[0])
+            or requested[0] < 1
+        ):
+            raise ValueError(
+                f"`block_sizes` must be unset or one block size [B_s] (distillation trains at the student's "
+                f"block size), got {requested!r}. Leave it unset to use the student's `config.block_size`."
+            )
+        self.block_sizes = list(requested)
 
     def _validate_distillation(self) -> None:
         if self.teacher_type not in TEACHER_TYPES:
@@ -222,16 +216,6 @@ class DiffusionDistillConfig(BlockMergeConfig):
             raise ValueError("`ce_weight` and `kd_weight` are both 0: nothing would be trained. SWD uses 1.0 and 0.5.")
         if not isinstance(self.reverse_kd, bool):
             raise ValueError(f"`reverse_kd` must be a bool, got {self.reverse_kd!r}.")
-        if self.ce_chunk_size is not None:
-            raise ValueError(
-                f"`ce_chunk_size`={self.ce_chunk_size} is not supported by DiffusionDistillTrainer: the KD term needs "
-                "the student's full-vocabulary log-softmax at the masked positions. Unset `ce_chunk_size`."
-            )
-        if self.loss_min_rate is not None:
-            raise ValueError(
-                f"`loss_min_rate`={self.loss_min_rate} does not apply: the SWD cross-entropy is a plain token mean "
-                "without the 1/t weight (DESIGN 3.6). Unset `loss_min_rate`."
-            )
 
 
 __all__ = ["DiffusionDistillConfig", "TEACHER_TYPES"]

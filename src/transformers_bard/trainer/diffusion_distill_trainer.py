@@ -1,14 +1,14 @@
-"""DiffusionDistillTrainer: stage-wise intra-dVLM distillation (SWD, DESIGN 3.6) on top of `BlockMergeTrainer`.
+"""DiffusionDistillTrainer: stage-wise intra-dVLM distillation (SWD, DESIGN 3.6) on the shared `BlockDiffusionTrainer`.
 
 A frozen small-block dVLM (the B_t = 4 anchor) teaches a large-block student (the PBM checkpoint at B_s) on the very
 same noised packed row ``[prefix ; x0 ; xt]`` (DESIGN 3.1): same tokens, pixels and M-RoPE positions; only the
 teacher's attention mask is rebuilt with B_t. The noise is drawn per *student* block (the collator runs at B_s).
 
-It is `BlockMergeTrainer` with a one-stage schedule at the student's block size, so it inherits the packed collator,
-the optimiser groups (vision learning rate), the warmup + cosine schedule, mid-run checkpoints, resume, the LoRA merge
-and the final checkpoint ``{output_dir}/stage-b{B_s}`` (complete, loadable with the Auto classes, `config.block_size`
-= B_s). Hooks overridden: `compute_loss` (the SWD objective) and `_get_num_items_in_batch` (masked tokens, not
-samples). The teacher is `self.teacher_model`: frozen, in eval mode, never in the optimiser, placed by accelerate
+A sibling of `BlockMergeTrainer`: the shared base runs it as a one-stage schedule at the student's block size
+(`self.block_sizes = [B_s]`), with the packed collator, the optimiser groups (vision learning rate), the warmup +
+cosine schedule, mid-run checkpoints, resume, the LoRA merge and the final checkpoint ``{output_dir}/stage-b{B_s}``
+(complete, loadable with the Auto classes, `config.block_size` = B_s). Hooks: `compute_loss` (the SWD objective,
+`losses.swd_loss`) and `num_loss_items` (masked tokens, not samples). The teacher is `self.teacher_model`: frozen, in eval mode, never in the optimiser, placed by accelerate
 (moved to the device under DDP, `prepare_deepspeed` under DeepSpeed, sharded with `prepare_fsdp` under FSDP).
 
 Loss on one optimizer step with masked positions ``M`` (all micro-batches, all ranks; DESIGN 3.6):
@@ -30,16 +30,15 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import create_model_from_path
 
 from ..models.bard_vl.masking_bard_vl import CLEAN, NOISY, PAD, PREFIX, block_diffusion_mask
 from ..models.bard_vl.modeling_bard_vl import additive_attention_mask
-from .block_merge_trainer import BlockMergeTrainer
+from .block_diffusion_trainer import BlockDiffusionTrainer, load_pretrained_model
 from .collator import LOSS_KEYS
 from .diffusion_distill_config import DiffusionDistillConfig
-from .losses import distillation_objective, masked_token_mean_ce, teacher_topk, topk_distillation_loss
+from .losses import swd_loss, teacher_topk
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def _source_tokenizer(source):
         return None  # a folder or repository with weights only: nothing to compare
 
 
-class DiffusionDistillTrainer(BlockMergeTrainer):
+class DiffusionDistillTrainer(BlockDiffusionTrainer):
     """Trainer for stage-wise intra-dVLM distillation (SWD, DESIGN 3.6).
 
     Args:
@@ -164,11 +163,13 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
         data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers, peft_config: as
             `BlockMergeTrainer` (a LoRA student's final checkpoint is merged; the teacher is never adapted).
 
+    `block_sizes` is ``[B_s]``, read from the student (the config's `block_sizes`, when set, is only checked).
     After `train()`, ``{output_dir}/stage-b{B_s}`` holds the distilled student. Logged (train and eval): `loss`,
     `ce`, `kd`, `mean_token_accuracy` (student argmax = clean token), `teacher_agreement` (student argmax = teacher
     argmax) and `num_masked_tokens`, each over the masked positions of an optimizer step.
     """
 
+    config_class = DiffusionDistillConfig
     _tag_names = ["trl", "sft", "bard", "block-diffusion", "distillation"]
     _name = "DiffusionDistill"
 
@@ -185,32 +186,28 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
         optimizers: tuple = (None, None),
         peft_config=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = DiffusionDistillConfig(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-DiffusionDistill")
-        elif not isinstance(args, DiffusionDistillConfig):
-            raise TypeError(f"`args` must be a DiffusionDistillConfig, got {type(args).__name__}.")
-
-        # 1. the student's block size B_s: the one stage trained, the block size of the noise and of the checkpoint
-        student_config = self._student_config(model, args)
+        args = self.resolve_args(model, args)
+        # 1. the student, and its block size B_s: the one stage trained, the block size of the noise and of the
+        #    checkpoint
+        if isinstance(model, (str, os.PathLike)):
+            model = load_pretrained_model(model, args.model_init_kwargs, args)
+            args.model_init_kwargs = None  # consumed (as the base does for a path)
+        student_config = self._check_student(model)
         block_size = student_config.block_size
-        # a value an earlier trainer filled in from its student is not the user's: it is replaced below
-        user_set = args.block_sizes is not None and not getattr(args, "_block_sizes_from_student", False)
-        if user_set and list(args.block_sizes) != [block_size]:
+        if args.block_sizes is not None and list(args.block_sizes) != [block_size]:
             raise ValueError(
                 f"`block_sizes`={args.block_sizes} does not match the student's `config.block_size`={block_size}. "
                 "Leave `block_sizes` unset (distillation trains at the student's block size)."
             )
-        # 2. the teacher, checked against the student before the student is built
+        # 2. the teacher, checked against the student
         source = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         teacher = self._load_teacher(source, args)
         self._check_teacher(teacher, student_config, args)
-        args.block_sizes = [block_size]
-        args._block_sizes_from_student = not user_set
 
         super().__init__(
             model,
             args=args,
+            block_sizes=[block_size],
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -235,16 +232,8 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _student_config(model, args: DiffusionDistillConfig):
-        if isinstance(model, str):
-            init_kwargs = args.model_init_kwargs or {}
-            config = AutoConfig.from_pretrained(
-                model,
-                revision=init_kwargs.get("revision"),
-                trust_remote_code=init_kwargs.get("trust_remote_code", args.trust_remote_code),
-            )
-        else:
-            config = (model.get_base_model() if is_peft_model(model) else model).config
+    def _check_student(model: PreTrainedModel):
+        config = (model.get_base_model() if is_peft_model(model) else model).config
         if getattr(config, "block_size", None) is None or getattr(config, "mask_token_id", None) is None:
             raise ValueError(
                 f"The student ({getattr(config, 'model_type', type(config).__name__)}) has no `config.block_size` / "
@@ -261,11 +250,7 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
                 "B=4 anchor (`stage-b4` of BlockMergeTrainer)."
             )
         if isinstance(source, (str, os.PathLike)):
-            init_kwargs = dict(args.teacher_model_init_kwargs or {})
-            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-                init_kwargs["device_map"] = None  # as for the student: distributed training places the model itself
-            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            return create_model_from_path(str(source), architecture=AutoModelForImageTextToText, **init_kwargs)
+            return load_pretrained_model(source, args.teacher_model_init_kwargs, args)
         if args.teacher_model_init_kwargs is not None:
             raise ValueError(
                 f"`teacher_model_init_kwargs`={args.teacher_model_init_kwargs} was set but the teacher is already "
@@ -410,19 +395,11 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
         return teacher_topk(logits, self.args.teacher_topk)
 
     # ------------------------------------------------------------------ loss (DESIGN 3.6)
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Masked positions of the whole optimizer step: all micro-batches of this rank, summed over ranks."""
-        if not batch_samples or "logits_mask" not in batch_samples[0]:
+    def num_loss_items(self, batch: dict) -> int | None:
+        """Masked positions of a micro-batch (DESIGN 3.6): the SWD loss is a mean over those of the optimizer step."""
+        if "logits_mask" not in batch:
             return None
-        mask_id = self._mask_token_id
-        count = sum(
-            int(distillation_positions(batch["logits_mask"], batch["input_ids"], mask_id).sum())
-            for batch in batch_samples
-        )
-        count = torch.tensor([count], device=device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count)
-        return count.sum()
+        return int(distillation_positions(batch["logits_mask"], batch["input_ids"], self._mask_token_id).sum())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -445,33 +422,20 @@ class DiffusionDistillTrainer(BlockMergeTrainer):
         outputs = model(**inputs, use_cache=False)
         logits = outputs.logits  # [N, V]
         labels = targets["labels"][positions]  # [N] clean tokens
-        num_positions = labels.shape[0]
 
-        if num_items_in_batch is None:
-            # evaluation, or a step without accumulation bookkeeping: mean over this batch's positions
-            denominator, rank_scale = max(num_positions, 1), 1
-        else:
-            # DDP/FSDP/DeepSpeed average gradients over ranks: multiply back so the result is sum_i / |M_step|
-            denominator = torch.as_tensor(num_items_in_batch, device=logits.device).float().clamp(min=1)
-            rank_scale = self.accelerator.num_processes
-        ce = masked_token_mean_ce(logits, labels, num_tokens=denominator)
-        kd_mean = topk_distillation_loss(
-            logits, topk_values, topk_ids, temperature=self.args.temperature, reverse=self.args.reverse_kd
+        denominator, scale = self.loss_normaliser(num_items_in_batch, labels.shape[0])
+        loss, sums = swd_loss(
+            logits,
+            labels,
+            topk_values,
+            topk_ids,
+            denominator,
+            ce_weight=self.args.ce_weight,
+            kd_weight=self.args.kd_weight,
+            temperature=self.args.temperature,
+            reverse=self.args.reverse_kd,
         )
-        kd = kd_mean * (num_positions / denominator)  # sum over this batch's positions / |M_step|
-        loss = distillation_objective(ce, kd, self.args.ce_weight, self.args.kd_weight) * rank_scale
-
-        with torch.no_grad():
-            predicted = logits.argmax(dim=-1)  # [N]
-            sums = torch.stack(
-                [
-                    (ce * denominator).detach().float(),
-                    (kd_mean * num_positions).detach().float(),
-                    torch.tensor(float(num_positions), device=logits.device),
-                    (predicted == labels).sum().float(),
-                    (predicted == topk_ids[:, 0]).sum().float(),
-                ]
-            )
+        loss = loss * scale
         self._record_metrics(mode, sums, num_items_in_batch)
         if return_outputs:
             return loss, outputs

@@ -1,10 +1,12 @@
 """Loss functions of block-merging training and stage-wise distillation (DESIGN 3.4, 3.6).
 
-Pure torch, no model or trainer: the trainers gather the supervised positions, run the LM head there, and call these.
-Every cross-entropy is computed in fp32. Shapes: N supervised positions, V vocabulary, H hidden size, k top-k ids.
+Pure torch, no model or trainer: the trainers run the LM head at the supervised positions and call these. Every
+cross-entropy is computed in fp32. Shapes: N supervised positions, V vocabulary, k top-k ids.
 
-The SWD objective (DESIGN 3.6) is `distillation_objective(masked_token_mean_ce(...), topk_distillation_loss(...))`,
-i.e. 1.0 * CE + 0.5 * KD by default.
+- PBM (DESIGN 3.4): `block_merge_loss` (a packed batch) -> `weighted_block_diffusion_loss` (the one reduction), fed
+  either by `[N, V]` logits (`block_diffusion_loss`) or by the per-position log-probabilities of TRL's fused LM head.
+- SWD (DESIGN 3.6): `swd_loss` = `distillation_objective(masked_token_mean_ce(...), topk_distillation_loss(...))`,
+  i.e. 1.0 * CE + 0.5 * KD by default, normalised by the masked positions of the optimizer step.
 """
 
 from __future__ import annotations
@@ -94,101 +96,92 @@ def block_diffusion_loss(
         raise ValueError(f"`num_samples` must be >= 1 (samples in the optimizer step), got {num_samples!r}.")
 
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # [N]
+    correct = logits.detach().argmax(dim=-1) == labels  # [N]
+    return weighted_block_diffusion_loss(
+        ce, correct, rates, sample_index, response_lengths, is_eos_padding, num_samples, min_rate
+    )
+
+
+def weighted_block_diffusion_loss(
+    ce: torch.Tensor,
+    correct: torch.BoolTensor,
+    rates: torch.Tensor,
+    sample_index: torch.LongTensor,
+    response_lengths: torch.Tensor,
+    is_eos_padding: torch.BoolTensor,
+    num_samples: int | torch.Tensor,
+    min_rate: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reduction of the PBM loss (DESIGN 3.4) from per-position cross-entropies: sum_i w_i CE_i / num_samples.
+
+    The one code path of the PBM loss: `block_diffusion_loss` feeds it the CE of `[N, V]` logits, and
+    `block_merge_loss` either that or `-log_probs` of TRL's fused LM head (which never builds the logits).
+
+    Args:
+        ce: `[N]` cross-entropy of each supervised position (any float dtype; reduced in fp32).
+        correct: `[N]` bool, argmax == label (for the accuracy metric).
+        rates, sample_index, response_lengths, is_eos_padding, min_rate: see `block_diffusion_weights`.
+        num_samples: number of samples in the optimizer step (int or scalar tensor).
+
+    Returns:
+        `(loss, stats)` as `block_diffusion_loss`.
+    """
     weights = block_diffusion_weights(rates, sample_index, response_lengths, is_eos_padding, min_rate)  # [N]
     if isinstance(num_samples, torch.Tensor):
         num_samples = num_samples.to(device=ce.device, dtype=torch.float32)
-    loss = (ce * weights).sum() / num_samples
-    with torch.no_grad():
-        stats = {
-            "ce_sum": ce.detach().sum(),
-            "num_tokens": torch.tensor(num_positions, device=ce.device),
-            "num_correct": (logits.detach().argmax(dim=-1) == labels).sum(),
-        }
+    loss = (ce.float() * weights).sum() / num_samples
+    stats = {
+        "ce_sum": ce.detach().float().sum(),
+        "num_tokens": torch.tensor(ce.shape[0], device=ce.device),
+        "num_correct": correct.detach().sum(),
+    }
     return loss, stats
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """CE(hidden @ weight.T, labels) per position, computed chunk by chunk in forward and backward.
-
-    Only `[chunk, V]` logits exist at any time; the backward recomputes them from the saved inputs and the saved
-    log-sum-exp `[N]`, using d CE / d logits = softmax(logits) - onehot(label).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
-        num_positions = hidden.shape[0]
-        ce = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)  # [N]
-        lse = torch.empty_like(ce)  # [N]
-        correct = torch.empty(num_positions, dtype=torch.bool, device=hidden.device)  # [N]
-        for start in range(0, num_positions, chunk_size):
-            stop = min(start + chunk_size, num_positions)
-            logits = (hidden[start:stop] @ weight.T).float()  # [chunk, V]
-            chunk_lse = torch.logsumexp(logits, dim=-1)  # [chunk]
-            target = logits.gather(1, labels[start:stop, None]).squeeze(1)  # [chunk]
-            ce[start:stop] = chunk_lse - target
-            lse[start:stop] = chunk_lse
-            correct[start:stop] = logits.argmax(dim=-1) == labels[start:stop]
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(correct)
-        return ce, correct
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_correct):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        # Accumulate the weight gradient in fp32 across chunks, cast once at the end.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, hidden.shape[0])
-            chunk = hidden[start:stop]  # [chunk, H]
-            probs = torch.exp((chunk @ weight.T).float() - lse[start:stop, None])  # [chunk, V]
-            rows = torch.arange(stop - start, device=hidden.device)
-            probs[rows, labels[start:stop]] -= 1.0
-            grad_logits = probs * grad_ce[start:stop, None].float()  # [chunk, V]
-            if need_hidden:
-                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight += grad_logits.T @ chunk.float()  # [V, H]
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
+def block_merge_loss(
     labels: torch.LongTensor,
-    chunk_size: int = 1024,
-    return_correct: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.BoolTensor]:
-    """Memory-friendly LM head + cross-entropy: CE_i = logsumexp(h_i W^T) - (h_i W^T)[y_i] (DESIGN 1, item 4).
-
-    Equal in value and gradient (w.r.t. `hidden` and `weight`) to
-    `F.cross_entropy((hidden @ weight.T).float(), labels, reduction="none")`, but neither forward nor backward ever
-    holds more than `[chunk_size, V]` logits: with V ~ 152k a full `[N, V]` fp32 logit matrix is the largest tensor of
-    a training step.
+    logits_mask: torch.BoolTensor,
+    rates: torch.Tensor,
+    is_eos_padding: torch.BoolTensor,
+    response_lengths: torch.LongTensor,
+    num_samples: int | torch.Tensor,
+    logits: torch.Tensor | None = None,
+    ce: torch.Tensor | None = None,
+    correct: torch.BoolTensor | None = None,
+    min_rate: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PBM loss of a packed batch (DESIGN 3.4), from the selected logits or from per-position cross-entropies.
 
     Args:
-        hidden: `[N, H]` final hidden states at the supervised positions.
-        weight: `[V, H]` LM-head weight (no bias: Qwen3-VL's head has none).
-        labels: `[N]` target ids.
-        chunk_size: positions per chunk.
-        return_correct: also return `[N]` bool flags, True where the argmax equals the label (for accuracy logging).
+        labels, rates, is_eos_padding: ``[b, L]`` collator outputs (clean token / block rate / EOS-padding flag).
+        logits_mask: ``[b, L]`` supervised (corrupted xt) positions; its N True entries, row-major, are the rows of
+            `logits` (and the entries of `ce` / `correct`).
+        response_lengths: ``[b]`` padded response length R_s of each sample.
+        num_samples: samples in the whole optimizer step (all micro-batches, all ranks).
+        logits: ``[N, V]`` from `model(..., logits_mask=...)`; or
+        ce, correct: ``[N]`` cross-entropies and argmax hits (e.g. ``-log_probs`` and ``is_top1`` of TRL's fused LM
+            head at the same positions).
+        min_rate: optional clamp of t in 1/t.
 
     Returns:
-        `[N]` fp32 CE, or `(ce, correct)`.
+        `(loss, stats)` as `block_diffusion_loss`: the fp32 loss and detached `ce_sum`, `num_tokens`,
+        `num_correct`.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"`hidden` must be [N, H] and `weight` [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}."
+    logits_mask = logits_mask.bool()
+    targets = labels[logits_mask]  # [N]
+    position_rates = rates[logits_mask]  # [N]
+    position_eos = is_eos_padding[logits_mask].bool()  # [N]
+    sample_index = logits_mask.nonzero()[:, 0]  # [N], row of each supervised position
+    if logits is not None:
+        return block_diffusion_loss(
+            logits, targets, position_rates, sample_index, response_lengths, position_eos, num_samples, min_rate
         )
-    _check_positions("labels", labels, hidden.shape[0])
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
-    ce, correct = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels.long(), chunk_size)
-    return (ce, correct) if return_correct else ce
+    if ce is None or correct is None:
+        raise ValueError("Pass `logits`, or the per-position `ce` and `correct` (e.g. of the fused LM head).")
+    _check_positions("ce", ce, targets.shape[0])
+    return weighted_block_diffusion_loss(
+        ce, correct, position_rates, sample_index, response_lengths, position_eos, num_samples, min_rate
+    )
 
 
 def masked_token_mean_ce(
@@ -282,3 +275,52 @@ def distillation_objective(
 ) -> torch.Tensor:
     """SWD loss (DESIGN 3.6): ce_weight * CE + kd_weight * KD, paper weights 1.0 and 0.5."""
     return ce_weight * ce + kd_weight * kd
+
+
+def swd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.LongTensor,
+    teacher_topk_logits: torch.Tensor,
+    teacher_topk_ids: torch.LongTensor,
+    num_tokens: int | torch.Tensor,
+    ce_weight: float = 1.0,
+    kd_weight: float = 0.5,
+    temperature: float = 1.0,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SWD loss of one micro-batch (DESIGN 3.6), normalised by the masked positions of the whole step.
+
+    loss = ce_weight * sum_i CE_i / num_tokens + kd_weight * sum_i KD_i / num_tokens, over this micro-batch's N
+    positions, where `num_tokens` counts the masked positions of the optimizer step (all micro-batches, all ranks),
+    so summing the micro-batches' gradients gives the gradient of one large batch.
+
+    Args:
+        student_logits: `[N, V]`.
+        labels: `[N]` clean tokens.
+        teacher_topk_logits, teacher_topk_ids: `[N, k]` (from `teacher_topk`).
+        num_tokens: the step's masked positions (>= 1; int or scalar tensor).
+        ce_weight, kd_weight, temperature, reverse: see `distillation_objective`, `topk_distillation_loss`.
+
+    Returns:
+        `(loss, sums)`: the fp32 loss and detached fp32 sums `[5]` of this micro-batch: CE, KD, positions, argmax hits
+        on the clean token, argmax agreement with the teacher's top-1.
+    """
+    num_positions = labels.shape[0]
+    ce = masked_token_mean_ce(student_logits, labels, num_tokens=num_tokens)  # sum_i CE_i / num_tokens
+    kd_mean = topk_distillation_loss(
+        student_logits, teacher_topk_logits, teacher_topk_ids, temperature=temperature, reverse=reverse
+    )
+    kd = kd_mean * (num_positions / num_tokens)  # sum_i KD_i / num_tokens
+    loss = distillation_objective(ce, kd, ce_weight, kd_weight)
+    with torch.no_grad():
+        predicted = student_logits.argmax(dim=-1)  # [N]
+        sums = torch.stack(
+            [
+                (ce * num_tokens).detach().float(),
+                (kd_mean * num_positions).detach().float(),
+                torch.tensor(float(num_positions), device=student_logits.device),
+                (predicted == labels).sum().float(),
+                (predicted == teacher_topk_ids[:, 0]).sum().float(),
+            ]
+        )
+    return loss, sums

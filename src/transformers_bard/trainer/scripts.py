@@ -31,6 +31,15 @@ def _load_splits(script_args, training_args):
     return train, evaluation
 
 
+def _train(trainer, training_args):
+    """Train every stage, say where the stage folders are, and close the trackers and the process group."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    stages = ", ".join(f"stage-b{block_size}" for block_size in trainer.block_sizes)
+    trainer.accelerator.print(f"Stages written: {stages} in {training_args.output_dir}")
+    trainer.end()
+    return trainer
+
+
 def block_merge_main(script_args, training_args, model_args):
     """Progressive block merging (DESIGN 3.5); every stage ends in `{output_dir}/stage-b{B}`."""
     from trl import get_peft_config
@@ -42,15 +51,13 @@ def block_merge_main(script_args, training_args, model_args):
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     train, evaluation = _load_splits(script_args, training_args)
     trainer = BlockMergeTrainer(
-        model_args.model_name_or_path, args=training_args, train_dataset=train, eval_dataset=evaluation,
+        model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print(
-        f"Stages written: {', '.join(f'stage-b{b}' for b in training_args.block_sizes)} in {training_args.output_dir}"
-    )
-    trainer.end()  # flush the trackers and close the process group
-    return trainer
+    return _train(trainer, training_args)
 
 
 def diffusion_distill_main(script_args, training_args, model_args):
@@ -63,19 +70,20 @@ def diffusion_distill_main(script_args, training_args, model_args):
 
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     # the teacher loads like the student (dtype, attention) unless `teacher_model_init_kwargs` says otherwise
-    shared = {key: training_args.model_init_kwargs[key] for key in ("trust_remote_code", "attn_implementation", "dtype")}
+    shared = {
+        key: training_args.model_init_kwargs[key] for key in ("trust_remote_code", "attn_implementation", "dtype")
+    }
     training_args.teacher_model_init_kwargs = {**shared, **(training_args.teacher_model_init_kwargs or {})}
     train, evaluation = _load_splits(script_args, training_args)
     trainer = DiffusionDistillTrainer(
-        model_args.model_name_or_path, training_args.teacher_model_name_or_path, args=training_args,
-        train_dataset=train, eval_dataset=evaluation, peft_config=get_peft_config(model_args),
+        model_args.model_name_or_path,
+        training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print(
-        f"Distilled student written to {training_args.output_dir}/stage-b{training_args.block_sizes[0]}"
-    )
-    trainer.end()
-    return trainer
+    return _train(trainer, training_args)
 
 
 def parse(config_class, argv: Sequence[str] | None = None):

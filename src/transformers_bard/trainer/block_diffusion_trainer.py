@@ -1,0 +1,374 @@
+"""BlockDiffusionTrainer: what the BARD trainers share, on top of TRL's `SFTTrainer` (DESIGN 3.1-3.5).
+
+`BlockMergeTrainer` (progressive block merging) and `DiffusionDistillTrainer` (stage-wise distillation) are siblings
+on this class. It owns:
+
+- the data: the `bard_sample_index` column (`add_sample_index`) and a `BlockDiffusionCollator` built from the config,
+  kept in step with the trainer by `NoiseScheduleCallback` (noise seed = epoch, curriculum = stage progress);
+- the optimiser groups (the vision tower at `vision_learning_rate`, DESIGN 3.5) and the per-stage warmup + schedule;
+- the stage loop: one `train()` runs every block size of `block_sizes` with a fresh optimizer and schedule, and
+  writes a complete ``stage-b{B}`` folder after each (`stages.py`: layout, mid-stage state files through
+  `StageStateCallback`, resume point, merged LoRA weights);
+- the per-step normalisation: `_get_num_items_in_batch` sums `num_loss_items` (the subclass's unit: samples for PBM,
+  masked tokens for SWD) over the micro-batches and ranks of an optimizer step.
+
+A subclass passes its stage schedule to `__init__` and implements `compute_loss` and `num_loss_items`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import textwrap
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import AutoModelForImageTextToText, PreTrainedModel, TrainerCallback
+from transformers.optimization import get_scheduler
+from transformers.trainer_utils import TrainOutput
+from trl import SFTTrainer
+from trl.trainer.utils import create_model_from_path
+
+from ..models.bard_vl.processing_bard_vl import BardVLProcessor
+from .block_diffusion_config import BlockDiffusionConfig
+from .collator import BlockDiffusionCollator, add_sample_index
+from .stages import (
+    StageStateCallback,
+    merged_lora_state_dict,
+    publish_stage,
+    resume_point,
+    stage_checkpoints_dir_name,
+    stage_dir_name,
+    stage_state,
+    write_stage_state,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_pretrained_model(model_id: str | os.PathLike, init_kwargs: dict | None, args) -> PreTrainedModel:
+    """`AutoModelForImageTextToText` from a path or Hub id, placed as the distributed setting needs (as SFTTrainer)."""
+    init_kwargs = dict(init_kwargs or {})
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # distributed training places the model itself ("auto" fails)
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(str(model_id), architecture=AutoModelForImageTextToText, **init_kwargs)
+
+
+def is_vision_tower_parameter(name: str) -> bool:
+    """Whether a parameter trains at `vision_learning_rate`: in the vision tower, outside its mergers (DESIGN 3.5).
+
+    Works on plain, PEFT-wrapped and FSDP/DDP-prefixed names (`...model.visual.blocks.0...`); the merger and the
+    DeepStack mergers (`merger`, `deepstack_merger_list`) map vision features into the language model and train at the
+    language model's rate.
+    """
+    return ".visual." in f".{name}" and "merger" not in name
+
+
+class NoiseScheduleCallback(TrainerCallback):
+    """Keeps the collator's `epoch` (noise seed) and `progress` (noise curriculum) in step with the trainer.
+
+    The epoch is set before the epoch's data loader iterator starts, so every batch of epoch e is seeded with e. The
+    progress is the stage's fraction of steps done when a step begins; the data loader collates ahead (one batch,
+    `prefetch_factor` per worker with workers), so a curriculum switch reaches the batches a few steps late.
+    """
+
+    def __init__(self, collator: BlockDiffusionCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is `epoch + fraction done`; whole at an epoch start, and floor gives the epoch on resume
+        self.collator.epoch = int(state.epoch or 0)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.collator.progress = min(1.0, state.global_step / max(state.max_steps, 1))
+
+
+class BlockDiffusionTrainer(SFTTrainer):
+    """Shared base of `BlockMergeTrainer` and `DiffusionDistillTrainer`; see the module docstring.
+
+    Args:
+        model: a `BardVLForConditionalGeneration` (or its path) with `config.mask_token_id` set.
+        args: the subclass's config (a `BlockDiffusionConfig`).
+        block_sizes: the stage schedule (one block size per stage).
+        data_collator: defaults to a `BlockDiffusionCollator` built from `processing_class` and `args`.
+        train_dataset / eval_dataset: chat datasets in TRL's vision format (`messages`, optional `images`); the
+            trainer adds a `bard_sample_index` column (see `add_sample_index`).
+        processing_class: defaults to `BardVLProcessor.from_pretrained(model path)`.
+        callbacks: extra `TrainerCallback`s.
+        optimizers: must stay `(None, None)`: every stage creates its own.
+        peft_config: a `peft.LoraConfig`; each stage folder then holds the merged model and the adapter.
+
+    After `train()`, `stage_log_history[B]` holds each stage's `log_history` (steps restart at 0 in every stage).
+    """
+
+    config_class = BlockDiffusionConfig
+    _paper = {
+        "title": "BARD: Bridging AutoRegressive and Diffusion Vision-Language Models Via Highly Efficient Progressive "
+        "Block Merging and Stage-Wise Distillation",
+        "id": "2604.16514",
+        "citation": textwrap.dedent("""\
+            @article{bard2026,
+                title   = {{BARD: Bridging AutoRegressive and Diffusion Vision-Language Models Via Highly Efficient
+                            Progressive Block Merging and Stage-Wise Distillation}},
+                journal = {arXiv preprint arXiv:2604.16514},
+                year    = 2026,
+            }"""),
+    }
+    # compute_loss divides by the loss items of the whole optimizer step (DESIGN 3.4, 3.6): no further division by
+    # the number of accumulation steps
+    loss_is_scaled_for_ga = True
+
+    @classmethod
+    def resolve_args(cls, model, args):
+        """`args`, or the config class's defaults with ``output_dir`` = ``{model name}-{trainer name}``."""
+        if args is None:
+            name = model if isinstance(model, (str, os.PathLike)) else model.config._name_or_path
+            return cls.config_class(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-{cls._name}")
+        if not isinstance(args, cls.config_class):
+            raise TypeError(f"`args` must be a {cls.config_class.__name__}, got {type(args).__name__}.")
+        return args
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: BlockDiffusionConfig,
+        block_sizes: list[int],
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict | None = None,
+        processing_class=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        peft_config=None,
+    ):
+        if optimizers != (None, None):
+            raise ValueError(
+                f"`optimizers` cannot be passed: {type(self).__name__} creates a fresh optimizer and schedule for "
+                f"every stage. Configure them through {type(args).__name__} (learning_rate, vision_learning_rate, "
+                "optim, ...)."
+            )
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: a chat dataset with `messages` (and optional `images`).")
+        if isinstance(model, (str, os.PathLike)):
+            model = load_pretrained_model(model, args.model_init_kwargs, args)
+            # consumed here: SFTTrainer would warn that they are ignored for an instantiated model
+            args.model_init_kwargs = None
+        base_config = (model.get_base_model() if is_peft_model(model) else model).config
+        mask_token_id = getattr(base_config, "mask_token_id", None)
+        if mask_token_id is None:
+            raise ValueError(
+                f"The model ({type(model).__name__}) has no `config.mask_token_id`: block diffusion needs a `<|mask|>` "
+                "token. Convert the autoregressive checkpoint first with "
+                "`transformers_bard.convert_from_autoregressive(source, output_dir)`."
+            )
+        if processing_class is None:
+            processing_class = BardVLProcessor.from_pretrained(base_config._name_or_path)
+        if peft_config is not None:
+            from peft import LoraConfig
+
+            if not isinstance(peft_config, LoraConfig) or peft_config.use_dora:
+                raise ValueError(
+                    f"`peft_config` must be a peft.LoraConfig without DoRA (got {type(peft_config).__name__}): each "
+                    "stage checkpoint merges the adapter into the weights."
+                )
+
+        train_dataset = add_sample_index(train_dataset)
+        eval_dataset = add_sample_index(eval_dataset)
+        if data_collator is None:
+            data_collator = BlockDiffusionCollator(
+                processing_class,
+                mask_token_id=mask_token_id,
+                block_size=block_sizes[0],
+                noise_scheduler=args.noise_scheduler(),
+                max_length=args.max_length,
+                seed=args.seed if args.noise_seed is None else args.noise_seed,
+            )
+        if isinstance(data_collator, BlockDiffusionCollator):
+            problem = data_collator.example_problem(next(iter(train_dataset)))
+            if problem is not None:
+                raise ValueError(
+                    f"`train_dataset` cannot be trained on: its first row {problem}. The dataset must hold chats "
+                    "whose last assistant turn is the response to learn (TRL's `messages` format)."
+                )
+
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            peft_config=peft_config,
+        )
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if sharded and is_peft_model(self.model):
+            raise ValueError(
+                "LoRA with FSDP or DeepSpeed ZeRO-3 is not supported: the stage checkpoints merge the adapter into "
+                "full weights. Use DDP or ZeRO-2 for LoRA."
+            )
+        self.block_sizes = list(block_sizes)
+        self.stage = 0
+        self.stage_log_history: dict[int, list[dict]] = {}
+        self._stage_callback = StageStateCallback(self.block_sizes)
+        self.add_callback(self._stage_callback)
+        if isinstance(self.data_collator, BlockDiffusionCollator):
+            self.add_callback(NoiseScheduleCallback(self.data_collator))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _base_model(self) -> PreTrainedModel:
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    # ------------------------------------------------------------------ per-step normalisation (DESIGN 3.4, 3.6)
+    def num_loss_items(self, batch: dict) -> int | None:
+        """The loss's unit in one collated micro-batch (samples, masked tokens, ...), or None if it has none."""
+        raise NotImplementedError(f"{type(self).__name__} must define `num_loss_items`.")
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """`num_loss_items` of the whole optimizer step: all micro-batches of this rank, summed over ranks."""
+        counts = [self.num_loss_items(batch) for batch in batch_samples]
+        if not counts or any(count is None for count in counts):
+            return None
+        total = torch.tensor([sum(counts)], device=device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.gather(total)
+        return total.sum()
+
+    def loss_normaliser(self, num_items_in_batch, local_items: int) -> tuple[int | torch.Tensor, int]:
+        """``(denominator, scale)`` of a micro-batch's summed loss.
+
+        In training, the denominator counts the step's items over all micro-batches and ranks, and the loss is
+        multiplied back by the number of processes because DDP/FSDP/DeepSpeed average gradients over ranks: the
+        result is the gradient of sum / N_step. Without it (evaluation), the mean over this batch's items.
+        """
+        if num_items_in_batch is None:
+            return max(local_items, 1), 1
+        return torch.as_tensor(num_items_in_batch).float().clamp(min=1), self.accelerator.num_processes
+
+    # ------------------------------------------------------------------ optimizer and schedule (DESIGN 3.5)
+    def create_optimizer(self, model=None):
+        """AdamW (by default) with the vision tower, except its mergers, at `vision_learning_rate`."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, param in opt_model.named_parameters():
+                if param.requires_grad:
+                    groups.setdefault((is_vision_tower_parameter(name), name in decay), []).append(param)
+            param_groups = []
+            # language-model groups first: the logged learning rate is that of the first group
+            for (vision, decays), params in sorted(groups.items()):
+                param_groups.append(
+                    {
+                        "params": params,
+                        "lr": self.args.vision_learning_rate if vision else self.args.learning_rate,
+                        "weight_decay": self.args.weight_decay if decays else 0.0,
+                    }
+                )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The stage's schedule: warmup of min(max_warmup_steps, ceil(warmup_ratio * steps)), then `lr_scheduler_type`."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=self.optimizer if optimizer is None else optimizer,
+                num_warmup_steps=self.args.warmup_steps_of_stage(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------ stage checkpoints
+    def save_stage(self, stage: int, root: str) -> str:
+        """Write the finished stage's complete checkpoint to ``{root}/stage-b{B}`` (temporary folder, then rename)."""
+        block_size = self.block_sizes[stage]
+        final = os.path.join(root, stage_dir_name(block_size))
+        staging = os.path.join(root, f".{stage_dir_name(block_size)}.tmp")
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(unwrapped):
+            self.save_model(os.path.join(staging, "adapter"))  # on every rank (it gathers where needed)
+            if self.args.should_save:
+                unwrapped.get_base_model().save_pretrained(staging, state_dict=merged_lora_state_dict(unwrapped))
+                self.processing_class.save_pretrained(staging)
+        else:
+            self.save_model(staging)
+        if self.args.should_save:
+            noise_scheduler = getattr(self.data_collator, "noise_scheduler", None)
+            if noise_scheduler is not None:
+                noise_scheduler.save_pretrained(staging)
+            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+            write_stage_state(staging, stage_state(self.block_sizes, stage, self.state.global_step, complete=True))
+            publish_stage(staging, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _load_stage_weights(self, folder: str) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                f"Resuming at a stage boundary (from {folder!r}) is not supported with FSDP or DeepSpeed. Start a new "
+                "run from that folder's model with `block_sizes` set to the remaining stages."
+            )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._load_from_checkpoint(os.path.join(folder, "adapter") if is_peft_model(unwrapped) else folder)
+
+    # ------------------------------------------------------------------ the stage loop
+    def _begin_stage(self, stage: int, root: str) -> None:
+        block_size = self.block_sizes[stage]
+        self.stage = self._stage_callback.stage = stage
+        self._base_model.config.block_size = block_size  # the model builds its mask with it (and saves it)
+        if hasattr(self.data_collator, "block_size"):
+            self.data_collator.block_size = block_size
+        steps = self.args.steps_of_stage(stage)
+        self.args.max_steps = -1 if steps is None else steps
+        self.args.output_dir = os.path.join(root, stage_checkpoints_dir_name(block_size))
+        # a fresh optimizer and schedule per stage (DESIGN 3.5); Trainer creates them when they are None
+        self.optimizer = None
+        self.lr_scheduler = None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run every stage of `block_sizes`, writing ``stage-b{B}`` after each (see `stages.resume_point` for resume).
+
+        Returns the last stage's `TrainOutput` (per-stage histories are in `stage_log_history`).
+        """
+        root = self.args.output_dir
+        start, checkpoint, weights_from = resume_point(root, self.block_sizes, resume_from_checkpoint)
+        if start >= len(self.block_sizes):
+            logger.warning("Every stage of block_sizes=%s is already complete in %s.", self.block_sizes, root)
+            return TrainOutput(global_step=0, training_loss=0.0, metrics={})
+        if weights_from is not None:
+            self._load_stage_weights(weights_from)
+        saved = (self.args.output_dir, self.args.max_steps)
+        output = None
+        try:
+            for stage in range(start, len(self.block_sizes)):
+                self._begin_stage(stage, root)
+                output = super().train(
+                    resume_from_checkpoint=checkpoint if stage == start else None,
+                    trial=trial,
+                    ignore_keys_for_eval=ignore_keys_for_eval,
+                    **kwargs,
+                )
+                self.stage_log_history[self.block_sizes[stage]] = list(self.state.log_history)
+                self.save_stage(stage, root)
+        finally:
+            self.args.output_dir, self.args.max_steps = saved
+        return output
+
+
+__all__ = ["BlockDiffusionTrainer", "NoiseScheduleCallback", "is_vision_tower_parameter", "load_pretrained_model"]
