@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean browser
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	# lmms-eval requires torchvision, but the torchvision wheel pip picks here does not match the CPU torch build and
 	# breaks `import transformers` model classes; nothing of ours needs it (BardVLProcessor is torchvision-free).
 	$(PY) -m pip uninstall -q -y torchvision
+	# extra `app` (gradio): gradio declares pillow<13 but runs on the pinned pillow 13, and pip cannot override one
+	# requirement, so gradio goes in without its dependencies and then its other requirements under our pins
+	$(PY) -m pip install -q --no-deps -c constraints.txt gradio
+	$(PY) -m pip install -q -c constraints.txt $$($(PY) -m transformers_bard.app.gradio_requirements)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +26,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/transformers-bard demo
 
-test: $(STAMP)
+# Debian's chromium + chromium-driver for the browser test (tests/test_app.py): installed only when missing; where
+# apt-get is not available (or fails), the test is skipped and names what is missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
+		|| echo "could not install chromium/chromium-driver: the browser test in tests/test_app.py will be skipped"; \
+	else echo "apt-get not available: install chromium and chromium-driver to run the browser test (tests/test_app.py)"; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 # everything but the end-to-end and multi-process tests (@pytest.mark.slow)
