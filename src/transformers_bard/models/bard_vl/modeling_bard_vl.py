@@ -26,7 +26,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLModel,
     Qwen3VLPreTrainedModel,
 )
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils import hub as transformers_hub
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -225,7 +226,7 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         block_size: int | None = None,
         logits_mask: torch.BoolTensor | None = None,
         skip_logits: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BardVLOutput:
         r"""
         segment_ids (`torch.LongTensor` of shape `(batch, L)`, *optional*):
