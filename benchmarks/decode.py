@@ -1,33 +1,51 @@
-"""Decoding speed of BARD-VL `generate` against the autoregressive `generate` of the same weights (DESIGN 4).
+"""Decoding speed of BARD-VL `generate` against the autoregressive `generate` of its source (DESIGN 4).
 
-One tiny Qwen3-VL checkpoint (random weights, built offline) is loaded twice: as the stock
-`transformers.Qwen3VLForConditionalGeneration` (greedy AR decoding) and as `BardVLForConditionalGeneration` (block
-diffusion). Both decode the same number of new tokens for every prompt: BARD runs with no EOS, AR with
-`min_new_tokens = max_new_tokens`, so neither stops early. Times cover the whole `generate` call, prefill included;
-each cell is the median of `--repeats` timed runs after one warm-up run.
+Three kinds of model:
+- `--model PATH [PATH ...]`: trained BARD checkpoints (e.g. the demo's `pbm/stage-b32`) against their AR source
+  (`--ar-source`, default: the `source_model` recorded in the first checkpoint's config). Both stop at EOS, so the
+  answer lengths are the real ones; `--prompts digits:TYPE` takes the test split of the digits task, one question type
+  (a name from `transformers_bard.demo.digits.QUESTION_TYPES`, read at run time) or `digits:mix` (all types, as drawn).
+- `--size 0.35b`: a random-weight Qwen3-VL of about 0.35B parameters with Qwen's real 151,936-row vocabulary, built
+  offline (no tokenizer: prompts are random token ids around a 128 x 128 image). Untrained, so BARD decodes about one
+  token per forward and both decoders run a fixed `--new-tokens`; what it measures is the cost of the forwards (the
+  LM head is a large share of them at this vocabulary).
+- neither: the tiny test checkpoint (random weights, ~1M parameters), fixed `--new-tokens`.
 
-What to read from it: the model is untrained, so it is rarely confident and BARD decodes about one token per forward
-at any threshold. The accounting must still be exact (at threshold 1.0 with steps_per_block = B, a block costs B
-forwards with fused commits: the script checks it) and the cost of one block forward should stay close to the cost
-of one AR step, so tokens/s of BARD at ~1 token per forward should be close to AR's. Speed-ups over AR need a trained
-model that is confident (tokens per forward > 1).
+Everything runs in one process on `--threads` (default 1) threads. AR and every BARD variant are interleaved: each
+repeat runs every decoder once over the whole prompt set, in an order rotated per repeat, and each cell is the median
+over `--repeats` repeats (after one warm-up). Times cover the whole `generate` call, prefill and vision included.
+The breakdown splits the median repeat's time per prompt into prefill (the first forward of a call), denoising
+forwards, commit forwards (the fused commit + step of 2B tokens; AR: its decode steps go to "denoise"), and the
+decoder's own overhead (the call's time outside the model's forward).
+
+`--baseline FILE` adds the decoder of an older `generation_bard_vl.py` (e.g. a copy of the committed file taken before
+a change) as "BARD (before)", on the very same weights: before/after columns from one run.
 
     python benchmarks/decode.py --quick
-    python benchmarks/decode.py --block-sizes 4 8 --thresholds 0.9 1.0 --batch-sizes 1 --repeats 7
+    python benchmarks/decode.py --model demo_output/pbm/stage-b4 demo_output/pbm/stage-b32 \\
+        --prompts digits:mix digits:position digits:read --thresholds 0.9 1.0 --batch-sizes 1 8
+    python benchmarks/decode.py --size 0.35b --block-sizes 4 32 --thresholds 0.9 --batch-sizes 1 --new-tokens 32
 """
 
 import argparse
+import functools
+import importlib.util
 import logging
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from transformers_bard import BardVLForConditionalGeneration
+from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.testing import build_tiny_qwen3_vl, make_image, tiny_chat_messages
 
@@ -41,48 +59,128 @@ QUESTIONS = (
     "What would you name this picture?",
     "Tell me what stands out.",
 )
+# Qwen3-VL's special token ids and mask id (DESIGN 2), for the random 0.35B model with the real vocabulary.
+QWEN_VOCAB, QWEN_MASK, QWEN_EOS = 151936, 151671, 151645
+QWEN_IMAGE, QWEN_VISION_START, QWEN_VISION_END = 151655, 151652, 151653
+SIZES = {
+    # hidden, layers, intermediate, heads, kv heads: ~0.35B with tied embeddings (0.16B of them the embedding)
+    "0.35b": dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=64),
+}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32], help="BARD block sizes B.")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 1.0], help="Thresholds tau.")
+    parser.add_argument("--model", nargs="+", default=None, help="Trained BARD checkpoint folder(s).")
+    parser.add_argument("--ar-source", default=None,
+                        help="AR source of --model (default: `source_model` of the first checkpoint's config).")
+    parser.add_argument("--prompts", nargs="+", default=["digits:mix"],
+                        help="With --model: prompt sets `digits:TYPE` (TYPE from QUESTION_TYPES) or `digits:mix`.")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="A random-weight Qwen3-VL of this size with the real 151,936-row vocabulary.")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32],
+                        help="BARD block sizes B (random-weight models; a checkpoint decodes at its own B).")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 1.0], help="Thresholds tau.")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="Prompts per generate call.")
-    parser.add_argument("--num-prompts", type=int, default=8, help="Prompts in the set (images of varied sizes).")
-    parser.add_argument("--new-tokens", type=int, default=64, help="New tokens per prompt (a multiple of every B).")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed runs per cell (median reported).")
-    parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch.set_num_threads. Default 1: the tiny model's ops are latency-bound, and several OpenMP threads on "
-             "a shared machine mostly wait for each other (0 keeps torch's default).",
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="3 repeats, as many prompts as the largest batch: the whole grid in about a minute.")
+    parser.add_argument("--num-prompts", type=int, default=8, help="Prompts per set (at least the largest batch).")
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="Random-weight models: new tokens per prompt (a multiple of every B). --model: the "
+                             "max_new_tokens budget.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats (median reported).")
+    parser.add_argument("--baseline", default=None,
+                        help="An older generation_bard_vl.py to time as 'BARD (before)' next to the current one.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: small models are latency-bound; 0 keeps torch's).")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, as many prompts as the largest batch.")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.num_prompts = 3, max(args.batch_sizes)
+    if args.model and args.size:
+        parser.error("--model and --size exclude each other: a checkpoint has its own size.")
     if args.num_prompts < max(args.batch_sizes):
         parser.error(f"--num-prompts {args.num_prompts} is below the largest batch size {max(args.batch_sizes)}.")
-    if any(args.new_tokens % b for b in args.block_sizes):
+    if not args.model and any(args.new_tokens % b for b in args.block_sizes):
         parser.error(f"--new-tokens {args.new_tokens} must be a multiple of every block size {args.block_sizes}.")
     if any(not 0 < t <= 1 for t in args.thresholds):
         parser.error(f"--thresholds must lie in (0, 1], got {args.thresholds}.")
+    for spec in args.prompts:
+        if not spec.startswith("digits:"):
+            parser.error(f"--prompts takes digits:TYPE or digits:mix, got {spec!r}.")
     return args
 
 
-def load_models(folder: Path):
-    """The stock AR model and the BARD model with the very same weights; `<|mask|>` is a spare embedding row."""
-    ar = Qwen3VLForConditionalGeneration.from_pretrained(folder).eval()
-    mask_token_id = ar.config.text_config.vocab_size - 1
-    bard = BardVLForConditionalGeneration.from_pretrained(folder, mask_token_id=mask_token_id).eval()
-    for (name, a), (_, b) in zip(ar.state_dict().items(), bard.state_dict().items()):
-        if not torch.equal(a, b):
-            raise RuntimeError(f"weights differ at {name}")
+# ---------------------------------------------------------------------------------------------- models
+def tiny_models():
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_qwen3_vl(Path(tmp) / "tiny", image_size=96)
+        processor = BardVLProcessor.from_pretrained(folder)
+        ar = Qwen3VLForConditionalGeneration.from_pretrained(folder).eval()
+        # `<|mask|>` is a spare embedding row of the tiny checkpoint
+        bard = BardVLForConditionalGeneration.from_pretrained(
+            folder, mask_token_id=ar.config.text_config.vocab_size - 1
+        ).eval()
+    return ar, bard, processor
+
+
+def sized_models(size: str):
+    """A random Qwen3-VL of `size` with Qwen's vocabulary, as AR and as BARD model sharing the same tensors."""
+    torch.manual_seed(0)
+    text = dict(SIZES[size], vocab_size=QWEN_VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                 "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=text["hidden_size"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256,
+                  deepstack_visual_indexes=[1])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                           vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
+                           tie_word_embeddings=True)
+    ar = Qwen3VLForConditionalGeneration(config).eval()
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    bard = BardVLForConditionalGeneration(BardVLConfig(**fields, mask_token_id=QWEN_MASK)).eval()
+    bard.load_state_dict(ar.state_dict(), assign=True)
     return ar, bard
 
 
-def prompt_batches(processor, num_prompts: int, batch_size: int):
-    """Processor outputs for the prompt set, `batch_size` prompts per (left-padded) batch."""
+def load_baseline(path: str):
+    """The BARD model class with the `generate` of an older generation file in front (same weights, same forward)."""
+    name = "transformers_bard.models.bard_vl._generation_baseline"  # inside the package: its relative imports resolve
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return type("BaselineBardVL", (module.BardVLGenerationMixin, BardVLForConditionalGeneration), {})
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def digits_prompts(spec: str, processor, num_prompts: int):
+    """(rows of processor inputs, one per prompt): the test split, one question type or the mix."""
+    from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, prompt_messages
+
+    kind = spec.split(":", 1)[1]
+    if kind != "mix" and kind not in QUESTION_TYPES:
+        raise SystemExit(f"--prompts {spec}: the digits question types are {QUESTION_TYPES} (or mix).")
+    rows, size = [], num_prompts
+    while len(rows) < num_prompts:  # the dataset draws types at random: draw more until the set is full
+        data = build_digits_dataset("test", size, seed=1)
+        rows = [row for row in data if kind == "mix" or row["question_type"] == kind][:num_prompts]
+        size *= 4
+    texts = [processor.apply_chat_template(prompt_messages(row["messages"]), add_generation_prompt=True)
+             for row in rows]
+    return [dict(text=t, images=row["images"]) for t, row in zip(texts, rows)]
+
+
+def digits_batches(prompts, processor, batch_size: int):
+    processor.tokenizer.padding_side = "left"
+    return [
+        dict(processor(text=[p["text"] for p in chunk], images=[p["images"] for p in chunk], padding=True,
+                       return_tensors="pt"))
+        for chunk in (prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size))
+    ]
+
+
+def tiny_batches(processor, num_prompts: int, batch_size: int):
     processor.tokenizer.padding_side = "left"
     conversations = [
         tiny_chat_messages([make_image(i, (32 * (1 + i % 3), 32 * (1 + (i + 1) % 2)))],
@@ -90,78 +188,233 @@ def prompt_batches(processor, num_prompts: int, batch_size: int):
         for i in range(num_prompts)
     ]
     return [
-        processor.apply_chat_template(conversations[start:start + batch_size], add_generation_prompt=True,
-                                      tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+        dict(processor.apply_chat_template(conversations[start:start + batch_size], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt", padding=True))
         for start in range(0, num_prompts, batch_size)
     ]
 
 
-def timed(run, batches, repeats: int):
-    """Median seconds of running `run` over all batches, and the outputs of the last run."""
-    outputs = [run(batch) for batch in batches]  # warm-up
-    seconds = []
-    for _ in range(repeats):
+def random_batches(num_prompts: int, batch_size: int, text_tokens: int = 24):
+    """Prompts of random ordinary ids around one 128 x 128 image (16 merged image tokens), unpadded."""
+    generator = torch.Generator().manual_seed(0)
+    image = [QWEN_VISION_START] + [QWEN_IMAGE] * 16 + [QWEN_VISION_END]
+    batches = []
+    for start in range(0, num_prompts, batch_size):
+        n = min(batch_size, num_prompts - start)
+        text = torch.randint(0, 151000, (n, text_tokens), generator=generator)
+        ids = torch.cat([text[:, :4], torch.tensor(image).expand(n, -1), text[:, 4:]], dim=1)
+        batches.append(dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == QWEN_IMAGE).int(),
+            pixel_values=torch.randn(n * 64, 3 * 2 * 16 * 16, generator=generator),
+            image_grid_thw=torch.tensor([[1, 8, 8]] * n),
+        ))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Seconds of one pass over the prompt set, split by forward kind."""
+
+    total: float = 0.0
+    parts: dict = field(default_factory=lambda: {"prefill": 0.0, "denoise": 0.0, "commit": 0.0})
+
+
+class ForwardClock:
+    """Wraps `model.forward` to time each call: the first call of a `generate` is the prefill, a call with 2B input
+    tokens a fused commit, any other a denoising step (or an AR decode step)."""
+
+    def __init__(self, model):
+        self.model, self.inner = model, model.forward
+        self.timing, self.first, self.block_size = None, True, None
+        functools.update_wrapper(self, self.inner)  # AR `generate` reads the forward's signature
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
         start = time.perf_counter()
-        outputs = [run(batch) for batch in batches]
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), outputs
+        out = self.inner(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        ids = kwargs.get("input_ids")
+        if self.first:
+            kind = "prefill"
+        elif self.block_size and ids is not None and ids.shape[1] == 2 * self.block_size:
+            kind = "commit"
+        else:
+            kind = "denoise"
+        self.first = False
+        if self.timing is not None:
+            self.timing.parts[kind] += seconds
+        return out
+
+    def run(self, call, batches, block_size=None):
+        """Run `call` on every batch, timed; returns (Timing, outputs)."""
+        self.timing, self.block_size = Timing(), block_size
+        outputs = []
+        for batch in batches:
+            self.first = True
+            start = time.perf_counter()
+            outputs.append(call(batch))
+            self.timing.total += time.perf_counter() - start
+        timing, self.timing = self.timing, None
+        return timing, outputs
+
+
+def tokens_until_eos(new_tokens: torch.Tensor, eos_ids) -> torch.Tensor:
+    """Tokens per row up to and including the first EOS (all of them without one) ``[rows]``."""
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids))
+    first = is_eos.int().argmax(-1)
+    return torch.where(is_eos.any(-1), first + 1, torch.full_like(first, new_tokens.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------- main
+def machine_lines():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return [
+        f"machine: {cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread(s); "
+        f"{platform.platform()}",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, transformers-bard at git {commit or 'unknown'}",
+    ]
 
 
 def main():
     args = parse_args()
-    # the expected notices (a qwen3_vl checkpoint loaded as bard_vl, its AR generation config ignored) are not results
+    # the expected notices (a checkpoint's AR generation config ignored, ...) are not results
     transformers.logging.set_verbosity_error()
     logging.getLogger("transformers_bard").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
-    n = args.new_tokens
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = build_tiny_qwen3_vl(Path(tmp) / "tiny", image_size=96)
-        processor = BardVLProcessor.from_pretrained(folder)
-        ar, bard = load_models(folder)
+    baseline_class = load_baseline(args.baseline) if args.baseline else None
+
+    # (name, bard model, block sizes) and the prompt sets {name: {batch size: batches}}
+    if args.model:
+        processor = BardVLProcessor.from_pretrained(args.model[0])
+        bards = []
+        for path in args.model:
+            model = BardVLForConditionalGeneration.from_pretrained(path).eval()
+            bards.append(("/".join(Path(path).parts[-2:]), model, model.config.block_size))
+        source = args.ar_source or bards[0][1].config.source_model
+        if not source or not Path(source).is_dir():
+            raise SystemExit(f"No AR source folder ({source!r}): pass --ar-source PATH.")
+        ar = Qwen3VLForConditionalGeneration.from_pretrained(source).eval()
+        eos = bards[0][1].generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        pad = processor.tokenizer.pad_token_id
+        sets = {spec: digits_prompts(spec, processor, args.num_prompts) for spec in args.prompts}
+        batches = {(spec, b): digits_batches(sets[spec], processor, b) for spec in sets for b in args.batch_sizes}
+        description = (f"trained checkpoints {', '.join(args.model)} against AR source {source}; digits test prompts, "
+                       f"max_new_tokens {args.new_tokens}, both decoders stop at EOS")
+        fixed = False
+    else:
+        if args.size:
+            ar, bard = sized_models(args.size)
+            batches = {("random", b): random_batches(args.num_prompts, b) for b in args.batch_sizes}
+            pad, eos = 0, [QWEN_EOS]
+        else:
+            ar, bard, processor = tiny_models()
+            batches = {("tiny", b): tiny_batches(processor, args.num_prompts, b) for b in args.batch_sizes}
+            pad, eos = processor.tokenizer.pad_token_id, ar.generation_config.eos_token_id
+        bards = [(f"random B={b}", bard, b) for b in args.block_sizes]
+        description = (f"random weights ({args.size or 'tiny'}), {args.new_tokens} new tokens per prompt for both "
+                       "decoders (no EOS stop)")
+        fixed = True
     params = sum(p.numel() for p in ar.parameters())
-    pad = processor.tokenizer.pad_token_id
-    ar_config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad,
-                                 eos_token_id=ar.generation_config.eos_token_id)
+    n = args.new_tokens
 
-    rows = []
-    with torch.no_grad():
-        for batch_size in args.batch_sizes:
-            batches = prompt_batches(processor, args.num_prompts, batch_size)
-            total_tokens = args.num_prompts * n
-            ar_seconds, ar_out = timed(lambda b: ar.generate(**b, generation_config=ar_config), batches, args.repeats)
-            if any(out.shape[1] - b["input_ids"].shape[1] != n for out, b in zip(ar_out, batches)):
-                raise RuntimeError("AR generate did not decode exactly --new-tokens tokens")
-            ar_rate = total_tokens / ar_seconds
-            # AR: one forward per token, the first of them being the prefill
-            rows.append((batch_size, "AR (greedy)", "-", "-", n, 1.0, ar_seconds, ar_rate, 1.0))
-            for block_size in args.block_sizes:
-                for threshold in args.thresholds:
-                    options = dict(block_size=block_size, steps_per_block=block_size, threshold=threshold,
-                                   max_new_tokens=n, eos_token_id=None, pad_token_id=pad,
-                                   return_dict_in_generate=True)
-                    seconds, outs = timed(lambda b, o=options: bard.generate(**b, **o), batches, args.repeats)
-                    forwards = torch.cat([o.num_forwards for o in outs]).float()
-                    generated = torch.cat([o.num_generated_tokens for o in outs])
-                    if not (generated == n).all():
-                        raise RuntimeError("BARD generate did not decode exactly --new-tokens tokens")
-                    if threshold == 1.0 and not (forwards == n).all():
-                        raise RuntimeError(f"accounting: tau=1, S=B={block_size} must cost {n} forwards per row "
-                                           f"({n // block_size} blocks x B), got {forwards.tolist()}")
-                    rate = total_tokens / seconds
-                    rows.append((batch_size, "BARD", block_size, threshold, forwards.mean().item(),
-                                 n / forwards.mean().item(), seconds, rate, rate / ar_rate))
+    ar_config = GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=pad, eos_token_id=eos,
+                                 min_new_tokens=n if fixed else None)
 
-    print(f"Tiny Qwen3-VL, {params / 1e6:.2f}M parameters, {args.num_prompts} image prompts, {n} new tokens each, "
-          f"median of {args.repeats} runs, prefill included, {torch.get_num_threads()} CPU threads.\n")
-    print("| batch | decoder | B | tau | forwards / row | tokens / forward | seconds | tokens / s | vs AR |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for batch_size, name, block_size, threshold, forwards, tpf, seconds, rate, ratio in rows:
-        print(f"| {batch_size} | {name} | {block_size} | {threshold} | {forwards:.1f} | {tpf:.2f} | {seconds:.3f} | "
-              f"{rate:.0f} | {ratio:.2f}x |")
-    print("\nForwards exclude the prefill for BARD (denoising steps + commits, fused commits count once); AR counts "
-          "one forward per token, the prefill producing the first. At tau = 1.0 every row used exactly "
-          f"{n} forwards ({n} // B blocks x B): checked.")
+    def ar_call(batch):
+        out = ar.generate(**batch, generation_config=ar_config)
+        new = out[:, batch["input_ids"].shape[1]:]
+        count = torch.full((new.shape[0],), new.shape[1]) if fixed else tokens_until_eos(new, eos)
+        return count, count  # AR: one forward per token (the prefill yields the first)
+
+    # decoders per (set, batch): AR first, then every BARD model x threshold, before and after
+    decoders = []
+    for name, model, block_size in bards:
+        for threshold in args.thresholds:
+            options = dict(block_size=block_size, threshold=threshold, max_new_tokens=n, pad_token_id=pad,
+                           return_dict_in_generate=True)
+            options.update(eos_token_id=None) if fixed else options.update(eos_token_id=eos)
+            variants = [("BARD", None)] + ([("BARD (before)", baseline_class)] if baseline_class else [])
+            for label, cls in variants:
+                decoders.append((label, name, block_size, threshold, model, cls, options))
+
+    ar_clock = ForwardClock(ar)
+    clocks = {id(model): ForwardClock(model) for _, model, _ in bards}
+    results = []
+    with torch.inference_mode():
+        for (spec, batch_size), prompt_batches in batches.items():
+            runs = [("AR", None, "-", "-", None, None, None)] + decoders
+            timings = {i: [] for i in range(len(runs))}
+            counts = {}
+
+            def run_one(i):
+                label, name, block_size, threshold, model, cls, options = runs[i]
+                if label == "AR":
+                    return ar_clock.run(ar_call, prompt_batches)
+                if cls is not None:
+                    model.__class__ = cls
+                try:
+                    return clocks[id(model)].run(lambda b: model.generate(**b, **options), prompt_batches,
+                                                 block_size)
+                finally:
+                    model.__class__ = BardVLForConditionalGeneration
+
+            for i in range(len(runs)):  # warm-up, and the token/forward counts (deterministic)
+                _, outputs = run_one(i)
+                if runs[i][0] == "AR":
+                    tokens = torch.cat([o[0] for o in outputs]).float()
+                    forwards = tokens
+                else:
+                    tokens = torch.cat([o.num_generated_tokens for o in outputs]).float()
+                    forwards = torch.cat([o.num_forwards for o in outputs]).float()
+                counts[i] = (tokens, forwards)
+            for repeat in range(args.repeats):
+                order = list(range(len(runs)))
+                shift = repeat % len(order)
+                for i in order[shift:] + order[:shift]:
+                    timings[i].append(run_one(i)[0])
+            ar_rate = None
+            for i, (label, name, block_size, threshold, *_rest) in enumerate(runs):
+                ordered = sorted(timings[i], key=lambda t: t.total)
+                median = ordered[len(ordered) // 2]
+                tokens, forwards = counts[i]
+                rate = float(tokens.sum()) / statistics.median(t.total for t in timings[i])
+                ar_rate = rate if label == "AR" else ar_rate
+                per_prompt = {k: 1000 * v / args.num_prompts for k, v in median.parts.items()}
+                overhead = 1000 * median.total / args.num_prompts - sum(per_prompt.values())
+                results.append(dict(
+                    prompts=spec, batch=batch_size, decoder=label, model=name or "AR source", block=block_size,
+                    tau=threshold, tokens=float(tokens.mean()), forwards=float(forwards.mean()),
+                    tpf=float(tokens.sum() / forwards.sum()), ms=1000 * median.total / args.num_prompts,
+                    rate=rate, ratio=rate / ar_rate, **per_prompt, overhead=overhead,
+                ))
+
+    for line in machine_lines():
+        print(line)
+    print(f"{description}; AR model {params / 1e6:.1f}M parameters; {args.num_prompts} prompts per set; median of "
+          f"{args.repeats} interleaved repeats.\n")
+    print("| prompts | batch | decoder | model | B | tau | tokens / row | forwards / row | tokens / forward | ms / prompt "
+          "| tokens / s | vs AR | prefill ms | denoise ms | commit ms | overhead ms |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['prompts']} | {r['batch']} | {r['decoder']} | {r['model']} | {r['block']} | {r['tau']} | "
+              f"{r['tokens']:.1f} | {r['forwards']:.1f} | {r['tpf']:.2f} | {r['ms']:.1f} | {r['rate']:.0f} | "
+              f"{r['ratio']:.2f}x | {r['prefill']:.1f} | {r['denoise']:.1f} | {r['commit']:.1f} | "
+              f"{r['overhead']:.1f} |")
+    print("\nforwards / row: BARD counts the forwards after the prompt's forward (denoising steps + commits, a fused "
+          "commit counting once; the prefill also takes block 0's first step in the current decoder); AR counts one "
+          "forward per token, the prefill yielding the first. ms columns are per prompt, from the median repeat; "
+          "'commit' is the fused commit + first step of the next block (2B tokens).")
 
 
 if __name__ == "__main__":

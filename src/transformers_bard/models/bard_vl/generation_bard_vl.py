@@ -657,7 +657,9 @@ class BardVLGenerationMixin:
         if not isinstance(default, BardVLGenerationConfig):
             # someone replaced the model's config by a plain one: read it like an AR file (DESIGN 4.6)
             default = BardVLGenerationConfig.from_dict(default.to_dict()) if default is not None else None
-        config = copy.deepcopy(default) if default is not None else BardVLGenerationConfig()
+        # a shallow copy is enough (`update` replaces attributes, never mutates them) and, unlike a deep copy, costs
+        # nothing next to a short answer's few forwards
+        config = copy.copy(default) if default is not None else BardVLGenerationConfig()
         if generation_config is not None:
             if not isinstance(generation_config, GenerationConfig):
                 raise TypeError(
@@ -668,7 +670,7 @@ class BardVLGenerationMixin:
         for argument in _AR_GENERATE_ARGUMENTS:
             if kwargs.get(argument) is not None:
                 raise ValueError(f"`{argument}` is an autoregressive `generate` argument that BARD-VL does not take.")
-        model_kwargs = config.update(**kwargs)
+        model_kwargs = config.update(**kwargs)  # validates the result
         unknown = sorted(key for key, value in model_kwargs.items() if key not in PREFILL_KWARGS and value is not None)
         if unknown:
             raise ValueError(
@@ -676,7 +678,6 @@ class BardVLGenerationMixin:
                 f"pixel_values, image_grid_thw, mm_token_type_ids, {', '.join(PREFILL_KWARGS)} and the fields of "
                 "BardVLGenerationConfig."
             )
-        config.validate()
         return config, {key: value for key, value in model_kwargs.items() if value is not None}
 
     def _check_generate_inputs(
