@@ -130,17 +130,28 @@ def accelerate_available() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
-def accelerate_launch(config: str, script: str, arguments: list[str], timeout: int = 600):
-    """Run `accelerate launch --config_file examples/accelerate_configs/{config}.yaml examples/scripts/{script}.py`
-    offline, one thread per process, on a free port; returns the `subprocess.CompletedProcess` (output captured)."""
-    import os
+def free_port() -> int:
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def offline_env() -> dict:
+    """The environment of a launched process: offline, one thread per process."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def accelerate_launch(config: str, script: str, arguments: list[str], launch_arguments=(), timeout: int = 600):
+    """Run `accelerate launch --config_file examples/accelerate_configs/{config}.yaml [launch_arguments]
+    examples/scripts/{script}.py [arguments]` offline on a free port; returns the `subprocess.CompletedProcess`
+    (output captured)."""
+    import subprocess
+    import sys
+
     # `python -m accelerate.commands.launch` is `accelerate launch` without the CLI's other subcommands, whose imports
     # (e.g. timm for `accelerate estimate-memory`) must not decide whether training can be launched
     command = [
@@ -150,9 +161,9 @@ def accelerate_launch(config: str, script: str, arguments: list[str], timeout: i
         "--config_file",
         str(EXAMPLES / "accelerate_configs" / f"{config}.yaml"),
         "--main_process_port",
-        str(port),
+        str(free_port()),
+        *launch_arguments,
         str(EXAMPLES / "scripts" / f"{script}.py"),
         *arguments,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=timeout)

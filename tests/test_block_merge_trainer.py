@@ -13,8 +13,8 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 from conftest import tiny_chat_rows
 from transformers_bard import BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
-from transformers_bard.trainer.block_merge_config import BlockMergeConfig
 from transformers_bard.trainer.block_diffusion_trainer import is_vision_tower_parameter
+from transformers_bard.trainer.block_merge_config import BlockMergeConfig
 from transformers_bard.trainer.block_merge_trainer import BlockMergeTrainer, fused_lm_head_inputs
 from transformers_bard.trainer.collator import SAMPLE_INDEX_COLUMN, BlockDiffusionCollator
 from transformers_bard.trainer.losses import block_merge_loss

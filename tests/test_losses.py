@@ -12,8 +12,8 @@ from transformers_bard.trainer.losses import (
     block_merge_loss,
     distillation_objective,
     masked_token_mean_ce,
-    teacher_topk,
     swd_loss,
+    teacher_topk,
     topk_distillation_loss,
 )
 

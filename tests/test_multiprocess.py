@@ -128,3 +128,77 @@ def test_diffusion_distill_two_processes_equal_one_process(tiny_bard_vl_b8_dir, 
     assert len(logged(one / "stage-b8", keys)) == 2 * len(keys)
     assert logged(two / "stage-b8", keys) == pytest.approx(logged(one / "stage-b8", keys), rel=1e-5)
     assert_same_weights(one / "stage-b8", two / "stage-b8", tiny_bard_vl_b8_dir)
+
+
+def test_fsdp2_sharded_step_equals_one_process(tiny_bard_vl_dir, tiny_bard_vl_teacher_dir, tmp_path):
+    """FSDP2 (`fully_shard`, accelerate's TRANSFORMER_BASED_WRAP units) on 2 gloo processes vs 1 unsharded process,
+    the same 4 samples (see tests/fsdp2_step.py): equal losses for the selective head and TRL's fused head (which
+    gathers the sharded LM-head weight), equal gradient norms, equal weights after one SGD step, equal top-k targets
+    of the sharded teacher, and a complete unsharded checkpoint that loads with the Auto classes."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import REPO, free_port, offline_env
+
+    worker = str(REPO / "tests" / "fsdp2_step.py")
+    folders = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    for folder in folders.values():
+        folder.mkdir()
+    paths = [str(tiny_bard_vl_dir), str(tiny_bard_vl_teacher_dir)]
+    commands = {
+        "one": [sys.executable, worker, *paths, str(folders["one"])],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            worker,
+            *paths,
+            str(folders["two"]),
+        ],
+    }
+    for name, command in commands.items():
+        result = subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-6000:]
+
+    one = json.loads((folders["one"] / "rank0.json").read_text())
+    ranks = [json.loads((folders["two"] / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for key in ("loss_selective", "loss_fused"):  # each rank's loss is its share of sum_s L_s / 4
+        assert sum(rank[key] for rank in ranks) == pytest.approx(one[key], rel=1e-5), key
+    assert one["loss_fused"] == pytest.approx(one["loss_selective"], rel=1e-5)
+    for key in ("grad_norm", "grad_norm_fused"):
+        assert ranks[0][key] == ranks[1][key] == pytest.approx(one[key], rel=1e-5), key
+    sharded_topk = torch.tensor(ranks[0]["teacher_topk"] + ranks[1]["teacher_topk"])
+    torch.testing.assert_close(sharded_topk, torch.tensor(one["teacher_topk"]), rtol=1e-5, atol=1e-5)
+    assert_same_weights(folders["one"], folders["two"], tiny_bard_vl_dir)
+    config = json.loads((folders["two"] / "config.json").read_text())
+    assert config["architectures"] == ["BardVLForConditionalGeneration"]
+    loaded = AutoModelForImageTextToText.from_pretrained(folders["two"])
+    assert type(loaded).__name__ == "BardVLForConditionalGeneration"
+
+
+def test_fsdp_config_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
+    """accelerate enables FSDP only on GPUs: `accelerate launch --config_file fsdp2.yaml` on CPU would train replicated
+    (DDP) without a word, so the trainer refuses it and names the CPU alternative."""
+    arguments = [
+        "--config",
+        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
+        "--model_name_or_path",
+        str(tiny_bard_vl_dir),
+        "--dataset_name",
+        str(write_dataset(tmp_path, 4)),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    result = accelerate_launch(
+        "fsdp2", "block_merge", arguments, launch_arguments=["--num_processes", "2", "--mixed_precision", "no"]
+    )
+    assert result.returncode != 0
+    assert "The accelerate config asks for FSDP, but accelerate runs MULTI_CPU on cpu" in result.stderr
+    assert "multi_cpu.yaml" in result.stderr
+    assert not (tmp_path / "out" / "stage-b4").exists()

@@ -205,14 +205,7 @@ class BlockDiffusionTrainer(SFTTrainer):
             callbacks=callbacks,
             peft_config=peft_config,
         )
-        sharded = self.is_fsdp_enabled or (
-            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        )
-        if sharded and is_peft_model(self.model):
-            raise ValueError(
-                "LoRA with FSDP or DeepSpeed ZeRO-3 is not supported: the stage checkpoints merge the adapter into "
-                "full weights. Use DDP or ZeRO-2 for LoRA."
-            )
+        self._check_distributed_setting()
         self.block_sizes = list(block_sizes)
         self.stage = 0
         self.stage_log_history: dict[int, list[dict]] = {}
@@ -220,6 +213,32 @@ class BlockDiffusionTrainer(SFTTrainer):
         self.add_callback(self._stage_callback)
         if isinstance(self.data_collator, BlockDiffusionCollator):
             self.add_callback(NoiseScheduleCallback(self.data_collator))
+
+    def _check_distributed_setting(self) -> None:
+        """Refuse the launches that would not train as asked (DESIGN 6): sharding that accelerate did not enable,
+        and LoRA under parameter sharding."""
+        for name, variable, enabled in (
+            ("FSDP", "ACCELERATE_USE_FSDP", self.is_fsdp_enabled),
+            ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", self.is_deepspeed_enabled),
+        ):
+            if os.environ.get(variable, "false").lower() == "true" and not enabled:
+                # accelerate turns FSDP / DeepSpeed on only for accelerator devices (GPU, XPU, NPU, ...); on CPU the
+                # processes would silently train replicated, with DDP
+                raise ValueError(
+                    f"The accelerate config asks for {name}, but accelerate runs "
+                    f"{self.accelerator.distributed_type.value} on {self.accelerator.device.type}: it enables {name} "
+                    "only on accelerator devices (GPUs), so this run would train without sharding. On CPU launch with "
+                    "examples/accelerate_configs/multi_cpu.yaml (DDP over gloo); shard on GPUs."
+                )
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if sharded and is_peft_model(self.model):
+            raise ValueError(
+                "LoRA with FSDP or DeepSpeed ZeRO-3 is not supported: the stage checkpoints merge the adapter into "
+                "full weights, which needs every rank's LoRA and base shards. Use DDP or ZeRO-2 for LoRA, or train "
+                "the full model under FSDP / ZeRO-3."
+            )
 
     # ------------------------------------------------------------------ helpers
     @property
