@@ -240,6 +240,72 @@ def test_cli_convert(tiny_qwen3_vl_dir, tmp_path, capsys):
     assert cli_main(["convert", str(tiny_qwen3_vl_dir), str(tmp_path / "x"), "--block-size", "0"]) == 2
 
 
+def test_conversion_sets_and_keeps_prediction_shift(tiny_qwen3_vl_dir, converted, tmp_path):
+    """`prediction_shift` (DESIGN 4.1): off by default (the paper), on with the argument or `--prediction-shift`;
+    re-converting a BARD-VL checkpoint keeps its setting unless told otherwise."""
+    assert json.loads((converted / "config.json").read_text())["prediction_shift"] is False
+    shifted = convert_from_autoregressive(tiny_qwen3_vl_dir, tmp_path / "shifted", prediction_shift=True)
+    assert BardVLConfig.from_pretrained(shifted).prediction_shift is True
+    assert "Shifted prediction" in (shifted / "README.md").read_text()
+    again = convert_from_autoregressive(shifted, tmp_path / "again", block_size=8)
+    assert BardVLConfig.from_pretrained(again).prediction_shift is True
+    assert BardVLConfig.from_pretrained(again).mask_token_id == BardVLConfig.from_pretrained(shifted).mask_token_id
+    off = convert_from_autoregressive(shifted, tmp_path / "off", prediction_shift=False)
+    assert BardVLConfig.from_pretrained(off).prediction_shift is False
+    with pytest.raises(ValueError, match="prediction_shift"):
+        convert_from_autoregressive(tiny_qwen3_vl_dir, tmp_path / "bad", prediction_shift="yes")
+    assert cli_main(["convert", str(tiny_qwen3_vl_dir), str(tmp_path / "cli"), "--prediction-shift"]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["prediction_shift"] is True
+    assert cli_main(["convert", str(tmp_path / "cli"), str(tmp_path / "cli-off"), "--no-prediction-shift"]) == 0
+    assert json.loads((tmp_path / "cli-off" / "config.json").read_text())["prediction_shift"] is False
+
+
+def _as_upstream_bard_vl(source: Path, target: Path, **config_changes) -> Path:
+    """A copy of `source` relabelled the way upstream BARD-VL checkpoints are: model_type `bard_vl`, text sub-config
+    `bard_vl_text`, no `mask_token_id` and a tokenizer without a `<|mask|>` string."""
+    import shutil
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(model_type="bard_vl", architectures=["BardVLForConditionalGeneration"], block_size=4)
+    config["text_config"]["model_type"] = "bard_vl_text"
+    for key, value in config_changes.items():
+        if key == "vocab_size":
+            config["text_config"]["vocab_size"] = value
+        else:
+            config[key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_converting_an_upstream_bard_vl_checkpoint_keeps_mask_id_151671(tiny_qwen3_vl_dir, tmp_path):
+    """Item 6 of issue 13: upstream BARD-VL trained `<|mask|>` as id 151671 with no string (DESIGN 2). Converting
+    such a checkpoint must keep 151671, not add a new `<|mask|>` (the next free id, an untrained row) and point the
+    config at it. Only the config and the tokenizer are read: the Qwen-sized vocabulary is written into the config
+    of the tiny checkpoint (its shards are copied byte for byte, not loaded)."""
+    from transformers import AutoTokenizer
+
+    upstream = _as_upstream_bard_vl(tiny_qwen3_vl_dir, tmp_path / "upstream", vocab_size=151936)
+    out = convert_from_autoregressive(upstream, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mask_token_id"] == 151671
+    source_tokenizer, tokenizer = AutoTokenizer.from_pretrained(upstream), AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == len(source_tokenizer)  # nothing added
+    assert tokenizer.convert_tokens_to_ids("<|mask|>") in (None, tokenizer.unk_token_id)
+    for name in (p.name for p in upstream.glob("*.safetensors")):
+        assert sha(out / name) == sha(upstream / name)
+    # an explicit id is kept too; a BARD-VL config of a small vocabulary without one gets `<|mask|>` added as usual
+    explicit = convert_from_autoregressive(
+        _as_upstream_bard_vl(tiny_qwen3_vl_dir, tmp_path / "explicit", mask_token_id=7), tmp_path / "explicit-out"
+    )
+    assert json.loads((explicit / "config.json").read_text())["mask_token_id"] == 7
+    small = convert_from_autoregressive(_as_upstream_bard_vl(tiny_qwen3_vl_dir, tmp_path / "small"), tmp_path / "s")
+    small_tokenizer = AutoTokenizer.from_pretrained(small)
+    assert json.loads((small / "config.json").read_text())["mask_token_id"] == small_tokenizer.convert_tokens_to_ids(
+        "<|mask|>"
+    ) == len(source_tokenizer)
+
+
 def test_push_to_hub_uploads_code_card_and_loads_remotely(converted, tmp_path, monkeypatch):
     """No network: intercept huggingface_hub's calls and keep what would be uploaded."""
     import shutil

@@ -176,3 +176,43 @@ def test_bad_arguments():
         block_ids_from_segments(seg, 0)
     with pytest.raises(ValueError, match="prompt_attention"):
         block_diffusion_mask(seg, 2, "full")
+
+
+# ---------------------------------------------------------------------- shifted prediction (DESIGN 4.1, issue 13)
+@pytest.mark.parametrize("B", [1, 2, 4])
+def test_shifted_source_columns_match_the_rule(B):
+    """Every noisy token's source column, from DESIGN 4.1 by hand: offset j takes noisy j - 1 inside a block, the
+    clean j - 1 at a block start, the last prompt column at j = 0; nothing else has a source."""
+    from transformers_bard.models.bard_vl.masking_bard_vl import shifted_source_columns
+
+    prefix_lens, response_lens = [7, 2, 5], [2 * B, B, 3 * B]
+    prefix_att, resp = packed_inputs(prefix_lens, response_lens)
+    seg = packed_segment_ids(prefix_att, resp)
+    sources = shifted_source_columns(seg, B)
+    P_max, R_max = max(prefix_lens), max(response_lens)
+    for row, (P, R) in enumerate(zip(prefix_lens, response_lens)):
+        for c in range(seg.shape[1]):
+            role, _, j = describe_packed(c, P, R, P_max, R_max, B)
+            if role != "noisy":
+                want = -1
+            elif j % B:
+                want = P_max + R_max + j - 1  # the noisy token before it, in its own block
+            elif j == 0:
+                want = P_max - 1  # the last prompt token (prompts are left-padded)
+            else:
+                want = P_max + j - 1  # the last clean token of the previous block
+            assert sources[row, c].item() == want, (row, c)
+    # one target per source: the hidden states are distinct, so the gathered logits are too
+    for row in range(len(prefix_lens)):
+        used = sources[row][sources[row] >= 0]
+        assert used.unique().numel() == used.numel()
+
+
+def test_shifted_source_columns_without_prompt_or_clean_tokens():
+    from transformers_bard.models.bard_vl.masking_bard_vl import shifted_source_columns
+
+    seg = torch.tensor([[NOISY, NOISY, NOISY], [PREFIX, NOISY, NOISY]])
+    # row 0: no prompt, so offset 0 has no source, and offset 2 starts block 1 without a clean block 0 before it
+    assert shifted_source_columns(seg, 2).tolist() == [[-1, 0, -1], [-1, 0, 1]]
+    with pytest.raises(ValueError, match="block_size"):
+        shifted_source_columns(seg, 0)

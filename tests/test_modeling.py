@@ -2,7 +2,9 @@
 
 The invariant (DESIGN 3.1, 3.2, 4): the logits of a noisy block computed in the packed training row
 ``[prefix ; x0 ; xt]`` equal the logits of the same block computed the way decoding computes them: prefill of the
-prompt into a KV cache, commit of the earlier clean blocks, then the noisy block alone against the cache.
+prompt into a KV cache, commit of the earlier clean blocks, then the noisy block alone against the cache. It holds
+for both values of `prediction_shift` (DESIGN 4.1): shifted, a block's first logit is the last logit of the forward
+before it (the prefill's last prompt token or the commit's last token), the others come from its noisy positions.
 """
 
 import math
@@ -27,7 +29,7 @@ MASK_TOKEN = 94
 PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal_patch * patch * patch
 
 
-def tiny_config(block_size=4, prompt_attention="block_causal"):
+def tiny_config(block_size=4, prompt_attention="block_causal", prediction_shift=False):
     return BardVLConfig(
         text_config=dict(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -39,13 +41,13 @@ def tiny_config(block_size=4, prompt_attention="block_causal"):
                            num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END, block_size=block_size, mask_token_id=MASK_TOKEN,
-        prompt_attention=prompt_attention,
+        prompt_attention=prompt_attention, prediction_shift=prediction_shift,
     )
 
 
-def make_model(block_size=4, prompt_attention="block_causal", seed=0):
+def make_model(block_size=4, prompt_attention="block_causal", seed=0, prediction_shift=False):
     torch.manual_seed(seed)
-    config = tiny_config(block_size, prompt_attention)
+    config = tiny_config(block_size, prompt_attention, prediction_shift)
     config._attn_implementation = "sdpa"
     model = BardVLForConditionalGeneration(config).eval()
     return model
@@ -88,7 +90,8 @@ def pack_batch(prompts, responses, noisy, block_size):
 
 
 def decode_style_block_logits(model, prompt, x0, xt_block, block_index, pixel_values):
-    """Logits of noisy block `block_index` as decoding computes them: prefill, commits, then the block alone."""
+    """Logits ``[B, V]`` of noisy block `block_index` as decoding computes them: prefill, commits, then the block
+    alone. Shifted (DESIGN 4.1): the last logit of the previous forward, then the block's logits but its last."""
     ids, mm, grid = prompt
     B = model.config.block_size
     pa = model.config.prompt_attention
@@ -98,8 +101,8 @@ def decode_style_block_logits(model, prompt, x0, xt_block, block_index, pixel_va
     prefix_blk = (torch.arange(P) // B)[None]
     pos, _ = model.model.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=grid)
     mask = attention_mask_from_labels(prefix_seg, prefix_blk, prefix_seg, prefix_blk, pa)
-    model(input_ids=ids[None], attention_mask=mask, position_ids=pos, cache=cache, pixel_values=pixel_values,
-          image_grid_thw=grid, mm_token_type_ids=mm[None], use_cache=True)
+    previous = model(input_ids=ids[None], attention_mask=mask, position_ids=pos, cache=cache,
+                     pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=mm[None], use_cache=True).logits
     key_seg, key_blk = prefix_seg, prefix_blk
     start = int(pos.max()) + 1
     first_block = math.ceil(P / B)
@@ -114,14 +117,18 @@ def decode_style_block_logits(model, prompt, x0, xt_block, block_index, pixel_va
         out = model(input_ids=tokens[None], attention_mask=mask, position_ids=p, cache=cache, use_cache=True)
         if b < block_index:
             key_seg, key_blk = k_seg, k_blk
+            previous = out.logits
+        elif model.config.prediction_shift:
+            return torch.cat([previous[0, -1:], out.logits[0, :-1]])
         else:
             return out.logits[0]
 
 
+@pytest.mark.parametrize("prediction_shift", [False, True])
 @pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
 @pytest.mark.parametrize("block_size", [1, 4, 8])
-def test_packed_logits_equal_decode_logits(block_size, prompt_attention):
-    model = make_model(block_size, prompt_attention)
+def test_packed_logits_equal_decode_logits(block_size, prompt_attention, prediction_shift):
+    model = make_model(block_size, prompt_attention, prediction_shift=prediction_shift)
     gen = torch.Generator().manual_seed(block_size)
     B = block_size
     # three rows: with image / text only / with image, different prompt and response lengths
@@ -189,6 +196,38 @@ def test_selective_head_matches_full_head_and_unshifted_loss():
     # no shift: CE of logit i against the clean token at i
     expected = torch.nn.functional.cross_entropy(full[keep].float(), x0)
     torch.testing.assert_close(sel.loss, expected)
+
+
+def test_shifted_head_scores_each_target_at_its_source(tmp_path):
+    """prediction_shift (DESIGN 4.1): the selective head returns, in target order, the full head's logits at the
+    source columns (first token of a block <- last prompt / last clean token of the block before; others <- the
+    noisy token before), and `labels` are scored against them; the flag is validated and saved."""
+    model = make_model(4, prediction_shift=True)
+    gen = torch.Generator().manual_seed(1)
+    prompt = make_prompt(gen, 6, False)
+    x0 = torch.randint(0, 80, (8,), generator=gen)
+    xt = x0.clone()
+    xt[[0, 2, 4, 5, 7]] = MASK_TOKEN
+    input_ids, mm, seg, grid, P, R = pack_batch([prompt], [x0], [xt], 4)
+    keep = input_ids == MASK_TOKEN
+    labels = torch.full_like(input_ids, -100)
+    labels[keep] = x0[[0, 2, 4, 5, 7]]
+    with torch.no_grad():
+        full = model(input_ids=input_ids, segment_ids=seg).logits[0]  # [L, V], the raw head: i predicts i + 1
+        sel = model(input_ids=input_ids, segment_ids=seg, logits_mask=keep, labels=labels)
+    sources = [P - 1, P + R + 1, P + 3, P + R + 4, P + R + 6]  # targets at offsets 0, 2, 4, 5, 7
+    torch.testing.assert_close(sel.logits, full[sources])
+    expected = torch.nn.functional.cross_entropy(full[sources].float(), x0[[0, 2, 4, 5, 7]])
+    torch.testing.assert_close(sel.loss, expected)
+    with pytest.raises(ValueError, match="logits_mask"):
+        model(input_ids=input_ids, segment_ids=seg, labels=labels)
+    with pytest.raises(ValueError, match="prediction_shift"):
+        model(input_ids=input_ids, segment_ids=seg, logits_mask=seg == CLEAN)
+    model.save_pretrained(tmp_path)
+    assert BardVLConfig.from_pretrained(tmp_path).prediction_shift is True
+    assert tiny_config().prediction_shift is False
+    with pytest.raises(Exception, match="prediction_shift"):
+        tiny_config(prediction_shift="yes")
 
 
 def test_eager_attention_matches_sdpa():

@@ -16,6 +16,11 @@ def _add_convert(sub) -> None:
         "--prompt-attention", choices=["block_causal", "causal"], default="block_causal",
         help="How prompt tokens attend to each other (DESIGN 3.2).",
     )
+    p.add_argument(
+        "--prediction-shift", action=argparse.BooleanOptionalAction, default=None,
+        help="Shifted prediction (DESIGN 4.1): the hidden state at i predicts token i + 1, as in the AR source. "
+        "Default: off (the paper), or a BARD-VL source's own setting.",
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
     p.set_defaults(func=_run_convert)
 
@@ -25,7 +30,7 @@ def _run_convert(args) -> int:
 
     out = convert_from_autoregressive(
         args.source, args.output, block_size=args.block_size, prompt_attention=args.prompt_attention,
-        overwrite=args.overwrite,
+        prediction_shift=args.prediction_shift, overwrite=args.overwrite,
     )
     print(f"BARD-VL checkpoint written to {out}")
     return 0

@@ -20,7 +20,12 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save
 
-from .models.bard_vl.configuration_bard_vl import PROMPT_ATTENTION_CHOICES, BardVLConfig
+from .models.bard_vl.configuration_bard_vl import (
+    PROMPT_ATTENTION_CHOICES,
+    QWEN_VOCAB_SIZE,
+    UPSTREAM_MASK_TOKEN_ID,
+    BardVLConfig,
+)
 from .models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration, model_card
 
 logger = logging.getLogger(__name__)
@@ -65,9 +70,16 @@ def _resolve_source(source: str | os.PathLike) -> Path:
         ) from error
 
 
-def _check_arguments(source_dir: Path, output_dir: Path, block_size, prompt_attention, overwrite: bool) -> dict:
+def _check_arguments(
+    source_dir: Path, output_dir: Path, block_size, prompt_attention, prediction_shift, overwrite: bool
+) -> dict:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}. The paper starts at 4.")
+    if prediction_shift is not None and not isinstance(prediction_shift, bool):
+        raise ValueError(
+            f"`prediction_shift` must be True, False or None (keep a BARD-VL source's setting), got "
+            f"{prediction_shift!r}."
+        )
     if prompt_attention not in PROMPT_ATTENTION_CHOICES:
         raise ValueError(f"`prompt_attention` must be one of {PROMPT_ATTENTION_CHOICES}, got {prompt_attention!r}.")
     config_file = source_dir / "config.json"
@@ -98,14 +110,30 @@ def _check_arguments(source_dir: Path, output_dir: Path, block_size, prompt_atte
     return config
 
 
-def _bard_config(source_config: dict, block_size: int, mask_token_id: int, prompt_attention: str, source_name):
+def _existing_mask_token_id(source_config: dict, vocab_rows: int) -> int | None:
+    """The mask id a BARD-VL source was trained with (DESIGN 2): its `mask_token_id`, or, when absent (upstream
+    layout) and the vocabulary is Qwen-sized, the upstream id 151671, which has no string in the tokenizer. None for
+    an autoregressive source."""
+    if source_config.get("model_type") != "bard_vl":
+        return None
+    if source_config.get("mask_token_id") is not None:
+        return source_config["mask_token_id"]
+    return UPSTREAM_MASK_TOKEN_ID if vocab_rows >= QWEN_VOCAB_SIZE else None
+
+
+def _bard_config(
+    source_config: dict, block_size: int, mask_token_id: int, prompt_attention: str, prediction_shift, source_name
+):
     fields = dict(source_config)
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         fields.pop(key, None)
+    if prediction_shift is None:  # keep a BARD-VL source's setting; an AR source gets the paper's (False)
+        prediction_shift = bool(source_config.get("prediction_shift", False))
     fields.update(
         block_size=block_size,
         mask_token_id=mask_token_id,
         prompt_attention=prompt_attention,
+        prediction_shift=prediction_shift,
         source_model=source_name,
     )
     config = BardVLConfig.from_dict(fields)
@@ -128,6 +156,7 @@ def convert_from_autoregressive(
     block_size: int = 4,
     *,
     prompt_attention: str = "block_causal",
+    prediction_shift: bool | None = None,
     mask_token: str = MASK_TOKEN,
     overwrite: bool = False,
 ) -> Path:
@@ -139,7 +168,11 @@ def convert_from_autoregressive(
         output_dir: where to write the BARD checkpoint. Must be empty or absent unless `overwrite=True`.
         block_size: the block size B written to the config (DESIGN 3.5 starts at 4).
         prompt_attention: `"block_causal"` (reference) or `"causal"` (DESIGN 3.2).
-        mask_token: the mask token string added to the tokenizer if absent (DESIGN 2).
+        prediction_shift: `True` keeps the AR head's meaning (the hidden state at i predicts token i + 1, DESIGN
+            4.1), `False` is the paper's (i predicts i). None (default): a BARD-VL source's own setting, else False.
+        mask_token: the mask token string added to the tokenizer if absent (DESIGN 2). A BARD-VL source keeps the
+            mask id it was trained with (its `mask_token_id`, or 151671 for an upstream checkpoint without one),
+            even when the tokenizer has no string for it; nothing is added then.
         overwrite: replace a non-empty `output_dir`.
 
     Returns:
@@ -148,15 +181,18 @@ def convert_from_autoregressive(
     """
     source_dir = _resolve_source(source)
     output_dir = Path(output_dir)
-    source_config = _check_arguments(source_dir, output_dir, block_size, prompt_attention, overwrite)
+    source_config = _check_arguments(source_dir, output_dir, block_size, prompt_attention, prediction_shift, overwrite)
 
-    # 1. the tokenizer, with <|mask|> (DESIGN 2): its id must fall inside the embedding rows
+    # 1. the tokenizer, with <|mask|> (DESIGN 2): its id must fall inside the embedding rows. A BARD-VL source keeps
+    #    the id its weights were trained with (a new token would point the config at an untrained row).
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    vocab_rows = (source_config.get("text_config") or {}).get("vocab_size", source_config.get("vocab_size"))
+    mask_id = _existing_mask_token_id(source_config, vocab_rows)
+    if mask_id is None:
+        mask_id = tokenizer.convert_tokens_to_ids(mask_token)
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
         mask_id = tokenizer.convert_tokens_to_ids(mask_token)
-    vocab_rows = (source_config.get("text_config") or {}).get("vocab_size", source_config.get("vocab_size"))
     needs_resize = mask_id >= vocab_rows
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +200,7 @@ def convert_from_autoregressive(
     try:
         # when <|mask|> needs new embedding rows, the config takes its id only after the resize
         config = _bard_config(
-            source_config, block_size, None if needs_resize else mask_id, prompt_attention,
+            source_config, block_size, None if needs_resize else mask_id, prompt_attention, prediction_shift,
             _source_name(source, source_config),
         )
         # 2. carried-over files, then our tokenizer (overwrites the tokenizer files with <|mask|> added)

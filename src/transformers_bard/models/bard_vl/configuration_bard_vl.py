@@ -1,4 +1,4 @@
-"""BardVLConfig: Qwen3-VL's config plus the three fields block diffusion needs (DESIGN 2, 3.2).
+"""BardVLConfig: Qwen3-VL's config plus the fields block diffusion needs (DESIGN 2, 3.2, 4.1).
 
 This file is exported next to the weights for ``trust_remote_code``: it imports only torch/transformers and
 its siblings.
@@ -30,6 +30,12 @@ class BardVLConfig(Qwen3VLConfig):
     prompt_attention (`str`, defaults to `"block_causal"`):
         How prompt (prefix) tokens attend to each other: `"block_causal"` (chunks of `block_size`, bidirectional inside
         a chunk, the reference behaviour) or `"causal"` (token-causal). Training and generation must agree.
+    prediction_shift (`bool`, defaults to `False`):
+        Which token a hidden state predicts (DESIGN 4.1). `False` (the paper, every upstream checkpoint): the hidden
+        state at position i predicts the token at i. `True` (as the AR source, Dream, Fast-dLLM v2): it predicts the
+        token at i + 1, so the first token of a response block comes from the last prompt token or the last token of
+        the committed block before it, and token j >= 1 from the noisy position j - 1. Training and `generate` follow
+        it; a checkpoint is trained for one value.
     source_model (`str`, *optional*):
         The autoregressive checkpoint this model was converted from (the model card's `base_model`).
     """
@@ -43,6 +49,7 @@ class BardVLConfig(Qwen3VLConfig):
     block_size: int = 4
     mask_token_id: int | None = None
     prompt_attention: str = "block_causal"
+    prediction_shift: bool = False
     source_model: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -62,6 +69,11 @@ class BardVLConfig(Qwen3VLConfig):
         if self.prompt_attention not in PROMPT_ATTENTION_CHOICES:
             raise ValueError(
                 f"`prompt_attention` must be one of {PROMPT_ATTENTION_CHOICES}, got {self.prompt_attention!r}."
+            )
+        if not isinstance(self.prediction_shift, bool):
+            raise ValueError(
+                f"`prediction_shift` must be True or False, got {self.prediction_shift!r}. False (the paper) predicts "
+                "the token at the hidden state's own position, True the next one (DESIGN 4.1)."
             )
         if self.mask_token_id is not None:
             vocab = self.text_config.vocab_size

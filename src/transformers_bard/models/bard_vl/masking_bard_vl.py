@@ -118,6 +118,45 @@ def block_diffusion_mask(
     return attention_mask_from_labels(segment_ids, block_ids, segment_ids, block_ids, prompt_attention)
 
 
+def shifted_source_columns(segment_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Under shifted prediction (DESIGN 4.1), the column whose hidden state predicts each noisy token.
+
+    For the noisy token at response offset j (block b = j // B): offset j - 1's noisy column when j % B != 0; for the
+    first token of a block, the last prefix column (j = 0) or the clean column of offset j - 1 (the last token of
+    clean block b - 1, which sees only clean context: exactly the AR prediction). The last noisy token of a block
+    predicts nothing. Sources are unique, but not in the column order of their targets.
+
+    Args:
+        segment_ids: ``[batch, L]`` labels of a packed row ``[prefix ; x0 ; xt]`` (segments in any column order; each
+            is counted in column order).
+        block_size: B.
+
+    Returns:
+        ``[batch, L]`` long: the source column at every noisy position, -1 elsewhere and where the source is missing
+        (a row without prefix, or fewer clean than noisy tokens).
+    """
+    if block_size < 1:
+        raise ValueError(f"`block_size` must be >= 1, got {block_size}.")
+    batch, length = segment_ids.shape
+    columns = torch.arange(length, device=segment_ids.device).expand(batch, length)  # [batch, L]
+
+    def column_of_rank(label: int) -> torch.Tensor:
+        # [batch, L + 1]: entry r is the column of the segment's r-th token (-1 if none); slot L collects the rest
+        inside = segment_ids == label
+        rank = torch.where(inside, inside.long().cumsum(-1) - 1, length)
+        table = torch.full((batch, length + 1), -1, dtype=torch.long, device=segment_ids.device)
+        return table.scatter(1, rank, torch.where(inside, columns, -1))
+
+    is_noisy = segment_ids == NOISY
+    offset = is_noisy.long().cumsum(-1) - 1  # [batch, L], response offset j of each noisy token
+    previous = (offset - 1).clamp(min=0)
+    from_noisy = column_of_rank(NOISY).gather(1, previous)  # noisy column of offset j - 1
+    from_clean = column_of_rank(CLEAN).gather(1, previous)  # clean column of offset j - 1
+    last_prefix = torch.where(segment_ids == PREFIX, columns, -1).amax(-1, keepdim=True).expand(batch, length)
+    source = torch.where(offset % block_size != 0, from_noisy, torch.where(offset == 0, last_prefix, from_clean))
+    return torch.where(is_noisy, source, -1)
+
+
 def packed_segment_ids(prefix_attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Segments of the packed training row ``[prefix ; x0 ; xt]`` (DESIGN 3.1).
 
@@ -164,6 +203,7 @@ __all__ = [
     "attention_mask_from_labels",
     "block_diffusion_mask",
     "packed_segment_ids",
+    "shifted_source_columns",
     "response_position_ids",
     "packed_position_ids",
 ]

@@ -6,7 +6,10 @@ What changes relative to `Qwen3VLForConditionalGeneration` (DESIGN 1, 2, 3):
   block size;
 - `forward` accepts `logits_mask` (``[batch, L]`` bool): the LM head runs only at those positions and `logits` is
   ``[N, vocab]`` (N = number of True entries, row-major);
-- `labels` give a plain, *unshifted* cross-entropy: the logit at position i predicts the clean token at i (DESIGN 2).
+- `labels` give a plain, *unshifted* cross-entropy: the logit at position i predicts the clean token at i (DESIGN 2);
+- with `config.prediction_shift` (DESIGN 4.1) the logit of a supervised noisy position comes from the hidden state
+  that predicts it (the previous noisy position, or the last prefix/clean token before its block): `logits` keeps the
+  row-major order of the `logits_mask` targets, so labels, 1/t weights and teacher targets line up unchanged.
 Same parameters and weight names as Qwen3-VL: stock and upstream BARD-VL checkpoints load unchanged.
 
 This file is exported next to the weights for ``trust_remote_code``: torch, transformers and siblings only.
@@ -33,7 +36,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_bard_vl import BardVLConfig
 from .generation_bard_vl import BardVLGenerationConfig, BardVLGenerationMixin
-from .masking_bard_vl import CLEAN, NOISY, PREFIX, block_diffusion_mask
+from .masking_bard_vl import CLEAN, NOISY, PREFIX, block_diffusion_mask, shifted_source_columns
 
 MODEL_CARD_TAGS = ["block-diffusion", "bard", "bard-vl", "qwen3-vl", "diffusion-language-model"]
 
@@ -50,13 +53,19 @@ def model_card(config: BardVLConfig, repo_id: str | None = None, tags: list[str]
     )
     name = repo_id or "path/to/checkpoint"
     source = f" converted from [`{base}`](https://huggingface.co/{base})" if base else ""
+    shift = (
+        " Shifted prediction (`prediction_shift=True`): the hidden state at position i predicts token i + 1, as in "
+        "the autoregressive source."
+        if getattr(config, "prediction_shift", False)
+        else ""
+    )
     body = f"""
 # {repo_id or "BARD-VL checkpoint"}
 
 A block-diffusion vision-language model{source} with BARD (progressive block merging and stage-wise
 intra-dVLM distillation, arXiv 2604.16514). Same parameters as Qwen3-VL; it decodes a block of
 **{config.block_size} tokens** per step group, unmasking confident tokens in parallel and caching finished
-blocks. Prompt attention: `{config.prompt_attention}`. Mask token id: `{config.mask_token_id}`.
+blocks. Prompt attention: `{config.prompt_attention}`. Mask token id: `{config.mask_token_id}`.{shift}
 
 ## Load and generate
 
@@ -204,6 +213,24 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
             pos = torch.where(in_segment[None], seg_pos[None].expand_as(pos), pos)
         return pos
 
+    def logit_positions(
+        self, segment_ids: torch.Tensor, logits_mask: torch.Tensor, block_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, columns)``, each ``[N]``: the hidden state that scores each of the N targets of `logits_mask`
+        (row-major) in a packed row. The target itself without shift; its source under `config.prediction_shift`
+        (DESIGN 4.1, `shifted_source_columns` at `block_size`, default `config.block_size`)."""
+        rows, columns = logits_mask.bool().nonzero(as_tuple=True)  # [N], [N]
+        if not self.config.prediction_shift:
+            return rows, columns
+        block_size = self.config.block_size if block_size is None else block_size
+        sources = shifted_source_columns(segment_ids, block_size)[rows, columns]  # [N]
+        if bool((sources < 0).any()):
+            raise ValueError(
+                "`logits_mask` selects positions that no hidden state predicts under `prediction_shift=True`: only "
+                "noisy (xt) positions of rows with a prompt can be supervised (DESIGN 4.1). Mark only xt positions."
+            )
+        return rows, sources
+
     # ------------------------------------------------------------------ forward
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -237,6 +264,8 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
             Block size of the mask built from `segment_ids` (a distillation teacher rebuilds the mask with its own).
         logits_mask (`torch.BoolTensor` of shape `(batch, L)`, *optional*):
             Run the LM head only where True; `logits` is then `(N, vocab)` and `selected_hidden_states` `(N, hidden)`.
+            With `segment_ids` and `config.prediction_shift`, True marks the *targets* (noisy positions) and each
+            one's logit comes from the hidden state that predicts it (`logit_positions`, DESIGN 4.1).
         skip_logits (`bool`):
             With `logits_mask`: return only `selected_hidden_states` (for a chunked LM-head + loss).
         labels (`torch.LongTensor`, *optional*):
@@ -278,7 +307,18 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         hidden_states = outputs.last_hidden_state  # [batch, L, hidden]
 
         selected = None
-        if logits_mask is not None:
+        shifted = self.config.prediction_shift and segment_ids is not None
+        if shifted and logits_mask is None and labels is not None:
+            raise ValueError(
+                "With `prediction_shift=True`, `labels` on a packed row need `logits_mask` (the supervised xt "
+                "positions): each target's logit is taken from the hidden state that predicts it (DESIGN 4.1)."
+            )
+        if logits_mask is not None and shifted:
+            selected = hidden_states[self.logit_positions(segment_ids, logits_mask, block_size)]  # [N, hidden]
+            logits = None if skip_logits else self.lm_head(selected)  # [N, vocab], in target order
+            if labels is not None and labels.dim() == 2:
+                labels = labels[logits_mask.bool()]
+        elif logits_mask is not None:
             selected = hidden_states[logits_mask.bool()]  # [N, hidden]
             logits = None if skip_logits else self.lm_head(selected)  # [N, vocab]
             if labels is not None and labels.dim() == 2:
