@@ -28,7 +28,19 @@ def test_generate_command(tiny_qwen3_vl_dir, tmp_path, capsys):
                  "--threshold", "1.0"])
     assert code == 0
     err = capsys.readouterr().err
-    assert "tokens per forward: 1.00" in err
+    # the same decode through the Python API gives the number the command printed
+    from transformers import AutoModel, AutoProcessor
+
+    model, processor = AutoModel.from_pretrained(bard).eval(), AutoProcessor.from_pretrained(bard)
+    content = [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}], images=[make_image(1, (64, 64))], add_generation_prompt=True,
+        tokenize=True, return_dict=True, return_tensors="pt",
+    )
+    out = model.generate(**inputs, max_new_tokens=8, threshold=1.0, return_dict_in_generate=True)
+    # threshold 1.0 decides one token per forward; block 0's first token rides in the (uncounted) prefill
+    assert int(out.num_forwards[0]) == int(out.num_generated_tokens[0]) - 1
+    assert f"tokens per forward: {float(out.tokens_per_forward[0]):.2f}" in err
 
 
 def test_bad_arguments_exit_with_message(tmp_path, capsys):
