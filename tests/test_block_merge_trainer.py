@@ -132,6 +132,55 @@ def test_fused_lm_head_gives_the_same_loss_and_gradients(tiny_bard_vl_dir, datas
     torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(rows)), selective, rtol=1e-5, atol=1e-7)
 
 
+def test_shifted_prediction_loss_matches_loops_and_the_fused_head(tiny_bard_vl_dir, dataset, tmp_path):
+    """prediction_shift (DESIGN 4.1, issue 13): the PBM loss scores each corrupted xt token with the logit of the
+    hidden state before it (the last prompt token for offset 0, the last clean token of the previous block at a block
+    start, else the noisy token before it), 1/t weights and normalisation unchanged; the fused LM head gives the same
+    loss, directly and through the trainer."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    processor = BardVLProcessor.from_pretrained(tiny_bard_vl_dir)
+    model = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_dir, prediction_shift=True)
+    B = 4
+    collator = BlockDiffusionCollator(processor, model.config.mask_token_id, block_size=B)
+    batch = collator([{**row, SAMPLE_INDEX_COLUMN: i} for i, row in enumerate(tiny_chat_rows(3))])
+    targets = {key: batch.pop(key) for key in ("labels", "rates", "is_eos_padding", "response_lengths", "sample_ids")}
+    labels, rates, eos, lengths = (targets[k] for k in ("labels", "rates", "is_eos_padding", "response_lengths"))
+    mask = batch["logits_mask"]
+    R = int(lengths.max())
+    P = batch["segment_ids"].shape[1] - 2 * R  # packed row [prefix ; x0 ; xt], prompts left-padded
+    with torch.no_grad():
+        full = model(**{k: v for k, v in batch.items() if k != "logits_mask"}).logits  # [b, L, V]
+    selected = model(**batch).logits
+    loss, stats = block_merge_loss(labels, mask, rates, eos, lengths, num_samples=3, logits=selected)
+    expected = 0.0
+    for s in range(3):
+        for i in torch.nonzero(mask[s]).flatten().tolist():
+            j = i - P - R  # response offset of the target
+            source = P + R + j - 1 if j % B else (P - 1 if j == 0 else P + j - 1)
+            ce = torch.nn.functional.cross_entropy(full[s, source].float(), labels[s, i])
+            expected += ce / (rates[s, i] * (2 if eos[s, i] else 1)) / lengths[s]
+    torch.testing.assert_close(loss, torch.as_tensor(expected / 3, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+    add_fused_lm_head(model, outputs=("log_probs", "is_top1"))
+    out = model(**fused_lm_head_inputs(model, batch, labels), fused_lm_head=True)
+    scored_at = model.logit_positions(batch["segment_ids"], mask)
+    fused, fused_stats = block_merge_loss(
+        labels, mask, rates, eos, lengths, 3, ce=-out.log_probs[scored_at], correct=out.is_top1[scored_at]
+    )
+    torch.testing.assert_close(fused, loss, rtol=1e-5, atol=1e-7)
+    assert fused_stats["num_correct"] == stats["num_correct"]
+
+    trainer = BlockMergeTrainer(str(tiny_bard_vl_dir), args=make_args(tmp_path), train_dataset=dataset)
+    trainer._base_model.config.prediction_shift = True
+    rows = collator([{**row, SAMPLE_INDEX_COLUMN: i} for i, row in enumerate(tiny_chat_rows(3))])
+    shifted = trainer.compute_loss(trainer.model, dict(rows))
+    trainer.args.use_fused_lm_head = True
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(rows)), shifted, rtol=1e-5, atol=1e-7)
+    trainer._base_model.config.prediction_shift = False
+    assert not torch.allclose(trainer.compute_loss(trainer.model, dict(rows)), shifted)
+
+
 def test_gradient_checkpointing_gives_equal_gradients(tiny_bard_vl_dir):
     """The 4-D block-diffusion mask survives recomputation: same loss and gradients with checkpointing."""
     processor = BardVLProcessor.from_pretrained(tiny_bard_vl_dir)

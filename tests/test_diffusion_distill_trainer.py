@@ -145,6 +145,46 @@ def test_loss_equals_separate_teacher_and_student_forwards(
     torch.testing.assert_close(half, expected / 2, rtol=1e-5, atol=1e-5)
 
 
+def test_shifted_prediction_distills_each_target_from_its_source(
+    tiny_qwen3_vl_dir, tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, dataset, tmp_path
+):
+    """prediction_shift (DESIGN 4.1, issue 13): student (B_s = 8) and teacher (B_t = 4) each score a masked xt token
+    with the hidden state before it under their own block size (a block's first token from the last clean token
+    before the block or the last prompt token); CE and KD otherwise as DESIGN 3.6. A dVLM teacher whose setting
+    differs from the student's is refused; the AR source (shifted by nature) teaches either."""
+    student = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_b8_dir, prediction_shift=True)
+    teacher = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_teacher_dir, prediction_shift=True)
+    args = make_args(tmp_path, teacher_topk=5)
+    trainer = DiffusionDistillTrainer(student, teacher, args=args, train_dataset=dataset,
+                                      processing_class=BardVLProcessor.from_pretrained(tiny_bard_vl_b8_dir))
+    batch = trainer.data_collator(indexed_rows(3))
+    masked = distillation_positions(batch["logits_mask"], batch["input_ids"], student.config.mask_token_id)
+    P, R = packed_lengths(batch["segment_ids"])
+    inputs = {key: batch[key] for key in MODEL_KEYS}
+    with torch.no_grad():
+        student_logits = student(**inputs).logits  # [b, L, V]: the raw head, position i predicts i + 1
+        teacher_logits = teacher(**inputs, block_size=4).logits
+
+    def source(j, block_size):
+        return P + R + j - 1 if j % block_size else (P - 1 if j == 0 else P + j - 1)
+
+    ce, kd = [], []
+    for s, i in masked.nonzero().tolist():
+        log_p = student_logits[s, source(i - P - R, 8)].log_softmax(-1)
+        ce.append(-log_p[batch["labels"][s, i]])
+        values, ids = teacher_logits[s, source(i - P - R, 4)].topk(5)
+        kd.append(-(values.softmax(-1) * log_p[ids]).sum())
+    expected = torch.stack(ce).mean() + 0.5 * torch.stack(kd).mean()
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)), expected, rtol=1e-5, atol=1e-5)
+
+    unshifted_teacher = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_teacher_dir)
+    with pytest.raises(ValueError, match=re.escape("has prediction_shift=False but the student has True")):
+        DiffusionDistillTrainer(student, unshifted_teacher, args=make_args(tmp_path), train_dataset=dataset)
+    DiffusionDistillTrainer(
+        student, str(tiny_qwen3_vl_dir), args=make_args(tmp_path, teacher_type="autoregressive"), train_dataset=dataset
+    )
+
+
 # ---------------------------------------------------------------------- training
 def test_distillation_trains_the_student_only_and_saves_a_loadable_checkpoint(
     tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, dataset, tmp_path

@@ -35,6 +35,8 @@ def fused_lm_head_inputs(model: PreTrainedModel, inputs: dict, labels: torch.Lon
     positions that `BardVLForConditionalGeneration.forward` would build from `segment_ids` are built here (DESIGN
     3.1-3.2). The labels go in as `shift_labels`, which TRL scores at their own position without its causal shift:
     exactly the unshifted block-diffusion targets; -100 everywhere but the supervised (`logits_mask`) positions.
+    Under `config.prediction_shift` (DESIGN 4.1) each label sits at the column of the hidden state that predicts it
+    (`model.logit_positions`), so the scores are read back at those columns.
 
     Args:
         model: the (unwrapped, non-PEFT) `BardVLForConditionalGeneration`, for its mask and positions.
@@ -54,7 +56,12 @@ def fused_lm_head_inputs(model: PreTrainedModel, inputs: dict, labels: torch.Lon
                 inputs.get("video_grid_thw"),
             )  # [3, b, L]
     inputs["attention_mask"] = model.block_diffusion_attention_mask(segment_ids)  # [b, 1, L, L]
-    inputs["shift_labels"] = labels.masked_fill(~logits_mask, -100)  # [b, L]
+    if model.config.prediction_shift:
+        shift_labels = torch.full_like(labels, -100)
+        shift_labels[model.logit_positions(segment_ids, logits_mask)] = labels[logits_mask]  # label at its source
+        inputs["shift_labels"] = shift_labels  # [b, L]
+    else:
+        inputs["shift_labels"] = labels.masked_fill(~logits_mask, -100)  # [b, L]
     return inputs
 
 
@@ -119,7 +126,9 @@ class BlockMergeTrainer(BlockDiffusionTrainer):
             fused_inputs = fused_lm_head_inputs(self._base_model, inputs, targets["labels"])
             outputs = model(**fused_inputs, fused_lm_head=True)
             # [b, L] per-position log-probabilities and top-1 flags, zero off the supervised positions -> [N]
-            scored = {"ce": -outputs.log_probs[logits_mask], "correct": outputs.is_top1[logits_mask].bool()}
+            # ([N], [N]): the column scoring each target, in the targets' row-major order (shifted: its source)
+            scored_at = self._base_model.logit_positions(inputs["segment_ids"], logits_mask)
+            scored = {"ce": -outputs.log_probs[scored_at], "correct": outputs.is_top1[scored_at].bool()}
         else:
             outputs = model(**inputs, use_cache=False)
             scored = {"logits": outputs.logits}  # [N, V]

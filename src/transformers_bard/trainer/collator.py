@@ -133,7 +133,8 @@ class BlockDiffusionCollator:
     ``L = P + 2R``:
         input_ids ``[b, L]``, segment_ids ``[b, L]`` (PAD/PREFIX/CLEAN/NOISY), mm_token_type_ids ``[b, L]``,
         pixel_values / image_grid_thw (only when the batch has images), logits_mask ``[b, L]`` (True at corrupted xt
-        positions: the loss positions), labels ``[b, L]`` (the clean token there, -100 elsewhere), rates ``[b, L]``
+        positions: the loss targets; under `prediction_shift` the model scores each from the hidden state that
+        predicts it, DESIGN 4.1, so the batch is the same for both settings), labels ``[b, L]`` (the clean token there, -100 elsewhere), rates ``[b, L]``
         (t of the position's block, 0 outside xt), is_eos_padding ``[b, L]`` (xt positions past the real end),
         response_lengths ``[b]`` (padded R_s) and sample_ids ``[b]`` (dataset indices).
     """

@@ -308,6 +308,16 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
                 f"{student_config.mask_token_id}: both read the same noised row. Use checkpoints converted with the "
                 "same tokenizer."
             )
+        teacher_shift = getattr(teacher.config, "prediction_shift", False)
+        student_shift = getattr(student_config, "prediction_shift", False)
+        if teacher_shift != student_shift:
+            # the AR source is shifted by nature and is handled above; two dVLMs must mean the same thing by a logit
+            raise ValueError(
+                f"The teacher ({name}) has prediction_shift={teacher_shift} but the student has "
+                f"{student_shift}: their logits at a position predict different tokens (DESIGN "
+                "4.1). Use an anchor trained with the same setting, or the autoregressive source with "
+                "teacher_type='autoregressive'."
+            )
         if student_config.block_size % args.teacher_block_size:
             raise ValueError(
                 f"`teacher_block_size`={args.teacher_block_size} does not divide the student's block size "
@@ -378,7 +388,9 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
         """The teacher's top-k logits ``[N, k]`` (fp32) and their ids ``[N, k]`` at the N student `positions`.
 
         `inputs` is the packed batch with ``position_ids`` (the student's). Rows follow the row-major order of
-        `positions`, like the student's selected logits. The teacher's full logits are dropped before returning.
+        `positions`, like the student's selected logits. Under `prediction_shift` (DESIGN 4.1) both dVLMs score each
+        target from the hidden state that predicts it under their own block size (`logit_positions`); the AR teacher
+        is shifted by nature. The teacher's full logits are dropped before returning.
         Every rank runs the teacher even when it has no position (ZeRO-3 gathers parameters collectively).
         """
         if self.args.teacher_type == "diffusion":
