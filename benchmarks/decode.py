@@ -12,8 +12,8 @@ Three kinds of model:
 - neither: the tiny test checkpoint (random weights, ~1M parameters), fixed `--new-tokens`.
 
 Everything runs in one process on `--threads` (default 1) threads. AR and every BARD variant are interleaved: each
-repeat runs every decoder once over the whole prompt set, in an order rotated per repeat, and each cell is the median
-over `--repeats` repeats (after one warm-up). Times cover the whole `generate` call, prefill and vision included.
+repeat runs every decoder on one prompt batch after the other (in an order rotated per batch) before moving to the
+next batch, and each cell is the median over `--repeats` repeats (after one warm-up pass). Times cover the whole `generate` call, prefill and vision included.
 The breakdown splits the median repeat's time per prompt into prefill (the first forward of a call), denoising
 forwards, commit forwards (the fused commit + step of 2B tokens; AR: its decode steps go to "denoise"), and the
 decoder's own overhead (the call's time outside the model's forward).
@@ -75,7 +75,8 @@ def parse_args():
     parser.add_argument("--ar-source", default=None,
                         help="AR source of --model (default: `source_model` of the first checkpoint's config).")
     parser.add_argument("--prompts", nargs="+", default=["digits:mix"],
-                        help="With --model: prompt sets `digits:TYPE` (TYPE from QUESTION_TYPES) or `digits:mix`.")
+                        help="With --model: prompt sets `digits:TYPE` (TYPE from QUESTION_TYPES), `digits:mix`, or "
+                             "`digits:all` (the mix and every type).")
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
                         help="A random-weight Qwen3-VL of this size with the real 151,936-row vocabulary.")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32],
@@ -246,9 +247,9 @@ class ForwardClock:
             self.timing.parts[kind] += seconds
         return out
 
-    def run(self, call, batches, block_size=None):
-        """Run `call` on every batch, timed; returns (Timing, outputs)."""
-        self.timing, self.block_size = Timing(), block_size
+    def run(self, call, batches, block_size=None, timing=None):
+        """Run `call` on every batch, timed (added to `timing` when given); returns (Timing, outputs)."""
+        self.timing, self.block_size = timing or Timing(), block_size
         outputs = []
         for batch in batches:
             self.first = True
@@ -307,7 +308,11 @@ def main():
         eos = bards[0][1].generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         pad = processor.tokenizer.pad_token_id
-        sets = {spec: digits_prompts(spec, processor, args.num_prompts) for spec in args.prompts}
+        from transformers_bard.demo.digits import QUESTION_TYPES  # read at run time: the task's types may change
+
+        specs = [s for spec in args.prompts
+                 for s in (["digits:mix"] + [f"digits:{t}" for t in QUESTION_TYPES] if spec == "digits:all" else [spec])]
+        sets = {spec: digits_prompts(spec, processor, args.num_prompts) for spec in specs}
         batches = {(spec, b): digits_batches(sets[spec], processor, b) for spec in sets for b in args.batch_sizes}
         description = (f"trained checkpoints {', '.join(args.model)} against AR source {source}; digits test prompts, "
                        f"max_new_tokens {args.new_tokens}, both decoders stop at EOS")
@@ -357,15 +362,15 @@ def main():
             timings = {i: [] for i in range(len(runs))}
             counts = {}
 
-            def run_one(i):
+            def run_one(i, batches=prompt_batches, timing=None):
                 label, name, block_size, threshold, model, cls, options = runs[i]
                 if label == "AR":
-                    return ar_clock.run(ar_call, prompt_batches)
+                    return ar_clock.run(ar_call, batches, timing=timing)
                 if cls is not None:
                     model.__class__ = cls
                 try:
-                    return clocks[id(model)].run(lambda b: model.generate(**b, **options), prompt_batches,
-                                                 block_size)
+                    return clocks[id(model)].run(lambda b: model.generate(**b, **options), batches, block_size,
+                                                 timing=timing)
                 finally:
                     model.__class__ = BardVLForConditionalGeneration
 
@@ -379,10 +384,16 @@ def main():
                     forwards = torch.cat([o.num_forwards for o in outputs]).float()
                 counts[i] = (tokens, forwards)
             for repeat in range(args.repeats):
-                order = list(range(len(runs)))
-                shift = repeat % len(order)
-                for i in order[shift:] + order[:shift]:
-                    timings[i].append(run_one(i)[0])
+                # interleaved per prompt batch, in an order rotated per batch: a shared machine's load swings then hit
+                # every decoder alike
+                repeat_timings = [Timing() for _ in runs]
+                for index, batch in enumerate(prompt_batches):
+                    order = list(range(len(runs)))
+                    shift = (repeat * len(prompt_batches) + index) % len(order)
+                    for i in order[shift:] + order[:shift]:
+                        run_one(i, [batch], repeat_timings[i])
+                for i, timing in enumerate(repeat_timings):
+                    timings[i].append(timing)
             ar_rate = None
             for i, (label, name, block_size, threshold, *_rest) in enumerate(runs):
                 ordered = sorted(timings[i], key=lambda t: t.total)
