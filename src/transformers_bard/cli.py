@@ -106,7 +106,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--output-dir", default="demo_output", help="Where checkpoints and results are written.")
     p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
     p.add_argument(
-        "--ablations", default="", help="Comma-separated ablations to add (direct, ar_teacher, mix), or 'all'."
+        "--ablations", default="", help="Comma-separated ablations to add (direct, ar_teacher, mix, shift), or 'all'."
+    )
+    p.add_argument(
+        "--shift-eval-every", type=int, default=None,
+        help="Ablation shift: evaluate the B = 4 stage of both settings every this many steps (default 100).",
     )
     p.add_argument("--seed", type=int, default=0, help="Seed of the data sampling, the noise and the trainers.")
     p.add_argument("--train-samples", type=int, default=None, help="Training rows of the digits task.")
@@ -129,7 +133,7 @@ def _run_demo(args) -> int:
 
     ablations = ABLATIONS if args.ablations == "all" else tuple(a for a in args.ablations.split(",") if a)
     overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads, seed=args.seed)
-    for name in ("train_samples", "eval_samples", "swd_steps"):
+    for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.pbm_steps:

@@ -18,6 +18,12 @@ Claims (paper section 4; `claims` in results.json), each as a paired difference 
 (e) mixed noise with revision at decoding beats mask-only noise at equal tokens per forward (ablation `mix`: the
     mask-only model is taken at the threshold whose tokens per forward is closest).
 (b)-(d) compare at `claim_threshold`.
+
+Beyond the paper, ablation `shift` (issue 13, DESIGN 4.1) converts the AR source a second time with
+`prediction_shift=True` and runs the same PBM schedule and the B = largest SWD student on it. `results["shift"]`
+holds, for both settings, the exact match per question type right after conversion (no training), the B = 4
+stage's exact match every `shift_eval_every` steps and the first step at >= 98% of the AR source's exact match;
+the final B = largest models join the main table.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from .digits import QUESTION_TYPES
 
 logger = logging.getLogger(__name__)
 
-ABLATIONS = ("direct", "ar_teacher", "mix")
+ABLATIONS = ("direct", "ar_teacher", "mix", "shift")
+SHIFT_TARGET = 0.98  # ablation `shift`: steps until the B = 4 stage reaches this fraction of the AR exact match
 AR_NAME = "AR (source, greedy)"
 
 
@@ -77,6 +84,7 @@ class PipelineConfig:
     max_new_tokens: int = 96  # the longest answer (77 tokens + EOS) in blocks of 32
     eval_batch_size: int = 50
     ablations: tuple[str, ...] = ()
+    shift_eval_every: int = 100  # ablation `shift`: B = 4 checkpoints evaluated every this many steps
     threads: int = 2  # torch threads for training
     eval_threads: int = 1  # decoding: a tiny model decodes fastest on one thread (same for AR and BARD)
 
@@ -92,7 +100,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         for name in ("train_samples", "eval_samples", "timing_samples", "swd_steps", "batch_size", "max_new_tokens",
-                     "eval_batch_size", "threads", "eval_threads"):
+                     "eval_batch_size", "threads", "eval_threads", "shift_eval_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
@@ -210,15 +218,19 @@ def _common_args(cfg: PipelineConfig, output_dir: Path) -> dict:
     )
 
 
-def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps, prior="mask"):
+def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps, prior="mask",
+                    save_every: int | None = None):
     """PBM (DESIGN 3.5): one BlockMergeTrainer run over `block_sizes`, `steps[i]` optimizer steps at `block_sizes[i]`;
-    returns {B: stage folder}."""
+    returns {B: stage folder}. `save_every`: also keep the model every that many steps (``checkpoints-b{B}``)."""
     from ..trainer.block_merge_config import BlockMergeConfig
     from ..trainer.block_merge_trainer import BlockMergeTrainer
 
+    common = _common_args(cfg, output_dir)
+    if save_every is not None:
+        common.update(save_strategy="steps", save_steps=save_every, save_only_model=True)
     args = BlockMergeConfig(
         block_sizes=list(block_sizes), stage_steps=list(steps), learning_rate=cfg.learning_rate,
-        max_warmup_steps=max(1, min(steps) // 10), noise_prior=prior, **_common_args(cfg, output_dir),
+        max_warmup_steps=max(1, min(steps) // 10), noise_prior=prior, **common,
     )
     trainer = BlockMergeTrainer(str(model_dir), args=args, train_dataset=train)
     trainer.train()
@@ -349,10 +361,12 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
 
     # Planned work, for the remaining-time estimate.
     train_steps = sum(stage_steps) + cfg.swd_steps * (len(cfg.block_sizes) - 1)
-    train_steps += sum({"direct": sum(stage_steps), "ar_teacher": cfg.swd_steps, "mix": sum(stage_steps)}[a]
-                       for a in cfg.ablations)
+    train_steps += sum({"direct": sum(stage_steps), "ar_teacher": cfg.swd_steps, "mix": sum(stage_steps),
+                        "shift": sum(stage_steps) + cfg.swd_steps}[a] for a in cfg.ablations)
     intermediate = 2 * (len(cfg.block_sizes) - 1) - 1  # PBM B < largest, SWD B < largest
     eval_runs = 1 + intermediate * len(cfg.stage_thresholds) + (2 + len(cfg.ablations)) * len(cfg.thresholds)
+    if "shift" in cfg.ablations:  # one more final model, and both settings' B = 4 checkpoints from step 0
+        eval_runs += len(cfg.thresholds) + 2 * (2 + stage_steps[0] // cfg.shift_eval_every)
     progress = _Progress(report, train_steps, eval_runs)
     report(
         f"digits demo: {train_steps} optimizer steps, {eval_runs} evaluations of {cfg.eval_samples} test rows; "
@@ -378,7 +392,8 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
 
     models: dict[str, tuple[Path, tuple[float, ...], dict]] = {}  # name -> (folder, thresholds, generate kwargs)
     names = {"ar": AR_NAME}
-    pbm = run_block_merge(cfg, converted, out / "pbm", train, cfg.block_sizes, stage_steps)
+    save_every = cfg.shift_eval_every if "shift" in cfg.ablations else None  # B = 4 checkpoints for the study
+    pbm = run_block_merge(cfg, converted, out / "pbm", train, cfg.block_sizes, stage_steps, save_every=save_every)
     for b, path in pbm.items():
         models[f"PBM B={b}"] = (path, cfg.thresholds if b == largest else cfg.stage_thresholds, {})
     names["pbm"] = f"PBM B={largest}"
@@ -407,6 +422,19 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         names["mix"] = f"PBM(mix)+revision B={largest}"
         models[names["mix"]] = (mixed[largest], cfg.thresholds, {"edit_threshold": cfg.edit_threshold})
         progress.stage("ablation: mixed noise", train_steps=sum(stage_steps))
+    if "shift" in cfg.ablations:
+        # the same AR source, schedule, data and seeds; only the head's meaning differs (DESIGN 4.1)
+        shifted = out / "bard-b4-shift"
+        convert_from_autoregressive(ar_dir, shifted, block_size=cfg.block_sizes[0], prediction_shift=True,
+                                    overwrite=True)
+        pbm_shift = run_block_merge(cfg, shifted, out / "pbm-shift", train, cfg.block_sizes, stage_steps,
+                                    save_every=save_every)
+        swd_shift = run_distill(cfg, pbm_shift[largest], pbm_shift[cfg.block_sizes[0]], out / f"swd-shift-b{largest}",
+                                train)
+        names["shift_pbm"], names["shift"] = f"PBM(shift) B={largest}", f"PBM+SWD(shift) B={largest}"
+        models[names["shift_pbm"]] = (pbm_shift[largest], cfg.thresholds, {})
+        models[names["shift"]] = (swd_shift, cfg.thresholds, {})
+        progress.stage("ablation: shifted prediction", train_steps=sum(stage_steps) + cfg.swd_steps)
 
     # Accuracy: batched greedy decoding of the same test rows by every model and threshold, one thread.
     torch.set_num_threads(cfg.eval_threads)
@@ -429,6 +457,13 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
                 f"{result['tokens_per_forward']:.2f} tokens/forward",
                 eval_runs=1,
             )
+
+    shift = None
+    if "shift" in cfg.ablations:
+        runs = {"paper": (converted, out / "pbm"), "shift": (out / "bard-b4-shift", out / "pbm-shift")}
+        shift = shift_study(cfg, evals[(AR_NAME, None)]["accuracy"], runs, processor, test, decode)
+        progress.stage("ablation: shifted prediction, exact match after conversion and along the B = 4 stage",
+                       eval_runs=sum(len(setting["b4_curve"]) for setting in shift["settings"].values()))
 
     # Throughput: batch 1, every decoder on the same rows, interleaved row by row.
     timed = time_decoding(
@@ -454,12 +489,63 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         "rows": rows,
         "claims": claims,
     }
+    if shift is not None:
+        results["shift"] = shift
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     plot_results(results, out / "results.png")
     report(results_markdown(results))
     report(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
     return results
+
+
+def shift_study(cfg: PipelineConfig, ar_accuracy: float, runs: dict, processor, test, decode: dict) -> dict:
+    """Ablation `shift` (issue 13): per setting (`runs[name] = (converted folder, PBM output folder)`), the exact
+    match right after conversion and at every saved step of the B = 4 stage (threshold `claim_threshold`), and the
+    first step at >= `SHIFT_TARGET` x the AR exact match (None when the stage never gets there)."""
+    from ..models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration
+    from .digits import evaluate
+
+    first, tau, target = cfg.block_sizes[0], cfg.claim_threshold, SHIFT_TARGET * ar_accuracy
+    study = {"threshold": tau, "block_size": first, "ar_accuracy": ar_accuracy, "target": target, "settings": {}}
+    for setting, (converted, pbm_dir) in runs.items():
+        saved = {int(path.name.rsplit("-", 1)[1]): path for path in (pbm_dir / f"checkpoints-b{first}").glob(
+            "checkpoint-*")}
+        saved[0] = converted
+        saved.setdefault(cfg.stage_steps()[0], pbm_dir / f"stage-b{first}")
+        curve = []
+        for step in sorted(saved):
+            model = BardVLForConditionalGeneration.from_pretrained(saved[step]).eval()
+            result = evaluate(model, processor, test, generate_kwargs={"threshold": tau}, **decode)
+            curve.append({"step": step, "accuracy": result["accuracy"], "per_type": result["per_type"],
+                          "tokens_per_forward": result["tokens_per_forward"]})
+        study["settings"][setting] = {
+            "converted": curve[0],
+            "b4_curve": curve,
+            "steps_to_target": next((point["step"] for point in curve if point["accuracy"] >= target), None),
+        }
+    return study
+
+
+def shift_markdown(shift: dict) -> str:
+    """The `shift` ablation as Markdown: after conversion per question type, and the B = 4 stage's steps to target."""
+    types = [kind for kind in QUESTION_TYPES if kind in next(iter(shift["settings"].values()))["converted"]["per_type"]]
+    lines = [
+        f"Shifted prediction (B = {shift['block_size']}, tau = {shift['threshold']}; target = "
+        f"{SHIFT_TARGET:.0%} of AR = {shift['target']:.3f}):",
+        "",
+        "| setting | after conversion | " + " | ".join(types) + " | B=4 exact match by step | steps to target |",
+        "|---|---:|" + "---:|" * len(types) + "---|---:|",
+    ]
+    for setting, entry in shift["settings"].items():
+        start = entry["converted"]
+        curve = ", ".join(f"{point['step']}: {point['accuracy']:.2f}" for point in entry["b4_curve"])
+        reached = "not reached" if entry["steps_to_target"] is None else str(entry["steps_to_target"])
+        lines.append(
+            f"| {setting} | {start['accuracy']:.3f} | " + " | ".join(f"{start['per_type'][k]:.2f}" for k in types)
+            + f" | {curve} | {reached} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -501,6 +587,8 @@ def results_markdown(results: dict) -> str:
                 f"| ({c['claim']}) {c['statement']} | {label} | {_interval(c['difference'], c['ci95'])}{margin} | "
                 f"{c['verdict']}{note} |"
             )
+    if results.get("shift"):
+        lines += ["", shift_markdown(results["shift"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -536,5 +624,5 @@ def plot_results(results: dict, path: Path) -> None:
 
 
 __all__ = [
-    "ABLATIONS", "PipelineConfig", "judge_claims", "plot_results", "results_markdown", "run_pipeline",
+    "ABLATIONS", "PipelineConfig", "judge_claims", "plot_results", "results_markdown", "run_pipeline", "shift_study",
 ]
