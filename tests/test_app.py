@@ -92,6 +92,34 @@ def test_run_handler_replays_then_shows_the_result(tiny_decoder, tmp_path):
     assert bard_html.count('class="tok') == len(state["frames"][-1].tokens)
 
 
+def test_default_models_prefer_a_demo_stage_then_the_converted_source(tmp_path):
+    import json
+
+    from transformers_bard.app.runner import ar_source_of, find_demo_model, resolve_models
+    from transformers_bard.demo.digits import load_digits_ar_path
+
+    demo = tmp_path / "demo_output"
+    for b in (4, 16, 8):
+        (demo / "pbm" / f"stage-b{b}").mkdir(parents=True)
+        config = {"source_model": str(load_digits_ar_path()), "block_size": b}
+        (demo / "pbm" / f"stage-b{b}" / "config.json").write_text(json.dumps(config))
+    (demo / "pbm" / "stage-b32").mkdir()  # no config.json: not a stage
+    assert find_demo_model(demo) == demo / "pbm" / "stage-b16"
+    models = resolve_models(demo_dir=demo, cache_dir=tmp_path / "cache")
+    assert models.bard_path == demo / "pbm" / "stage-b16" and models.ar_path == load_digits_ar_path()
+    assert models.digits and "stage-b16" in models.description
+    assert find_demo_model(tmp_path / "nothing") is None
+    # a checkpoint whose source_model is not a local folder (a Hub id) has no known AR source
+    hub = tmp_path / "hub-converted"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({"source_model": "Qwen/Qwen3-VL-4B-Instruct"}))
+    assert ar_source_of(hub) is None and ar_source_of(demo / "pbm" / "stage-b4") == load_digits_ar_path()
+    with pytest.raises(FileNotFoundError, match="`model`="):
+        resolve_models(tmp_path / "missing", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="`--ar-source`="):
+        resolve_models(demo / "pbm" / "stage-b4", ar_source=tmp_path / "missing")
+
+
 # ---------------------------------------------------------------------- the page in a real browser
 def _free_port() -> int:
     with socket.socket() as sock:
