@@ -11,16 +11,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, at the tested CPU version, so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,lmms]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,lmms,app]"
 	# lmms-eval requires torchvision, but the torchvision wheel pip picks here does not match the CPU torch build and
 	# breaks `import transformers` model classes; nothing of ours needs it (BardVLProcessor is torchvision-free).
 	# timm (pulled by lmms-eval for model families we do not use) imports torchvision at import time, and
 	# `accelerate launch` imports timm when it is installed: it goes too, or the accelerate command crashes.
 	$(PY) -m pip uninstall -q -y torchvision timm
-	# extra `app` (gradio): gradio declares pillow<13 but runs on the pinned pillow 13, and pip cannot override one
-	# requirement, so gradio goes in without its dependencies and then its other requirements under our pins
-	$(PY) -m pip install -q --no-deps -c constraints.txt gradio
-	$(PY) -m pip install -q -c constraints.txt $$($(PY) -m transformers_bard.app.gradio_requirements)
 	touch $(STAMP)
 
 install: $(STAMP)
