@@ -32,10 +32,10 @@ def test_generate_command(tiny_qwen3_vl_dir, tmp_path, capsys):
     from transformers import AutoModel, AutoProcessor
 
     model, processor = AutoModel.from_pretrained(bard).eval(), AutoProcessor.from_pretrained(bard)
-    content = [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    content = [{"type": "image", "image": make_image(1, (64, 64))}, {"type": "text", "text": "What is this?"}]
     inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}], images=[make_image(1, (64, 64))], add_generation_prompt=True,
-        tokenize=True, return_dict=True, return_tensors="pt",
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
     )
     out = model.generate(**inputs, max_new_tokens=8, threshold=1.0, return_dict_in_generate=True)
     # threshold 1.0 decides one token per forward; block 0's first token rides in the (uncounted) prefill

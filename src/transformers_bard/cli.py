@@ -69,10 +69,11 @@ def _run_generate(args) -> int:
     model = AutoModel.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     images = [Image.open(path).convert("RGB") for path in args.image]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    # the images travel inside the message (the chat template's own way), not as a processor keyword
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.prompt}]
     inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}], images=images or None, add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt",
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
     )
     options = {
         key: value
