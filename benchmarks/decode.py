@@ -219,6 +219,7 @@ class Timing:
 
     total: float = 0.0
     parts: dict = field(default_factory=lambda: {"prefill": 0.0, "denoise": 0.0, "commit": 0.0})
+    calls: int = 0  # model forwards (batched: one per forward of the whole batch)
 
 
 class ForwardClock:
@@ -245,6 +246,7 @@ class ForwardClock:
         self.first = False
         if self.timing is not None:
             self.timing.parts[kind] += seconds
+            self.timing.calls += 1
         return out
 
     def run(self, call, batches, block_size=None, timing=None):
@@ -360,7 +362,7 @@ def main():
         for (spec, batch_size), prompt_batches in batches.items():
             runs = [("AR", None, "-", "-", None, None, None)] + decoders
             timings = {i: [] for i in range(len(runs))}
-            counts = {}
+            counts, calls = {}, {}
 
             def run_one(i, batches=prompt_batches, timing=None):
                 label, name, block_size, threshold, model, cls, options = runs[i]
@@ -375,7 +377,8 @@ def main():
                     model.__class__ = BardVLForConditionalGeneration
 
             for i in range(len(runs)):  # warm-up, and the token/forward counts (deterministic)
-                _, outputs = run_one(i)
+                warm, outputs = run_one(i)
+                calls[i] = warm.calls / len(prompt_batches)
                 if runs[i][0] == "AR":
                     tokens = torch.cat([o[0] for o in outputs]).float()
                     forwards = tokens
@@ -407,24 +410,24 @@ def main():
                     prompts=spec, batch=batch_size, decoder=label, model=name or "AR source", block=block_size,
                     tau=threshold, tokens=float(tokens.mean()), forwards=float(forwards.mean()),
                     tpf=float(tokens.sum() / forwards.sum()), ms=1000 * median.total / args.num_prompts,
-                    rate=rate, ratio=rate / ar_rate, **per_prompt, overhead=overhead,
+                    rate=rate, ratio=rate / ar_rate, **per_prompt, overhead=overhead, calls=calls[i],
                 ))
 
     for line in machine_lines():
         print(line)
     print(f"{description}; AR model {params / 1e6:.1f}M parameters; {args.num_prompts} prompts per set; median of "
           f"{args.repeats} interleaved repeats.\n")
-    print("| prompts | batch | decoder | model | B | tau | tokens / row | forwards / row | tokens / forward | ms / prompt "
-          "| tokens / s | vs AR | prefill ms | denoise ms | commit ms | overhead ms |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| prompts | batch | decoder | model | B | tau | tokens / row | forwards / row | batched forwards / call | "
+          "tokens / forward | ms / prompt | tokens / s | vs AR | prefill ms | denoise ms | commit ms | overhead ms |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['prompts']} | {r['batch']} | {r['decoder']} | {r['model']} | {r['block']} | {r['tau']} | "
-              f"{r['tokens']:.1f} | {r['forwards']:.1f} | {r['tpf']:.2f} | {r['ms']:.1f} | {r['rate']:.0f} | "
+              f"{r['tokens']:.1f} | {r['forwards']:.1f} | {r['calls']:.1f} | {r['tpf']:.2f} | {r['ms']:.1f} | {r['rate']:.0f} | "
               f"{r['ratio']:.2f}x | {r['prefill']:.1f} | {r['denoise']:.1f} | {r['commit']:.1f} | "
               f"{r['overhead']:.1f} |")
     print("\nforwards / row: BARD counts the forwards after the prompt's forward (denoising steps + commits, a fused "
           "commit counting once; the prefill also takes block 0's first step in the current decoder); AR counts one "
-          "forward per token, the prefill yielding the first. ms columns are per prompt, from the median repeat; "
+          "forward per token, the prefill yielding the first. 'batched forwards / call': model forwards per generate call, the prompt's included (at batch 8 they serve all 8 rows). ms columns are per prompt, from the median repeat; "
           "'commit' is the fused commit + first step of the next block (2B tokens).")
 
 

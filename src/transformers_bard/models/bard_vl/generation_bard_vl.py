@@ -3,7 +3,8 @@
 
 Decoding runs block by block. A block starts as B `<|mask|>` tokens; each denoising step runs only those B tokens
 against the KV cache of the prompt and the finished blocks (without committing them), then unmasks the confident
-positions. A finished block is committed to the cache by one forward, fused with the first step of the next block.
+positions. A finished block is committed to the cache by one forward, fused with the first step of the next block;
+block 0's first step rides in the prompt's forward. Rows of a batch advance independently (DESIGN 4.4).
 
 Configuration ownership (DESIGN 6): `BardVLGenerationConfig` subclasses `GenerationConfig`, so everything that reads a
 generation config (saving, TRL, pipelines) still finds every standard attribute, but it validates its own way and
