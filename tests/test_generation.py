@@ -36,12 +36,13 @@ PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal patch * patch * patch
 CONFIDENT = 100.0
 
 
-def bard_config(block_size=4, prompt_attention="block_causal", mask_token_id=MASK):
+def bard_config(block_size=4, prompt_attention="block_causal", mask_token_id=MASK, prediction_shift=False):
     fields = tiny_qwen3_vl_config().to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         fields.pop(key, None)
     config = BardVLConfig(
-        **fields, block_size=block_size, mask_token_id=mask_token_id, prompt_attention=prompt_attention
+        **fields, block_size=block_size, mask_token_id=mask_token_id, prompt_attention=prompt_attention,
+        prediction_shift=prediction_shift,
     )
     config._attn_implementation = "sdpa"
     return config
@@ -50,12 +51,13 @@ def bard_config(block_size=4, prompt_attention="block_causal", mask_token_id=MAS
 _MODELS = {}
 
 
-def make_model(block_size=4, prompt_attention="block_causal", scale=CONFIDENT, seed=0):
+def make_model(block_size=4, prompt_attention="block_causal", scale=CONFIDENT, seed=0, prediction_shift=False):
     """A tiny BARD-VL model (cached per arguments: building one costs more than decoding with it)."""
-    key = (block_size, prompt_attention, scale, seed)
+    key = (block_size, prompt_attention, scale, seed, prediction_shift)
     if key not in _MODELS:
         torch.manual_seed(seed)
-        model = BardVLForConditionalGeneration(bard_config(block_size, prompt_attention)).eval()
+        config = bard_config(block_size, prompt_attention, prediction_shift=prediction_shift)
+        model = BardVLForConditionalGeneration(config).eval()
         with torch.no_grad():
             model.lm_head.weight.mul_(scale)
         _MODELS[key] = model
@@ -133,7 +135,9 @@ def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edi
 @torch.no_grad()
 def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="threshold", threshold=0.9,
                      edit_threshold=None, eos=None, eos_fill=True):
-    """Tokens of one prompt decoded without a cache, and the number of denoising steps of each block."""
+    """Tokens of one prompt decoded without a cache, and the number of denoising steps of each block. Under
+    `prediction_shift` (DESIGN 4.1) block position j takes the logits of the sequence position before it: the last
+    prompt or committed token for j = 0, the block's position j - 1 otherwise."""
     ids, pixels, grid = prompt
     B = model.config.block_size
     steps = steps or B
@@ -155,7 +159,8 @@ def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="th
         while MASK in block:
             seq = torch.tensor([ids.tolist() + committed + block])
             logits = model(input_ids=seq, attention_mask=mask, position_ids=positions, pixel_values=pixels,
-                           image_grid_thw=grid, mm_token_type_ids=mm_all).logits[0, -B:]
+                           image_grid_thw=grid, mm_token_type_ids=mm_all).logits[0]  # [L, vocab]
+            logits = logits[-B - 1: -1] if model.config.prediction_shift else logits[-B:]
             block = reference_select(block, logits, step, B=B, steps=steps, unmasking=unmasking,
                                      threshold=threshold, edit_threshold=edit_threshold,
                                      eos=eos if eos_fill else None)
@@ -177,12 +182,13 @@ def generated(output, prompt_width, row=0):
 
 
 # ---------------------------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("prediction_shift", [False, True])
 @pytest.mark.parametrize("with_image", [False, True])
 @pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
 @pytest.mark.parametrize("unmasking", ["threshold", "static"])
 @pytest.mark.parametrize("block_size", [1, 4, 8])
-def test_generate_matches_reference(block_size, unmasking, prompt_attention, with_image):
-    model = make_model(block_size, prompt_attention)
+def test_generate_matches_reference(block_size, unmasking, prompt_attention, with_image, prediction_shift):
+    model = make_model(block_size, prompt_attention, prediction_shift=prediction_shift)
     prompt = make_prompt(block_size, 7, with_image)
     # static: S = ceil(B / 3) steps (B = 8: 3, 3, 2 tokens); threshold: tau 0.6, at least one per step
     options = (dict(unmasking="static", steps_per_block=max(1, math.ceil(block_size / 3)))
@@ -197,6 +203,25 @@ def test_generate_matches_reference(block_size, unmasking, prompt_attention, wit
     # fused commits: the forwards are exactly the denoising steps, less the one inside the prefill
     assert out.num_forwards.tolist() == [sum(block_steps) - 1]
     torch.testing.assert_close(out.tokens_per_forward, torch.tensor([10 / (sum(block_steps) - 1)]))
+
+
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_revision_and_eos_fill_match_reference(prediction_shift):
+    """Revision (edit_threshold) and EOS fill against the slow reference, both prediction settings (DESIGN 4.1,
+    4.2, 4.4); the shifted and unshifted heads decode different tokens from the same weights."""
+    model = make_model(4, prediction_shift=prediction_shift)
+    prompt = make_prompt(40, 6, True)
+    ids, attention, pixels, grid = left_pad([prompt])
+    free, _ = reference_decode(model, prompt, max_new_tokens=12, threshold=0.6, edit_threshold=0.5)
+    eos = free[6]
+    out = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=12,
+                         threshold=0.6, edit_threshold=0.5, eos_token_id=eos, pad_token_id=0,
+                         return_dict_in_generate=True)
+    expected, block_steps = reference_decode(model, prompt, max_new_tokens=12, threshold=0.6, edit_threshold=0.5,
+                                             eos=eos)
+    assert generated(out, ids.shape[1]) == expected and out.num_forwards.tolist() == [sum(block_steps) - 1]
+    other = make_model(4, prediction_shift=not prediction_shift)
+    assert reference_decode(other, prompt, max_new_tokens=12, threshold=0.6, edit_threshold=0.5)[0] != free
 
 
 def test_thresholds_below_one_decode_several_tokens_per_forward():
@@ -247,9 +272,10 @@ def test_fused_and_unfused_commits_give_identical_tokens(unmasking):
     assert (unfused.num_forwards - fused.num_forwards).tolist() == [3, 3]
 
 
+@pytest.mark.parametrize("prediction_shift", [False, True])
 @pytest.mark.parametrize("block_size", [4, 8])
-def test_threshold_one_costs_block_size_forwards_per_block(block_size):
-    model = make_model(block_size)
+def test_threshold_one_costs_block_size_forwards_per_block(block_size, prediction_shift):
+    model = make_model(block_size, prediction_shift=prediction_shift)
     ids, attention, _, _ = left_pad([make_prompt(4, 6, False), make_prompt(5, 11, False)])
     blocks = 3
     options = dict(attention_mask=attention, max_new_tokens=blocks * block_size, threshold=1.0,
@@ -276,11 +302,12 @@ def count_forwards(model, monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("prediction_shift", [False, True])
 @pytest.mark.parametrize("fuse_commit", [True, False])
-def test_left_padded_batch_matches_single_rows_and_reference(fuse_commit, monkeypatch):
+def test_left_padded_batch_matches_single_rows_and_reference(fuse_commit, prediction_shift, monkeypatch):
     """Batch of 3 (two images, different prompt lengths) with one row stopping early: each row equals its own run,
     and rows never wait for each other (DESIGN 4.4): the batch costs as many forwards as its busiest row."""
-    model = make_model(4)
+    model = make_model(4, prediction_shift=prediction_shift)
     others = [make_prompt(11, 12, False), make_prompt(12, 7, True)]
     singles = [reference_decode(model, p, max_new_tokens=20, threshold=0.6)[0] for p in others]
     # a first row that emits, after its first block, a token (the EOS) that the others never emit: it stops early,
@@ -389,8 +416,9 @@ def replay_trace(events, block_size):
     "options",
     [dict(), dict(fuse_commit=False), dict(prefill_step=False), dict(edit_threshold=0.5), dict(eos_fill=False)],
 )
-def test_trace_agrees_with_sequences_and_forwards(options):
-    model = make_model(4)
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_trace_agrees_with_sequences_and_forwards(options, prediction_shift):
+    model = make_model(4, prediction_shift=prediction_shift)
     # a first row that first emits some token (the EOS) in a later block, so that it stops early (searched, so that
     # re-initialised tiny weights do not silently weaken the test)
     for seed in range(20, 80):
@@ -434,11 +462,15 @@ def test_trace_agrees_with_sequences_and_forwards(options):
         assert any(e["eos_filled"] for e in out.trace[0]), "EOS fill is exercised"
 
 
+@pytest.mark.parametrize("prediction_shift", [False, True])
 @pytest.mark.parametrize("edit_threshold", [None, 0.5])
-def test_lm_head_runs_only_where_a_step_decides(edit_threshold):
+def test_lm_head_runs_only_where_a_step_decides(edit_threshold, prediction_shift):
     """Each forward's LM head rows are the block's still-masked positions (all B with revision); the prefill's prompt
-    and the committed half of a fused commit get none (DESIGN 4.2, 4.3)."""
-    model = make_model(8)
+    and the committed half of a fused commit get none (DESIGN 4.2, 4.3). Shifted (DESIGN 4.1): position j >= 1 is
+    scored at position j - 1, and position 0 only once per block, at the last token of the prompt (prefill) or of the
+    committed block (fused commit), so every forward scores its positions 1.. still masked (all but 0 with
+    revision), plus one row when it starts a block."""
+    model = make_model(8, prediction_shift=prediction_shift)
     ids, attention, _, _ = left_pad([make_prompt(30, 6, False), make_prompt(31, 9, False)])
     rows_per_call = []
     handle = model.lm_head.register_forward_hook(lambda module, args, out: rows_per_call.append(args[0].shape[0]))
@@ -449,12 +481,15 @@ def test_lm_head_runs_only_where_a_step_decides(edit_threshold):
         handle.remove()
     expected = [0] * len(rows_per_call)
     for events in out.trace:
-        masked_before = 8
+        masked_before = [MASK] * 8
         for event in events:
             if event["step"] == 0:
-                masked_before = 8
-            expected[event["forward"]] += 8 if edit_threshold is not None else masked_before
-            masked_before = event["block_tokens"].count(MASK)
+                masked_before = [MASK] * 8
+            decided = list(range(8)) if edit_threshold is not None else [j for j in range(8) if masked_before[j] == MASK]
+            if prediction_shift:
+                decided = [j for j in decided if j > 0] + ([0] if event["step"] == 0 else [])
+            expected[event["forward"]] += len(decided)
+            masked_before = event["block_tokens"]
     assert rows_per_call == expected
     assert edit_threshold is not None or sum(rows_per_call) < 8 * sum(len(events) for events in out.trace)
 
@@ -517,8 +552,9 @@ class CollectingStreamer(BaseStreamer):
         self.ended = True
 
 
-def test_streamer_receives_prompt_then_blocks():
-    model = make_model(4)
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_streamer_receives_prompt_then_blocks(prediction_shift):
+    model = make_model(4, prediction_shift=prediction_shift)
     prompt = make_prompt(6, 6, True)
     ids, attention, pixels, grid = left_pad([prompt])
     streamer = CollectingStreamer()
@@ -541,8 +577,9 @@ class BanToken(LogitsProcessor):
         return scores
 
 
-def test_logits_processor_is_applied_to_every_block_position():
-    model = make_model(4)
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_logits_processor_is_applied_to_every_block_position(prediction_shift):
+    model = make_model(4, prediction_shift=prediction_shift)
     ids, attention, _, _ = left_pad([make_prompt(7, 5, False), make_prompt(8, 8, False)])
     plain = model.generate(ids, attention_mask=attention, max_new_tokens=8, threshold=0.6)
     banned = int(plain[0, ids.shape[1]:].mode().values)
@@ -578,8 +615,9 @@ def test_stopping_criteria_are_checked_after_each_block():
     assert out.sequences.shape[1] == ids.shape[1] + 8
 
 
-def test_seeded_sampling_is_reproducible():
-    model = make_model(4, scale=1.0)
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_seeded_sampling_is_reproducible(prediction_shift):
+    model = make_model(4, scale=1.0, prediction_shift=prediction_shift)
     ids, attention, _, _ = left_pad([make_prompt(13, 6, False), make_prompt(14, 9, False)])
     options = dict(attention_mask=attention, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
     torch.manual_seed(0)

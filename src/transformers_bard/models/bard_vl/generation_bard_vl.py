@@ -4,7 +4,9 @@
 Decoding runs block by block. A block starts as B `<|mask|>` tokens; each denoising step runs only those B tokens
 against the KV cache of the prompt and the finished blocks (without committing them), then unmasks the confident
 positions. A finished block is committed to the cache by one forward, fused with the first step of the next block;
-block 0's first step rides in the prompt's forward. Rows of a batch advance independently (DESIGN 4.4).
+block 0's first step rides in the prompt's forward. Rows of a batch advance independently (DESIGN 4.4). With
+`config.prediction_shift` (DESIGN 4.1) the hidden state at i predicts token i + 1: the same forwards, scored one
+position earlier.
 
 Configuration ownership (DESIGN 6): `BardVLGenerationConfig` subclasses `GenerationConfig`, so everything that reads a
 generation config (saving, TRL, pipelines) still finds every standard attribute, but it validates its own way and
@@ -468,6 +470,7 @@ class _DecodingPlan:
     prefill_step: bool
     output_trace: bool
     prompt_attention: str
+    prediction_shift: bool  # DESIGN 4.1: the hidden state at i predicts token i + 1
 
     def tokens_at_step(self, steps: torch.Tensor) -> torch.Tensor:
         """k_s per row for rows at step `steps` ``[m]``: B // S tokens per step, the first B % S steps one more
@@ -494,6 +497,10 @@ class _Rows:
     first_block: torch.Tensor  # [m] block id of response block 0 (DESIGN 3.2)
     key_segments: torch.Tensor  # [m, K] labels of the cached keys (PAD where a row had nothing to commit)
     key_blocks: torch.Tensor  # [m, K]
+    # [m, vocab] under prediction_shift (DESIGN 4.1): the logits of the current block's first token, computed by the
+    # forward that ended the previous block (the prefill's last prompt token, or the commit's last token) and kept
+    # for every step of the block; [m, 0] otherwise
+    first_logits: torch.Tensor
 
     def select(self, keep: torch.Tensor) -> None:
         for name in self.__dataclass_fields__:
@@ -537,6 +544,9 @@ class BardVLGenerationMixin:
            next block (one forward of 2B tokens) or, with `fuse_commit=False`, alone. Rows advance independently: in
            one batched forward some rows commit while others denoise (a row with nothing to commit fills its commit
            slot with padding keys, which nothing attends to). The last block of a row is never committed.
+           Under `config.prediction_shift` (DESIGN 4.1) block position j >= 1 is scored at position j - 1 and
+           position 0 by the last token before the block: the prefill scores the last prompt token, a commit the
+           committed block's last token, kept for every step of the next block; no forward is added.
         4. A row stops when its finished block holds an EOS (cut after it), when a stopping criterion fires, or at
            `max_new_tokens`; stopped rows leave the batch and the cache.
         5. Return `sequences` (prompt + new tokens, pad-filled) or a `BardVLGenerationOutput` with
@@ -786,6 +796,7 @@ class BardVLGenerationMixin:
             prefill_step=config.prefill_step,
             output_trace=config.output_trace,
             prompt_attention=self.config.prompt_attention,
+            prediction_shift=self.config.prediction_shift,
         )
 
     # ------------------------------------------------------------------ 1. prefill
@@ -826,9 +837,12 @@ class BardVLGenerationMixin:
             first_block=first_block,
             key_segments=segments,
             key_blocks=blocks,
+            first_logits=torch.empty(batch, 0, device=input_ids.device),
         )
         q_ids, q_segments, q_blocks, q_positions, mm_types = input_ids, segments, blocks, positions, mm_token_type_ids
         wanted = torch.zeros_like(attention_mask, dtype=torch.bool)  # no logits needed from the prompt
+        if plan.prediction_shift:
+            wanted[:, -1] = True  # the last prompt token predicts the first response token (prompts are left-padded)
         if plan.prefill_step:
             noisy_segments, noisy_blocks = self._block_labels(NOISY, first_block, B)
             q_ids = torch.cat([input_ids, rows.block], dim=1)  # [batch, P + B]
@@ -836,7 +850,11 @@ class BardVLGenerationMixin:
             q_blocks = torch.cat([blocks, noisy_blocks], dim=1)
             q_positions = torch.cat([positions, self._block_positions(response_start, zero, B)], dim=2)
             mm_types = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(batch, B)], dim=1)
-            wanted = torch.cat([wanted, torch.ones_like(rows.block, dtype=torch.bool)], dim=1)
+            # shifted, noisy position j predicts j + 1, so the block's last position predicts nothing in it
+            noisy_wanted = torch.ones_like(rows.block, dtype=torch.bool)
+            if plan.prediction_shift:
+                noisy_wanted[:, -1] = False
+            wanted = torch.cat([wanted, noisy_wanted], dim=1)
         mask = attention_mask_from_labels(q_segments, q_blocks, q_segments, q_blocks, plan.prompt_attention)
         cache = DynamicCache(config=self.config)
         logits = self(
@@ -850,7 +868,11 @@ class BardVLGenerationMixin:
             mm_token_type_ids=mm_types,
             logits_mask=wanted,
             **model_kwargs,
-        ).logits  # [batch * B, vocab], or [0, vocab]
+        ).logits  # [batch * B, vocab], or [0, vocab]; shifted, per row: last prompt token, then noisy 0 .. B-2
+        if plan.prediction_shift:
+            # row-major, so the rows of `logits` already are the block's targets 0 .. B-1 in order
+            # a copy: the step below may process `logits` in place (mask token, logits processors)
+            rows.first_logits = logits[:: B if plan.prefill_step else 1].clone()  # [batch, vocab]
         if not plan.prefill_step:
             return cache, rows, None
         cache.crop(-B)
@@ -890,6 +912,10 @@ class BardVLGenerationMixin:
         what it would alone. The LM head runs only at the noisy positions still masked (every position of the
         block with revision). Returns the logits ``[N, vocab]`` (row-major over the True entries of `decide`),
         `decide` ``[m, B]`` and the mask to reuse in the next forward (None when the keys changed).
+
+        Under `prediction_shift` (DESIGN 4.1) block position j >= 1 takes its logits from noisy position j - 1 and
+        position 0 from `rows.first_logits`; a commit computes the head only at the committed block's last token,
+        which becomes the next block's `first_logits`. No forward is added.
         """
         B = plan.block_size
         committing = rows.committing
@@ -903,7 +929,10 @@ class BardVLGenerationMixin:
             positions.append(self._block_positions(rows.response_start, committed, B))
             segments.append(seg)
             blocks.append(blk)
-            wanted.append(torch.zeros_like(decide))  # the committed half needs no logits
+            commit_wanted = torch.zeros_like(decide)  # the committed half needs no logits ...
+            if plan.prediction_shift:
+                commit_wanted[:, -1] = committing  # ... but its last token when it predicts the next block's first
+            wanted.append(commit_wanted)
         if has_noisy:
             seg, blk = self._block_labels(torch.where(denoising, NOISY, PAD), rows.first_block + rows.block_index, B)
             decide = denoising[:, None] & (rows.block == plan.mask_token_id)
@@ -913,20 +942,26 @@ class BardVLGenerationMixin:
             positions.append(self._block_positions(rows.response_start, rows.block_index, B))
             segments.append(seg)
             blocks.append(blk)
-            wanted.append(decide)
+            if plan.prediction_shift:  # target j's logits sit at noisy position j - 1
+                wanted.append(torch.cat([decide[:, 1:], torch.zeros_like(decide[:, :1])], dim=1))
+            else:
+                wanted.append(decide)
         q_segments, q_blocks = torch.cat(segments, dim=1), torch.cat(blocks, dim=1)
         if has_commit or step_mask is None:  # the keys only change at a commit
             step_mask, k_segments, k_blocks = self._mask_after_cache(
                 q_segments, q_blocks, rows.key_segments, rows.key_blocks, plan
             )  # [m, 1, q, K + q]
+        wanted = torch.cat(wanted, dim=1)  # [m, q]
         logits = self(
             input_ids=torch.cat(ids, dim=1),
             attention_mask=step_mask,
             position_ids=torch.cat(positions, dim=2),
             cache=cache,
             use_cache=True,
-            logits_mask=torch.cat(wanted, dim=1),
+            logits_mask=wanted,
         ).logits  # [N, vocab]
+        if plan.prediction_shift:
+            logits = self._shifted_step_logits(rows, logits, wanted, decide, has_commit, B)
         if has_noisy:
             cache.crop(-B)
         if has_commit:
@@ -935,6 +970,24 @@ class BardVLGenerationMixin:
             rows.committing = torch.zeros_like(committing)
             step_mask = None
         return logits, decide, step_mask
+
+    @staticmethod
+    def _shifted_step_logits(rows: _Rows, logits, wanted, decide, has_commit: bool, block_size: int):
+        """Under `prediction_shift`: store the commit slot's last-token logits as the committing rows'
+        `first_logits`, then return the logits of the `decide` positions ``[N, vocab]`` in their row-major order:
+        `first_logits` for position 0, the noisy slot's position j - 1 for position j (DESIGN 4.1)."""
+        entry_row, entry_column = wanted.nonzero(as_tuple=True)  # the rows of `logits`, row-major
+        from_commit = entry_column < block_size if has_commit else torch.zeros_like(entry_column, dtype=torch.bool)
+        if has_commit:
+            rows.first_logits = rows.first_logits.index_copy(0, entry_row[from_commit], logits[from_commit])
+        m = decide.shape[0]
+        # rows of `table`: first_logits of each row, then the noisy-slot logits; source[r, j] = the row of target j
+        table = torch.cat([rows.first_logits, logits[~from_commit]])  # [m + N', vocab]
+        source = torch.zeros_like(decide, dtype=torch.long)
+        source[:, 0] = torch.arange(m, device=decide.device)
+        noisy_column = entry_column[~from_commit] - (block_size if has_commit else 0)  # position j - 1 of target j
+        source[entry_row[~from_commit], noisy_column + 1] = m + torch.arange(noisy_column.numel(), device=decide.device)
+        return table[source[decide]]  # [N, vocab]
 
     # ------------------------------------------------------------------ 2. choosing tokens
     def _take_step(self, rows: _Rows, logits, decide, input_ids, generated, plan, logits_processor, generator,
