@@ -22,7 +22,7 @@ learn (33% and 9% exact match), so they carried no signal into the BARD models.
 
 Splits are made by digit image (stratified by label, fixed): a test grid only holds digit images that no training
 grid holds. Samples are in TRL's vision format (`messages` + `images`); row i depends only on the split, the seed,
-the question types, the grid shape and i (a longer dataset extends a shorter one).
+the question weights, `balanced`, the grid shape and i (a longer dataset extends a shorter one).
 
 `load_digits_ar_path()` is a stock Qwen3-VL of 2.5M parameters trained from scratch on this task
 (`examples/scripts/train_digits_ar.py`). `evaluate` scores greedy decoding of either kind of model (batched, for
