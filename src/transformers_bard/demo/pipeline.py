@@ -171,6 +171,10 @@ class _Progress:
             parts.append(self.train_left * self.train_seconds / self.train_done)
         if self.eval_left and self.eval_done:
             parts.append(self.eval_left * self.eval_seconds / self.eval_done)
+        if not self.train_left and not self.eval_left:
+            return "training and evaluation done"
+        if not parts and not self.train_left:
+            return "training done; evaluation time estimated after the first model"
         if not parts:
             return "remaining: estimated after the first stage"
         unknown = " + evaluation" if self.eval_left and not self.eval_done else ""
