@@ -47,6 +47,9 @@ def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["claims"] == json.loads(json.dumps(results["claims"]))
     assert (tmp_path / "results.md").read_text() == results_markdown(results)
     assert (tmp_path / "results.png").stat().st_size > 1000
+    assert list(results["timings_s"]) == [
+        "conversion", "progressive block merging", "stage-wise distillation B=8", "evaluation", "timing",
+    ]
     progress = [line for line in lines if "elapsed]" in line]
     assert any("progressive block merging" in line for line in progress)
     assert not [line for line in progress[1:] if not any(s in line for s in (" left", "estimated after", " done"))]

@@ -180,7 +180,8 @@ class _Progress:
         unknown = " + evaluation" if self.eval_left and not self.eval_done else ""
         return f"about {_minutes(sum(parts))} left{unknown}"
 
-    def stage(self, name: str, train_steps: int = 0, eval_runs: int = 0) -> None:
+    def stage(self, name: str, train_steps: int = 0, eval_runs: int = 0, detail: str = "") -> None:
+        """Close stage `name` (its wall time is summed under that key in `timings`); `detail` is only printed."""
         now = time.perf_counter()
         seconds = now - self.last
         self.last = now
@@ -194,7 +195,7 @@ class _Progress:
             self.eval_left -= eval_runs
             self.eval_seconds += seconds
         self.report(
-            f"[{_minutes(now - self.started)} elapsed] {name}: {_minutes(seconds)}; {self._left()}"
+            f"[{_minutes(now - self.started)} elapsed] {name}{detail}: {_minutes(seconds)}; {self._left()}"
         )
 
 
@@ -447,7 +448,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     evals = {(AR_NAME, None): evaluate(ar_model, processor, test, **decode)}
     rows = [_row(AR_NAME, 1, None, evals[(AR_NAME, None)])]
     decoders = {(AR_NAME, None): (ar_model, None)}
-    progress.stage(f"evaluation: {AR_NAME}", eval_runs=1)
+    progress.stage("evaluation", eval_runs=1, detail=f" {AR_NAME}")
     for name, (path, thresholds, extra) in models.items():
         model = BardVLForConditionalGeneration.from_pretrained(path).eval()
         for threshold in thresholds:
@@ -457,9 +458,8 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
             rows.append(_row(name, model.config.block_size, threshold, result))
             decoders[(name, threshold)] = (model, kwargs)
             progress.stage(
-                f"evaluation: {name} tau={threshold} exact match {result['accuracy']:.3f}, "
+                "evaluation", eval_runs=1, detail=f" {name} tau={threshold}: exact match {result['accuracy']:.3f}, "
                 f"{result['tokens_per_forward']:.2f} tokens/forward",
-                eval_runs=1,
             )
 
     shift = None
@@ -478,7 +478,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     for row in rows:
         row["tokens_per_second"] = timed[f"{row['model']}@{row['threshold']}"]["tokens_per_second"]
         row["speedup"] = row["tokens_per_second"] / ar_tps
-    progress.stage(f"timing: batch 1 on {len(timing)} rows, {len(decoders)} decoders interleaved")
+    progress.stage("timing", detail=f" (batch 1 on {len(timing)} rows, {len(decoders)} decoders interleaved)")
 
     claims = judge_claims(cfg, evals, names)
     results = {
