@@ -308,3 +308,26 @@ def test_evaluate_and_time_a_bard_model(shipped, tmp_path):
     assert all(t["tokens_per_second"] > 0 for t in timed.values())
     with pytest.raises(ValueError, match="decoders"):
         time_decoding({}, processor, dataset)
+
+
+def test_train_digits_ar_script_end_to_end(tmp_path):
+    # The shipped source's training script, shrunk to seconds: it writes a loadable Hub-layout checkpoint and its
+    # per-type test accuracies in training_info.json.
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "scripts" / "train_digits_ar.py"
+    spec = importlib.util.spec_from_file_location("train_digits_ar", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ar"
+    module.main([
+        "--output_dir", str(out), "--max_steps", "2", "--curriculum_steps", "1", "--batch_size", "2",
+        "--text_hidden", "64", "--text_layers", "1", "--vision_hidden", "48", "--vision_depth", "1",
+        "--num_threads", "1", "--eval_samples", "1", "--eval_batch_size", "1", "--logging_steps", "1",
+    ])
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["train_steps"] == 2 and info["torch_threads"] == 1
+    for kind in QUESTION_TYPES:
+        assert info[f"test_{kind}"]["num_samples"] == 1 and 0.0 <= info[f"test_{kind}"]["accuracy"] <= 1.0
+    assert (out / "model.safetensors").is_file() and (out / "chat_template.json").is_file()
