@@ -23,6 +23,21 @@ def test_paper_defaults():
     assert args.noise_scheduler() == MixedNoiseScheduler(prior="mask", min_rate=0.001, max_rate=1.0)
 
 
+def test_activation_checkpointing_defaults_on_without_the_deprecation_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # pyproject ignores FutureWarning: make it count here
+        args = config()
+        off = config(activation_checkpointing=False)
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    # the deprecated name still works, with transformers' warning
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        old = config(gradient_checkpointing=False)
+    assert old.activation_checkpointing is False
+
+
 def test_stage_steps_and_warmup():
     args = config(block_sizes=[4, 8, 16], stage_steps=[10, 20, 30])
     assert [args.steps_of_stage(i) for i in range(3)] == [10, 20, 30]

@@ -225,6 +225,8 @@ def main(argv=None):
             seed=args.seed,
             use_cpu=True,
             dataloader_num_workers=0,
+            # TRL's default (on), under transformers' current name: the deprecated one warns
+            activation_checkpointing=True,
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor)
         began = time.time()

@@ -221,7 +221,7 @@ def _common_args(cfg: PipelineConfig, output_dir: Path) -> dict:
         report_to="none",
         seed=cfg.seed,  # the trainer's seed, and the base seed of the noise (BlockDiffusionConfig.noise_seed)
         dataloader_num_workers=0,
-        gradient_checkpointing=False,  # a few-million-parameter model has no activation memory to save
+        activation_checkpointing=False,  # a few-million-parameter model has no activation memory to save
         disable_tqdm=False,  # per-stage progress bar with elapsed and remaining time
     )
 

@@ -74,6 +74,14 @@ class BlockDiffusionConfig(SFTConfig):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (paper: 0.95)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (paper: 0 at 4B, 0.01 at 8B)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (paper: 1.0)."})
+    # TRL's configs default the deprecated `gradient_checkpointing` to True, which makes transformers >= 5.24 warn on
+    # every config; here the old name defaults to unset and `__post_init__` applies TRL's default (on) to the new name,
+    # `activation_checkpointing`. Passing the old name still works and warns, as in transformers.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (on by default, as in TRL).", "nargs": "?",
+                  "const": True},
+    )
     lr_scheduler_type: str = field(
         default="cosine_with_min_lr",
         metadata={"help": "Learning-rate schedule of each stage (paper: warmup then cosine to `min_lr_rate`)."},
@@ -134,6 +142,8 @@ class BlockDiffusionConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under transformers' current name
         super().__post_init__()
         self._validate_warmup()
         self._validate_batches()
