@@ -167,3 +167,23 @@ def accelerate_launch(config: str, script: str, arguments: list[str], launch_arg
         *arguments,
     ]
     return subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_trainer_kwargs(output_dir, **overrides) -> dict:
+    """Keyword arguments shared by the trainer tests' configs: CPU, fp32, quiet, tiny batches, no checkpointing."""
+    defaults = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1,
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        vision_learning_rate=1e-4,
+        max_length=512,
+        activation_checkpointing=False,
+        seed=0,
+    )
+    return {**defaults, **overrides}

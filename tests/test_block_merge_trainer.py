@@ -10,7 +10,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
-from conftest import tiny_chat_rows
+from conftest import tiny_chat_rows, tiny_trainer_kwargs
 from transformers_bard import BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.trainer.block_diffusion_trainer import is_vision_tower_parameter
@@ -26,22 +26,7 @@ MERGER_PARAM = "model.visual.merger.linear_fc1.weight"
 
 
 def make_args(output_dir, **overrides):
-    defaults = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=1,
-        save_strategy="no",
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        vision_learning_rate=1e-4,
-        max_length=512,
-        gradient_checkpointing=False,
-        seed=0,
-    )
-    return BlockMergeConfig(**{**defaults, **overrides})
+    return BlockMergeConfig(**tiny_trainer_kwargs(output_dir, **overrides))
 
 
 class StepRecorder(TrainerCallback):
@@ -228,7 +213,7 @@ def test_progressive_schedule_smoke(tiny_bard_vl_dir, dataset, tmp_path):
     """Two stages from a model path: loss and block size logged per stage, parameters move, and each stage ends in a
     complete `stage-b{B}` checkpoint that loads with AutoModelForImageTextToText at its block size."""
     initial = weights(BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_dir))
-    args = make_args(tmp_path, block_sizes=[4, 8], stage_steps=[2], gradient_checkpointing=True)
+    args = make_args(tmp_path, block_sizes=[4, 8], stage_steps=[2], activation_checkpointing=True)
     trainer = BlockMergeTrainer(str(tiny_bard_vl_dir), args=args, train_dataset=dataset, eval_dataset=dataset)
     trainer.train()
     metrics = trainer.evaluate()

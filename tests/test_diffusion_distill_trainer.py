@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from conftest import EXAMPLES, load_example_script, tiny_chat_rows
+from conftest import EXAMPLES, load_example_script, tiny_chat_rows, tiny_trainer_kwargs
 from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.masking_bard_vl import NOISY
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
@@ -35,24 +35,8 @@ MODEL_KEYS = ("input_ids", "segment_ids", "mm_token_type_ids", "pixel_values", "
 
 
 def make_args(output_dir, **overrides):
-    defaults = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=1,
-        save_strategy="no",
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        vision_learning_rate=1e-4,
-        max_warmup_steps=0,
-        max_length=512,
-        gradient_checkpointing=False,
-        max_steps=2,
-        seed=0,
-    )
-    return DiffusionDistillConfig(**{**defaults, **overrides})
+    overrides = {"max_warmup_steps": 0, "max_steps": 2, **overrides}
+    return DiffusionDistillConfig(**tiny_trainer_kwargs(output_dir, **overrides))
 
 
 def weights(model):

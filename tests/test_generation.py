@@ -830,7 +830,7 @@ def test_eos_fill_leaves_the_output_of_a_trained_model_unchanged(tmp_path):
     args = BlockMergeConfig(
         block_sizes=[8], stage_steps=[30], learning_rate=5e-4, max_warmup_steps=1, output_dir=str(tmp_path / "pbm"),
         per_device_train_batch_size=8, max_length=512, use_cpu=True, bf16=False, save_strategy="no",
-        report_to="none", seed=0, dataloader_num_workers=0, gradient_checkpointing=False, disable_tqdm=True,
+        report_to="none", seed=0, dataloader_num_workers=0, activation_checkpointing=False, disable_tqdm=True,
     )
     BlockMergeTrainer(str(converted), args=args, train_dataset=build_digits_dataset("train", 240, seed=0)).train()
     model = BardVLForConditionalGeneration.from_pretrained(tmp_path / "pbm" / "stage-b8").eval()
