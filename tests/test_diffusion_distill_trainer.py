@@ -128,6 +128,18 @@ def test_loss_equals_separate_teacher_and_student_forwards(
     half = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=step_tokens)
     torch.testing.assert_close(half, expected / 2, rtol=1e-5, atol=1e-5)
 
+    # per-sample normalisation: each row's terms are averaged over its own masked positions, then over the rows
+    trainer.args.loss_normalization = "sample"
+    assert trainer.num_loss_items(batch) == masked.any(-1).sum().item() == 3
+    per_row = [reference(teacher_logits[4], masked & (torch.arange(3) == s)[:, None])[0] for s in range(3)]
+    expected_sample = torch.stack(per_row).mean()
+    assert not torch.allclose(expected_sample, expected, atol=1e-4)  # the rows have different masked counts
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    torch.testing.assert_close(loss, expected_sample, rtol=1e-5, atol=1e-5)
+    step_samples = torch.tensor(6)
+    half = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=step_samples)
+    torch.testing.assert_close(half, expected_sample / 2, rtol=1e-5, atol=1e-5)
+
 
 def test_shifted_prediction_distills_each_target_from_its_source(
     tiny_qwen3_vl_dir, tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, dataset, tmp_path
@@ -211,13 +223,18 @@ def test_distillation_trains_the_student_only_and_saves_a_loadable_checkpoint(
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"] + 0.5 * metrics["eval_kd"], rel=1e-5)
 
 
-def test_gradient_accumulation_equals_one_large_batch(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path):
-    """Batch 4 vs 2 micro-batches of 2 with different masked-token counts (SGD, no clipping): same loss and update."""
+@pytest.mark.parametrize("normalization", ["token", "sample"])
+def test_gradient_accumulation_equals_one_large_batch(
+    tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path, normalization
+):
+    """Batch 4 vs 2 micro-batches of 2 with different masked-token counts (SGD, no clipping): same loss and update,
+    whether the step's mean runs over its masked tokens or over its samples."""
     data = Dataset.from_list(tiny_chat_rows(4))
     results = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
         args = make_args(
             tmp_path / f"b{batch_size}",
+            loss_normalization=normalization,
             max_steps=1,
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,

@@ -252,11 +252,55 @@ def test_swd_loss_of_micro_batches_sums_to_the_whole_batch_loop_reference():
         parts.append(swd_loss(student[rows], labels[rows], values, ids, num_tokens=torch.tensor(5.0)))
     loss = parts[0][0] + parts[1][0]
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    sums = parts[0][1] + parts[1][1]  # CE, KD, positions, hits, agreement
-    assert sums[2].item() == 5
+    sums = parts[0][1] + parts[1][1]  # CE, KD, positions, hits, agreement, items
+    assert sums[2].item() == 5 and sums[5].item() == 5
     assert (sums[0] + 0.5 * sums[1]).item() / 5 == pytest.approx(expected, rel=1e-5)
     assert sums[3].item() == (student.argmax(-1) == labels).sum().item()
     assert sums[4].item() == (student.argmax(-1) == teacher.argmax(-1)).sum().item()
+
+
+def test_swd_loss_per_sample_normalisation_matches_a_loop_reference():
+    """Per sample: (1/S) sum_s (1/n_s) sum_{i in s} [CE_i + 0.5 KD_i], a step of 3 samples (1, 4 and 2 masked
+    positions) split into micro-batches by sample; the short sample weighs as much as the long one."""
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(7, 9, generator=g)
+    teacher = torch.randn(7, 9, generator=g)
+    labels = torch.randint(0, 9, (7,), generator=g)
+    samples = [[0], [1, 2, 3, 4], [5, 6]]
+    expected = 0.0
+    for positions in samples:
+        per_sample = 0.0
+        for i in positions:
+            log_p = log_softmax_list(student[i].tolist())
+            values, ids = teacher[i].topk(3)
+            q = [math.exp(x) for x in log_softmax_list(values.tolist())]
+            kd = -sum(q_j * log_p[j] for q_j, j in zip(q, ids.tolist()))
+            per_sample += (-log_p[labels[i]] + 0.5 * kd) / len(positions)
+        expected += per_sample / len(samples)
+    parts = []
+    for rows, index in ((slice(0, 1), [0]), (slice(1, 7), [0, 0, 0, 0, 2, 2])):  # micro-batch rows 0 and {0, 2}
+        values, ids = teacher_topk(teacher[rows], 3)
+        parts.append(
+            swd_loss(
+                student[rows],
+                labels[rows],
+                values,
+                ids,
+                num_tokens=torch.tensor(3.0),
+                sample_index=torch.tensor(index),
+            )
+        )
+    loss = parts[0][0] + parts[1][0]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    sums = parts[0][1] + parts[1][1]  # CE, KD, positions, hits, agreement, samples
+    assert sums[2].item() == 7 and sums[5].item() == 3
+    # the token mean differs on this step: the 4-position sample dominates it
+    values, ids = teacher_topk(teacher, 3)
+    token_mean = swd_loss(student, labels, values, ids, num_tokens=7)[0]
+    assert abs(token_mean.item() - expected) > 1e-3
+    assert (sums[0] + 0.5 * sums[1]).item() / 7 == pytest.approx(token_mean.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="`sample_index` must be 1-D with N=7"):
+        swd_loss(student, labels, values, ids, num_tokens=3, sample_index=torch.zeros(6, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------- distillation

@@ -59,13 +59,28 @@ def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
-    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, ablations=("direct", "ar_teacher", "mix")),
-                           report=lambda line: None)
+    ablations = ("direct", "ar_teacher", "mix", "sample_norm", "wide_mask_rates")
+    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, ablations=ablations), report=lambda line: None)
     names = {r["model"] for r in results["rows"]}
-    assert {"direct B=8", "PBM+SWD(AR teacher) B=8", "PBM(mix)+revision B=8"} <= names
-    for stage in ("direct/stage-b8", "swd-ar-b8/stage-b8", "pbm-mix/stage-b8"):
+    assert {
+        "direct B=8", "PBM+SWD(AR teacher) B=8", "PBM(mix)+revision B=8", "PBM+SWD(sample norm) B=8",
+        "PBM+SWD(rates 0.001-1.0) B=8",
+    } <= names
+    for stage in ("direct/stage-b8", "swd-ar-b8/stage-b8", "pbm-mix/stage-b8", "swd-sample-norm-b8/stage-b8",
+                  "swd-wide-rates-b8/stage-b8"):
         assert (tmp_path / stage / "config.json").is_file(), stage
     assert all(c["verdict"] in ("holds", "does not hold", "cannot tell") for c in results["claims"])
+    # the settings ablations: each against the default SWD model, same rows, same threshold
+    settings = {s["claim"]: s for s in results["settings"]}
+    assert sorted(settings) == ["sample_norm", "wide_mask_rates"]
+    for entry in settings.values():
+        assert entry["compared"][1]["model"] == "PBM+SWD B=8" and entry["num_samples"] == 4
+        assert entry["verdict"] in ("holds", "does not hold", "cannot tell")
+    table = (tmp_path / "results.md").read_text()
+    assert "| SWD setting | compared (exact match) |" in table
+    assert "| SWD loss normalised per sample beats per token (B=8, tau=1.0) | PBM+SWD(sample norm) B=8 tau=1.0:" in table
+    noise = json.loads((tmp_path / "swd-wide-rates-b8" / "stage-b8" / "noise_scheduler_config.json").read_text())
+    assert (noise["min_rate"], noise["max_rate"]) == (0.001, 1.0)  # the setting asked for was trained
 
 
 def _eval(correct, tokens_per_forward):

@@ -107,7 +107,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--output-dir", default="demo_output", help="Where checkpoints and results are written.")
     p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
     p.add_argument(
-        "--ablations", default="", help="Comma-separated ablations to add (direct, ar_teacher, mix, shift), or 'all'."
+        "--ablations", default="",
+        help="Comma-separated ablations to add (direct, ar_teacher, mix, shift, sample_norm, wide_mask_rates), or "
+        "'all'.",
     )
     p.add_argument(
         "--shift-eval-every", type=int, default=None,
@@ -122,6 +124,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
     p.add_argument("--swd-mask-rates", default=None, help="SWD mask-rate clamp as low,high (default 0.1,0.5).")
     p.add_argument(
+        "--swd-loss-normalization", choices=("token", "sample"), default=None,
+        help="SWD loss averaged over the step's masked tokens (default) or per sample, then over its samples.",
+    )
+    p.add_argument(
         "--question-weights", default=None, help="Training mix, e.g. position:3,column:2,read:1,read_twice:1."
     )
     p.add_argument("--thresholds", default=None, help="Comma-separated confidence thresholds, e.g. 0.9,0.7,0.5.")
@@ -134,7 +140,7 @@ def _run_demo(args) -> int:
 
     ablations = ABLATIONS if args.ablations == "all" else tuple(a for a in args.ablations.split(",") if a)
     overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads, seed=args.seed)
-    for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every"):
+    for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every", "swd_loss_normalization"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.pbm_steps:

@@ -24,6 +24,12 @@ Beyond the paper, ablation `shift` (issue 13, DESIGN 4.1) converts the AR source
 holds, for both settings, the exact match per question type right after conversion (no training), the B = 4
 stage's exact match every `shift_eval_every` steps and the first step at >= 98% of the AR source's exact match;
 the final B = largest models join the main table.
+
+Two more ablations decide SWD's settings (issue 9, item 5), each distilling the same B = largest PBM student from the
+same anchor with one setting changed: `sample_norm` (the loss averaged per sample, then over the step's samples,
+instead of over the step's masked tokens) and `wide_mask_rates` (mask rates [0.001, 1.0], what the reference code
+effectively trained with, instead of the configured [0.1, 0.5]). `results["settings"]` compares each with the default
+SWD model over the same rows at `claim_threshold`, with the same paired interval and verdict as the claims.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from .digits import QUESTION_TYPES
 
 logger = logging.getLogger(__name__)
 
-ABLATIONS = ("direct", "ar_teacher", "mix", "shift")
+ABLATIONS = ("direct", "ar_teacher", "mix", "shift", "sample_norm", "wide_mask_rates")
+WIDE_MASK_RATES = (0.001, 1.0)  # ablation `wide_mask_rates`: the SWD mask rates the reference code trained with
 SHIFT_TARGET = 0.98  # ablation `shift`: steps until the B = 4 stage reaches this fraction of the AR exact match
 AR_NAME = "AR (source, greedy)"
 
@@ -76,6 +83,9 @@ class PipelineConfig:
     # Measured on the same B = 32 student (README): no difference (+0.3 points, 95% CI [-1.6, +2.1]); the paper's
     # configuration stays the default.
     swd_mask_rates: tuple[float, float] = (0.1, 0.5)
+    # SWD loss normalisation (DiffusionDistillConfig.loss_normalization): "token" (DESIGN 3.6) or "sample"; the
+    # ablation `sample_norm` measures the other one.
+    swd_loss_normalization: str = "token"
     batch_size: int = 16
     learning_rate: float = 5e-4  # a few-million-parameter model adapts with larger steps than the paper's 2e-5
     swd_learning_rate: float = 1e-4
@@ -134,6 +144,10 @@ class PipelineConfig:
         if not 0 < low < high <= 1:
             raise ValueError(f"`swd_mask_rates` must be (low, high) with 0 < low < high <= 1, got {self.swd_mask_rates!r}.")
         self.swd_mask_rates = (float(low), float(high))
+        if self.swd_loss_normalization not in ("token", "sample"):
+            raise ValueError(
+                f"`swd_loss_normalization` must be 'token' or 'sample', got {self.swd_loss_normalization!r}."
+            )
         unknown = [name for name in self.question_weights if name not in QUESTION_TYPES]
         if unknown or not self.question_weights:
             raise ValueError(
@@ -245,18 +259,21 @@ def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, trai
     return {b: output_dir / f"stage-b{b}" for b in block_sizes}
 
 
-def run_distill(cfg: PipelineConfig, student: Path, teacher: Path, output_dir: Path, train, teacher_type="diffusion"):
-    """SWD (DESIGN 3.6): the student at its own B learns from the frozen teacher; returns the final folder."""
+def run_distill(cfg: PipelineConfig, student: Path, teacher: Path, output_dir: Path, train, teacher_type="diffusion",
+                mask_rates: tuple[float, float] | None = None, loss_normalization: str | None = None):
+    """SWD (DESIGN 3.6): the student at its own B learns from the frozen teacher; returns the final folder.
+    `mask_rates` and `loss_normalization` override the config's (the settings ablations)."""
     from transformers import AutoConfig
 
     from ..trainer.diffusion_distill_config import DiffusionDistillConfig
     from ..trainer.diffusion_distill_trainer import DiffusionDistillTrainer
 
     block_size = AutoConfig.from_pretrained(student).block_size
+    low, high = mask_rates or cfg.swd_mask_rates
     args = DiffusionDistillConfig(
         max_steps=cfg.swd_steps, learning_rate=cfg.swd_learning_rate, max_warmup_steps=max(1, cfg.swd_steps // 10),
-        teacher_type=teacher_type, noise_min_rate=cfg.swd_mask_rates[0], noise_max_rate=cfg.swd_mask_rates[1],
-        **_common_args(cfg, output_dir),
+        teacher_type=teacher_type, noise_min_rate=low, noise_max_rate=high,
+        loss_normalization=loss_normalization or cfg.swd_loss_normalization, **_common_args(cfg, output_dir),
     )
     trainer = DiffusionDistillTrainer(str(student), teacher_model=str(teacher), args=args, train_dataset=train)
     trainer.train()
@@ -305,6 +322,25 @@ def _compare(claim: str, statement: str, first: tuple, second: tuple, evals: dic
 
 def _not_run(claim: str, statement: str, why: str) -> dict:
     return {"claim": claim, "statement": statement, "verdict": "not run", "note": why}
+
+
+def judge_settings(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
+    """The SWD settings ablations that ran (`names["sample_norm"]`, `names["wide_mask_rates"]`), each against the
+    default SWD model at `claim_threshold`; "holds" means the other setting beats the default."""
+    tau, largest = cfg.claim_threshold, cfg.block_sizes[-1]
+    other_norm = "sample" if cfg.swd_loss_normalization == "token" else "token"
+    low, high = cfg.swd_mask_rates
+    statements = {
+        "sample_norm": f"SWD loss normalised per {other_norm} beats per {cfg.swd_loss_normalization} (B={largest}, "
+        f"tau={tau})",
+        "wide_mask_rates": f"SWD mask rates [{WIDE_MASK_RATES[0]}, {WIDE_MASK_RATES[1]}] beat [{low}, {high}] "
+        f"(B={largest}, tau={tau})",
+    }
+    return [
+        _compare(key, statement, (names[key], tau), (names["swd"], tau), evals)
+        for key, statement in statements.items()
+        if key in names
+    ]
 
 
 def judge_claims(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
@@ -370,7 +406,8 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     # Planned work, for the remaining-time estimate.
     train_steps = sum(stage_steps) + cfg.swd_steps * (len(cfg.block_sizes) - 1)
     train_steps += sum({"direct": sum(stage_steps), "ar_teacher": cfg.swd_steps, "mix": sum(stage_steps),
-                        "shift": sum(stage_steps) + cfg.swd_steps}[a] for a in cfg.ablations)
+                        "shift": sum(stage_steps) + cfg.swd_steps, "sample_norm": cfg.swd_steps,
+                        "wide_mask_rates": cfg.swd_steps}[a] for a in cfg.ablations)
     intermediate = 2 * (len(cfg.block_sizes) - 1) - 1  # PBM B < largest, SWD B < largest
     eval_runs = 1 + intermediate * len(cfg.stage_thresholds) + (2 + len(cfg.ablations)) * len(cfg.thresholds)
     if "shift" in cfg.ablations:  # one more final model, and both settings' B = 4 checkpoints from step 0
@@ -425,6 +462,19 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         names["ar_teacher"] = f"PBM+SWD(AR teacher) B={largest}"
         models[names["ar_teacher"]] = (path, cfg.thresholds, {})
         progress.stage("ablation: AR teacher", train_steps=cfg.swd_steps)
+    if "sample_norm" in cfg.ablations:
+        other = "sample" if cfg.swd_loss_normalization == "token" else "token"
+        path = run_distill(cfg, pbm[largest], anchor, out / f"swd-{other}-norm-b{largest}", train,
+                           loss_normalization=other)
+        names["sample_norm"] = f"PBM+SWD({other} norm) B={largest}"
+        models[names["sample_norm"]] = (path, cfg.thresholds, {})
+        progress.stage(f"ablation: SWD loss per {other}", train_steps=cfg.swd_steps)
+    if "wide_mask_rates" in cfg.ablations:
+        path = run_distill(cfg, pbm[largest], anchor, out / f"swd-wide-rates-b{largest}", train,
+                           mask_rates=WIDE_MASK_RATES)
+        names["wide_mask_rates"] = f"PBM+SWD(rates {WIDE_MASK_RATES[0]}-{WIDE_MASK_RATES[1]}) B={largest}"
+        models[names["wide_mask_rates"]] = (path, cfg.thresholds, {})
+        progress.stage("ablation: SWD mask rates", train_steps=cfg.swd_steps)
     if "mix" in cfg.ablations:
         mixed = run_block_merge(cfg, converted, out / "pbm-mix", train, cfg.block_sizes, stage_steps, prior="mix")
         names["mix"] = f"PBM(mix)+revision B={largest}"
@@ -484,6 +534,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     progress.stage("timing", detail=f" (batch 1 on {len(timing)} rows, {len(decoders)} decoders interleaved)")
 
     claims = judge_claims(cfg, evals, names)
+    settings = judge_settings(cfg, evals, names)
     results = {
         "config": asdict(cfg),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {cfg.threads} training threads, "
@@ -496,6 +547,8 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         "rows": rows,
         "claims": claims,
     }
+    if settings:
+        results["settings"] = settings
     if shift is not None:
         results["shift"] = shift
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -560,6 +613,23 @@ def _interval(value: float, ci95) -> str:
     return f"{value:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]"
 
 
+def _comparison_line(c: dict) -> str:
+    """One row of the claims (or settings) table."""
+    label = f"({c['claim']}) " if len(c["claim"]) == 1 else ""
+    if "compared" not in c:
+        return f"| {label}{c['statement']} | - | - | {c['verdict']} ({c['note']}) |"
+    compared = " vs ".join(
+        f"{m['model']}{'' if m['threshold'] is None else ' tau=' + str(m['threshold'])}: {m['accuracy']:.3f}"
+        for m in c["compared"]
+    )
+    margin = f", margin -{c['margin']:.3f}" if c["margin"] else ""
+    note = f" ({c['note']})" if c.get("note") else ""
+    return (
+        f"| {label}{c['statement']} | {compared} | {_interval(c['difference'], c['ci95'])}{margin} | "
+        f"{c['verdict']}{note} |"
+    )
+
+
 def results_markdown(results: dict) -> str:
     """The accuracy table (with Wilson 95% intervals) and the claims table, as Markdown."""
     types = [kind for kind in QUESTION_TYPES if any(kind in r["per_type"] for r in results["rows"])]
@@ -577,23 +647,12 @@ def results_markdown(results: dict) -> str:
             + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
             + f" | {r['tokens_per_forward']:.2f} | {tps} | {speedup} |"
         )
-    if results.get("claims"):
-        lines += ["", "| claim | compared (exact match) | paired difference [95% CI] | verdict |", "|---|---|---|---|"]
-        for c in results["claims"]:
-            if "compared" not in c:
-                lines.append(f"| ({c['claim']}) {c['statement']} | - | - | {c['verdict']} ({c['note']}) |")
-                continue
-            first, second = c["compared"]
-            label = " vs ".join(
-                f"{m['model']}{'' if m['threshold'] is None else ' tau=' + str(m['threshold'])}: {m['accuracy']:.3f}"
-                for m in (first, second)
-            )
-            margin = f", margin -{c['margin']:.3f}" if c["margin"] else ""
-            note = f" ({c['note']})" if c.get("note") else ""
-            lines.append(
-                f"| ({c['claim']}) {c['statement']} | {label} | {_interval(c['difference'], c['ci95'])}{margin} | "
-                f"{c['verdict']}{note} |"
-            )
+    for key, title in (("claims", "claim"), ("settings", "SWD setting")):
+        if not results.get(key):
+            continue
+        lines += ["", f"| {title} | compared (exact match) | paired difference [95% CI] | verdict |",
+                  "|---|---|---|---|"]
+        lines += [_comparison_line(c) for c in results[key]]
     if results.get("shift"):
         lines += ["", shift_markdown(results["shift"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
@@ -631,5 +690,5 @@ def plot_results(results: dict, path: Path) -> None:
 
 
 __all__ = [
-    "ABLATIONS", "PipelineConfig", "judge_claims", "plot_results", "results_markdown", "run_pipeline", "shift_study",
+    "ABLATIONS", "PipelineConfig", "judge_claims", "judge_settings", "plot_results", "results_markdown", "run_pipeline", "shift_study",
 ]

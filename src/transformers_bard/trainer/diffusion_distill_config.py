@@ -14,6 +14,7 @@ from typing import Any
 from .block_diffusion_config import BlockDiffusionConfig, _is_int, _is_number
 
 TEACHER_TYPES = ("diffusion", "autoregressive")
+LOSS_NORMALIZATIONS = ("token", "sample")
 
 
 @dataclass
@@ -58,6 +59,13 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             Weight of the top-k KD term.
         reverse_kd (`bool`, *optional*, defaults to `False`):
             Use the reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy.
+        loss_normalization (`str`, *optional*, defaults to `"token"`):
+            How `ce_weight * CE + kd_weight * KD` is averaged over an optimizer step (all micro-batches and ranks).
+            `"token"` (DESIGN 3.6, the reference): a mean over the step's masked positions, so every masked token
+            weighs the same and long answers dominate the step. `"sample"`: a mean over each sample's masked
+            positions, then a mean over the step's samples (those with at least one masked position), so a
+            one-token answer weighs as much as a 77-token one. Chosen by measurement (README, the demo's `norm`
+            ablation).
 
         > Schedule and noise
 
@@ -155,6 +163,14 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
         default=False,
         metadata={"help": "Reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy."},
     )
+    loss_normalization: str = field(
+        default="token",
+        metadata={
+            "help": "'token': CE + KD averaged over the step's masked positions (DESIGN 3.6, the reference). "
+            "'sample': averaged over each sample's masked positions, then over the step's samples.",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -216,6 +232,12 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             raise ValueError("`ce_weight` and `kd_weight` are both 0: nothing would be trained. SWD uses 1.0 and 0.5.")
         if not isinstance(self.reverse_kd, bool):
             raise ValueError(f"`reverse_kd` must be a bool, got {self.reverse_kd!r}.")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"`loss_normalization` must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}. Use "
+                "'token' (a mean over the step's masked tokens, DESIGN 3.6) or 'sample' (a mean per sample, then "
+                "over the step's samples)."
+            )
 
 
-__all__ = ["DiffusionDistillConfig", "TEACHER_TYPES"]
+__all__ = ["DiffusionDistillConfig", "LOSS_NORMALIZATIONS", "TEACHER_TYPES"]

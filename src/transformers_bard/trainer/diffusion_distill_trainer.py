@@ -17,8 +17,10 @@ Loss on one optimizer step with masked positions ``M`` (all micro-batches, all r
 
 with ``M`` = the xt positions holding ``<|mask|>`` (EOS padding included; substituted tokens of the `mix`/`uniform`
 priors and clean xt tokens excluded), CE against the clean token (no 1/t weight) and KD the top-k distillation of
-`losses.topk_distillation_loss`. Each micro-batch contributes its sums divided by ``|M|`` of the whole step
+`losses.topk_distillation_per_position`. Each micro-batch contributes its sums divided by ``|M|`` of the whole step
 (`_get_num_items_in_batch`), so gradient accumulation and data parallelism give the gradient of one large batch.
+With `loss_normalization="sample"` each sample's terms are first averaged over its own masked positions and the
+step's mean runs over its samples instead (`losses.swd_loss`).
 """
 
 from __future__ import annotations
@@ -408,10 +410,14 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
 
     # ------------------------------------------------------------------ loss (DESIGN 3.6)
     def num_loss_items(self, batch: dict) -> int | None:
-        """Masked positions of a micro-batch (DESIGN 3.6): the SWD loss is a mean over those of the optimizer step."""
+        """The SWD loss's items in a micro-batch (DESIGN 3.6): its masked positions, or with
+        `loss_normalization="sample"` its samples (rows) that have at least one masked position."""
         if "logits_mask" not in batch:
             return None
-        return int(distillation_positions(batch["logits_mask"], batch["input_ids"], self._mask_token_id).sum())
+        positions = distillation_positions(batch["logits_mask"], batch["input_ids"], self._mask_token_id)  # [b, L]
+        if self.args.loss_normalization == "sample":
+            return int(positions.any(dim=-1).sum())
+        return int(positions.sum())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -435,7 +441,10 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
         logits = outputs.logits  # [N, V]
         labels = targets["labels"][positions]  # [N] clean tokens
 
-        denominator, scale = self.loss_normaliser(num_items_in_batch, labels.shape[0])
+        per_sample = self.args.loss_normalization == "sample"
+        sample_index = positions.nonzero()[:, 0] if per_sample else None  # [N], row (= sample) of each position
+        local_items = int(positions.any(dim=-1).sum()) if per_sample else labels.shape[0]
+        denominator, scale = self.loss_normaliser(num_items_in_batch, local_items)
         loss, sums = swd_loss(
             logits,
             labels,
@@ -446,6 +455,7 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
             kd_weight=self.args.kd_weight,
             temperature=self.args.temperature,
             reverse=self.args.reverse_kd,
+            sample_index=sample_index,
         )
         loss = loss * scale
         self._record_metrics(mode, sums, num_items_in_batch)
@@ -457,7 +467,9 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
         """Push (ce, kd, accuracy, agreement, tokens) of an optimizer step into `_metrics` once the step is complete.
 
         The micro-batches of a step are summed over all ranks and divided by the step's masked-token count, the
-        same normalisation as the loss, so a logged step satisfies loss = ce_weight * ce + kd_weight * kd.
+        same normalisation as the loss with `loss_normalization="token"`, so a logged step then satisfies
+        loss = ce_weight * ce + kd_weight * kd. With `"sample"`, `ce` and `kd` stay token means (comparable across
+        both settings) and the loss is the per-sample mean.
         """
         if mode == "train":
             sums = self.accelerator.gather(sums[None]).sum(0)
@@ -467,10 +479,10 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
             if self._step_key != self.state.global_step:
                 self._step_sums, self._step_key = torch.zeros_like(sums), self.state.global_step
             self._step_sums += sums
-            if self._step_sums[2] < float(num_items_in_batch):
+            if self._step_sums[5] < float(num_items_in_batch):
                 return  # more micro-batches of this step to come
             sums, self._step_sums, self._step_key = self._step_sums, None, None
-        ce_sum, kd_sum, num_tokens, num_correct, num_agree = sums.tolist()
+        ce_sum, kd_sum, num_tokens, num_correct, num_agree, _ = sums.tolist()
         if num_tokens == 0:
             return
         metrics = self._metrics[mode]

@@ -5,8 +5,10 @@ cross-entropy is computed in fp32. Shapes: N supervised positions, V vocabulary,
 
 - PBM (DESIGN 3.4): `block_merge_loss` (a packed batch) -> `weighted_block_diffusion_loss` (the one reduction), fed
   either by `[N, V]` logits (`block_diffusion_loss`) or by the per-position log-probabilities of TRL's fused LM head.
-- SWD (DESIGN 3.6): `swd_loss` = `distillation_objective(masked_token_mean_ce(...), topk_distillation_loss(...))`,
-  i.e. 1.0 * CE + 0.5 * KD by default, normalised by the masked positions of the optimizer step.
+- SWD (DESIGN 3.6): `swd_loss` = `distillation_objective(CE, KD)` from per-position cross-entropies and
+  `topk_distillation_per_position`, i.e. 1.0 * CE + 0.5 * KD by default, normalised by the masked positions of the
+  optimizer step (or per sample, then by the step's samples). `masked_token_mean_ce` and `topk_distillation_loss` are
+  the token means of the two terms.
 """
 
 from __future__ import annotations
@@ -222,14 +224,14 @@ def teacher_topk(logits: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, torch
     return values.float(), ids
 
 
-def topk_distillation_loss(
+def topk_distillation_per_position(
     student_logits: torch.Tensor,
     teacher_topk_logits: torch.Tensor,
     teacher_topk_ids: torch.LongTensor,
     temperature: float = 1.0,
     reverse: bool = False,
 ) -> torch.Tensor:
-    """Top-k knowledge distillation of SWD (DESIGN 3.6), in fp32.
+    """Top-k knowledge distillation of SWD (DESIGN 3.6) at each position, in fp32: `[N]`.
 
     q_j = softmax_j(teacher_topk_logits / T): the teacher renormalised over its k ids. Per position:
 
@@ -239,9 +241,8 @@ def topk_distillation_loss(
     - `reverse=True`: KD_i = sum_j p~_j (log p~_j - log q_j), the reverse KL restricted to the k ids, where
       p~_j = softmax_j(student_logits[ids] / T) is the student renormalised over the same k ids.
 
-    The loss is the mean of KD_i over the N positions (0 when N = 0). It is NOT multiplied by T^2 (Hinton's gradient
-    rescaling): DESIGN 3.6 writes the loss without it and uses T = 1, where both agree; a caller training at T != 1 who
-    wants Hinton's scaling multiplies by T**2 itself.
+    KD_i is NOT multiplied by T^2 (Hinton's gradient rescaling): DESIGN 3.6 writes the loss without it and uses
+    T = 1, where both agree; a caller training at T != 1 who wants Hinton's scaling multiplies by T**2 itself.
 
     Args:
         student_logits: `[N, V]`.
@@ -267,6 +268,20 @@ def topk_distillation_loss(
     else:
         log_p = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, teacher_topk_ids)  # [N, k]
         per_position = -(log_q.exp() * log_p).sum(dim=-1)  # [N]
+    return per_position
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_logits: torch.Tensor,
+    teacher_topk_ids: torch.LongTensor,
+    temperature: float = 1.0,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """Mean over the N positions of `topk_distillation_per_position` (0 when N = 0)."""
+    per_position = topk_distillation_per_position(
+        student_logits, teacher_topk_logits, teacher_topk_ids, temperature=temperature, reverse=reverse
+    )
     return per_position.sum() / max(per_position.shape[0], 1)
 
 
@@ -287,40 +302,67 @@ def swd_loss(
     kd_weight: float = 0.5,
     temperature: float = 1.0,
     reverse: bool = False,
+    sample_index: torch.LongTensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SWD loss of one micro-batch (DESIGN 3.6), normalised by the masked positions of the whole step.
+    """The SWD loss of one micro-batch (DESIGN 3.6), normalised over the whole optimizer step.
 
-    loss = ce_weight * sum_i CE_i / num_tokens + kd_weight * sum_i KD_i / num_tokens, over this micro-batch's N
-    positions, where `num_tokens` counts the masked positions of the optimizer step (all micro-batches, all ranks),
-    so summing the micro-batches' gradients gives the gradient of one large batch.
+    Per masked position, ell_i = ce_weight * CE_i + kd_weight * KD_i (CE against the clean token, KD as in
+    `topk_distillation_per_position`). Two normalisations:
+
+    - per token (the default, `sample_index=None`): loss = sum_i ell_i / num_tokens, where `num_tokens` counts the
+      masked positions of the optimizer step (all micro-batches, all ranks). Every masked token weighs the same, so a
+      sample with a long response weighs more than a short one.
+    - per sample (`sample_index` given): loss = sum_s (1 / n_s) sum_{i in s} ell_i / num_tokens, where n_s counts the
+      masked positions of sample s (all of them are in this micro-batch: a sample is never split) and `num_tokens`
+      now counts the samples of the step that have at least one masked position. Every sample weighs the same.
+
+    Either way, summing the micro-batches' losses gives the loss of one large batch.
 
     Args:
         student_logits: `[N, V]`.
         labels: `[N]` clean tokens.
         teacher_topk_logits, teacher_topk_ids: `[N, k]` (from `teacher_topk`).
-        num_tokens: the step's masked positions (>= 1; int or scalar tensor).
-        ce_weight, kd_weight, temperature, reverse: see `distillation_objective`, `topk_distillation_loss`.
+        num_tokens: the step's masked positions, or its samples with `sample_index` (>= 1; int or scalar tensor).
+        ce_weight, kd_weight, temperature, reverse: see `distillation_objective`, `topk_distillation_per_position`.
+        sample_index: optional `[N]` sample of each position: switches to the per-sample normalisation.
 
     Returns:
-        `(loss, sums)`: the fp32 loss and detached fp32 sums `[5]` of this micro-batch: CE, KD, positions, argmax hits
-        on the clean token, argmax agreement with the teacher's top-1.
+        `(loss, sums)`: the fp32 loss and detached fp32 sums `[6]` of this micro-batch: CE, KD (both summed over
+        positions, unweighted), positions, argmax hits on the clean token, argmax agreement with the teacher's
+        top-1, and the loss's items (positions, or samples with a masked position).
     """
     num_positions = labels.shape[0]
-    ce = masked_token_mean_ce(student_logits, labels, num_tokens=num_tokens)  # sum_i CE_i / num_tokens
-    kd_mean = topk_distillation_loss(
+    if student_logits.dim() != 2:
+        raise ValueError(f"`student_logits` must be 2-D [N, V], got shape {tuple(student_logits.shape)}.")
+    _check_positions("labels", labels, num_positions)
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="none")  # [N]
+    kd = topk_distillation_per_position(
         student_logits, teacher_topk_logits, teacher_topk_ids, temperature=temperature, reverse=reverse
+    )  # [N]
+    if sample_index is None:
+        weights = None
+        items = float(num_positions)
+    else:
+        _check_positions("sample_index", sample_index, num_positions)
+        counts = torch.bincount(sample_index)  # [S], masked positions n_s of each sample
+        weights = 1.0 / counts.float().clamp(min=1)[sample_index]  # [N], 1 / n_s(i)
+        items = (counts > 0).sum().float()
+    weighted_ce = ce if weights is None else ce * weights
+    weighted_kd = kd if weights is None else kd * weights
+    loss = distillation_objective(
+        weighted_ce.sum() / num_tokens, weighted_kd.sum() / num_tokens, ce_weight, kd_weight
     )
-    kd = kd_mean * (num_positions / num_tokens)  # sum_i KD_i / num_tokens
-    loss = distillation_objective(ce, kd, ce_weight, kd_weight)
     with torch.no_grad():
         predicted = student_logits.argmax(dim=-1)  # [N]
+        device = student_logits.device
         sums = torch.stack(
             [
-                (ce * num_tokens).detach().float(),
-                (kd_mean * num_positions).detach().float(),
-                torch.tensor(float(num_positions), device=student_logits.device),
+                ce.detach().sum(),
+                kd.detach().sum(),
+                torch.tensor(float(num_positions), device=device),
                 (predicted == labels).sum().float(),
                 (predicted == teacher_topk_ids[:, 0]).sum().float(),
+                torch.as_tensor(items, dtype=torch.float32, device=device),
             ]
         )
     return loss, sums
