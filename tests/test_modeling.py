@@ -348,3 +348,54 @@ def test_past_key_values_is_deprecated_for_cache():
     with torch.no_grad():
         reference = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
     torch.testing.assert_close(out.logits, reference.logits)
+
+
+@pytest.mark.parametrize("forward", ["block_diffusion", "plain"])
+def test_sharded_vision_tower_runs_on_text_only_batches_without_changing_values(forward, monkeypatch):
+    """With a sharded vision tower (FSDP2 / ZeRO-3; `vision_tower_is_sharded` patched to True here), a batch without
+    images still runs the tower, between the token embeddings and the language model as a real image does (the
+    collectives of all ranks then line up), and the logits and every gradient equal those of the plain forward; the
+    vision weights get exact-zero gradients instead of none."""
+    model = make_model(4).train()
+    inputs = _packed_inputs()
+    inputs = {key: value for key, value in inputs.items() if key not in ("pixel_values", "image_grid_thw")}
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["mm_token_type_ids"].bool(), 0)  # no image tokens
+    inputs["mm_token_type_ids"] = torch.zeros_like(inputs["mm_token_type_ids"])
+    if forward == "plain":
+        inputs = dict(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                      labels=inputs["input_ids"])
+    plain_loss = model(**inputs).loss
+    plain = _gradients(model, inputs)
+    assert not any(name.startswith("model.visual.") for name in plain)
+
+    order = []
+    hooks = [
+        module.register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+        for name, module in (
+            ("embeddings", model.model.get_input_embeddings()),
+            ("vision", model.model.visual),
+            ("language model", model.model.language_model),
+        )
+    ]
+    monkeypatch.setattr(type(model.model), "vision_tower_is_sharded", lambda self: True)
+    sharded_loss = model(**inputs).loss
+    assert order == ["embeddings", "vision", "language model"]
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(sharded_loss, plain_loss, rtol=0, atol=0)
+    sharded = _gradients(model, inputs)
+    vision = {name for name in sharded if name.startswith("model.visual.")}
+    assert vision == {name for name, _ in model.named_parameters() if name.startswith("model.visual.")}
+    for name in vision:
+        assert not sharded[name].any(), name
+    for name, grad in plain.items():
+        torch.testing.assert_close(sharded[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_vision_tower_is_sharded_detects_fully_shard_and_zero3_parameters():
+    model = make_model(4)
+    assert not model.model.vision_tower_is_sharded()
+    param = next(model.model.visual.parameters())
+    param.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert model.model.vision_tower_is_sharded()
+    del param.ds_id

@@ -1,4 +1,4 @@
-"""More than one process: `accelerate launch` with 2 CPU processes (gloo) trains exactly like 1 process.
+"""More than one process: `accelerate launch` with 2 CPU processes (gloo), DDP or FSDP2, trains exactly like 1 process.
 
 2 processes x per-device batch 2 must give the same logged losses and the same updated weights as 1 process x batch 4:
 the losses are normalised by the items of the whole optimizer step across ranks (samples for PBM, DESIGN 3.4; masked
@@ -182,9 +182,166 @@ def test_fsdp2_sharded_step_equals_one_process(tiny_bard_vl_dir, tiny_bard_vl_te
     assert type(loaded).__name__ == "BardVLForConditionalGeneration"
 
 
-def test_fsdp_config_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
-    """accelerate enables FSDP only on GPUs: `accelerate launch --config_file fsdp2.yaml` on CPU would train replicated
-    (DDP) without a word, so the trainer refuses it and names the CPU alternative."""
+FSDP2_WARNING = "FSDP2 on 2 CPU processes (gloo)"
+
+
+def assert_loads_with_remote_code_only(folder, tmp_path):
+    """The stage folder names BARD-VL's own files in its auto_map (not torch's FSDP wrapper class) and loads with
+    `trust_remote_code=True` in a process where transformers_bard cannot be imported."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, offline_env
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BardVLForConditionalGeneration"]
+    assert set(config["auto_map"].values()) <= {
+        "configuration_bard_vl.BardVLConfig",
+        "modeling_bard_vl.BardVLForConditionalGeneration",
+    }, config["auto_map"]
+    assert not list(folder.glob("_fsdp*.py")) and (folder / "modeling_bard_vl.py").is_file()
+    script = (
+        "import sys; sys.modules['transformers_bard'] = None\n"
+        "from transformers import AutoModel\n"
+        f"model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "assert type(model).__name__ == 'BardVLForConditionalGeneration', type(model)\n"
+    )
+    env = dict(offline_env(), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_block_merge_fsdp2_two_stages_equal_one_process(tiny_bard_vl_dir, tmp_path):
+    """`accelerate launch --config_file fsdp2_cpu.yaml`: BlockMergeTrainer through two stages on 2 gloo processes,
+    sharded by accelerate's FSDP2 path, equals 1 process with the same global batch: logged losses and gradient norms
+    of both stages, and the weights of both stage folders; each stage folder is a complete, unsharded checkpoint."""
+    common = [
+        "--config",
+        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
+        "--model_name_or_path",
+        str(tiny_bard_vl_dir),
+        "--dataset_name",
+        str(write_dataset(tmp_path)),
+        "--block_sizes",
+        "4",
+        "8",
+        "--stage_steps",
+        "2",
+        *SGD,
+    ]
+    one = tmp_path / "one"
+    parser = TrlParser((ScriptArguments, BlockMergeConfig, ModelConfig))
+    load_example_script("block_merge").main(
+        *parser.parse_args_and_config(common + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
+    )
+    two = tmp_path / "two"
+    result = accelerate_launch(
+        "fsdp2_cpu", "block_merge", common + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert FSDP2_WARNING in result.stderr  # sharded, not replicated
+
+    for stage in ("stage-b4", "stage-b8"):
+        assert len(logged(one / stage)) == 2
+        keys = ("loss", "grad_norm")
+        assert logged(two / stage, keys) == pytest.approx(logged(one / stage, keys), rel=1e-4), stage
+    assert_same_weights(one / "stage-b4", two / "stage-b4", tiny_bard_vl_dir)
+    assert_same_weights(one / "stage-b8", two / "stage-b8", tiny_bard_vl_dir)
+    assert json.loads((two / "stage-b8" / "config.json").read_text())["block_size"] == 8
+    assert_loads_with_remote_code_only(two / "stage-b8", tmp_path)
+
+
+def test_diffusion_distill_fsdp2_equals_one_process(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path):
+    """FSDP2 on 2 gloo processes with the teacher sharded too (TRL's `prepare_fsdp`: the teacher's weights are split
+    like the student's instead of held whole on every rank): equal losses, CE, KD and weights to 1 process."""
+    common = [
+        "--config",
+        str(EXAMPLES / "configs" / "distill_tiny.yaml"),
+        "--model_name_or_path",
+        str(tiny_bard_vl_b8_dir),
+        "--teacher_model_name_or_path",
+        str(tiny_bard_vl_teacher_dir),
+        "--dataset_name",
+        str(write_dataset(tmp_path)),
+        "--max_steps",
+        "2",
+        *SGD,
+    ]
+    one = tmp_path / "one"
+    parser = TrlParser((ScriptArguments, DiffusionDistillConfig, ModelConfig))
+    load_example_script("diffusion_distill").main(
+        *parser.parse_args_and_config(common + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
+    )
+    two = tmp_path / "two"
+    result = accelerate_launch(
+        "fsdp2_cpu", "diffusion_distill", common + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert FSDP2_WARNING in result.stderr
+
+    keys = ("loss", "ce", "kd", "grad_norm")
+    assert len(logged(one / "stage-b8", keys)) == 2 * len(keys)
+    assert logged(two / "stage-b8", keys) == pytest.approx(logged(one / "stage-b8", keys), rel=1e-4)
+    assert_same_weights(one / "stage-b8", two / "stage-b8", tiny_bard_vl_b8_dir)
+    assert_loads_with_remote_code_only(two / "stage-b8", tmp_path)
+
+
+def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(tiny_bard_vl_dir, tmp_path):
+    """Under FSDP2 (2 gloo processes, AdamW, TRL's fused LM head gathering the sharded head weight), a run interrupted
+    mid-stage (from `checkpoints-b8/checkpoint-1`) or right after stage b4 and resumed with `--resume_from_checkpoint
+    true` ends with the uninterrupted run's losses and weights."""
+    import shutil
+
+    arguments = [
+        "--config",
+        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
+        "--model_name_or_path",
+        str(tiny_bard_vl_dir),
+        "--dataset_name",
+        str(write_dataset(tmp_path)),
+        "--block_sizes",
+        "4",
+        "8",
+        "--stage_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_fused_lm_head",
+        "true",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--max_warmup_steps",
+        "0",
+        "--disable_tqdm",
+        "true",
+    ]
+    full = tmp_path / "full"
+    result = accelerate_launch("fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(full)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    mid = tmp_path / "mid"  # interrupted after step 1 of stage b8
+    shutil.copytree(full, mid)
+    shutil.rmtree(mid / "stage-b8")
+    shutil.rmtree(mid / "checkpoints-b8" / "checkpoint-2")
+    boundary = tmp_path / "boundary"  # interrupted right after stage b4
+    shutil.copytree(mid, boundary)
+    shutil.rmtree(boundary / "checkpoints-b8")
+    for folder in (mid, boundary):
+        result = accelerate_launch(
+            "fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]
+        )
+        assert result.returncode == 0, folder.name + result.stdout[-3000:] + result.stderr[-6000:]
+        assert logged(folder / "stage-b8") == pytest.approx(logged(full / "stage-b8"), rel=1e-5), folder.name
+        expected = load_file(str(full / "stage-b8" / "model.safetensors"))
+        got = load_file(str(folder / "stage-b8" / "model.safetensors"))
+        for key, tensor in expected.items():
+            torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-7, msg=f"{folder.name}: {key}")
+
+
+def test_unsupported_sharding_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
+    """What cannot run sharded is refused before training, naming the alternative: FSDP version 1 on CPU processes
+    (only FSDP2 runs there) and LoRA under FSDP (stage checkpoints merge the adapter into full weights)."""
     arguments = [
         "--config",
         str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
@@ -192,13 +349,15 @@ def test_fsdp_config_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
         str(tiny_bard_vl_dir),
         "--dataset_name",
         str(write_dataset(tmp_path, 4)),
-        "--output_dir",
-        str(tmp_path / "out"),
     ]
-    result = accelerate_launch(
-        "fsdp2", "block_merge", arguments, launch_arguments=["--num_processes", "2", "--mixed_precision", "no"]
-    )
-    assert result.returncode != 0
-    assert "The accelerate config asks for FSDP, but accelerate runs MULTI_CPU on cpu" in result.stderr
-    assert "multi_cpu.yaml" in result.stderr
-    assert not (tmp_path / "out" / "stage-b4").exists()
+    for name, launch, extra, message in (
+        ("v1", ["--fsdp_version", "1"], [], "Only FSDP2 runs on CPU: set `fsdp_version: 2`"),
+        ("lora", [], ["--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj"], "LoRA with FSDP or DeepSpeed ZeRO-3 is not supported"),
+    ):
+        out = tmp_path / name
+        result = accelerate_launch(
+            "fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(out)] + extra, launch_arguments=launch
+        )
+        assert result.returncode != 0, name
+        assert message in result.stderr, name + result.stderr[-3000:]
+        assert not (out / "stage-b4").exists()

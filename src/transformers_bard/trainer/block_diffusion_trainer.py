@@ -17,6 +17,8 @@ A subclass passes its stage schedule to `__init__` and implements `compute_loss`
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -214,6 +216,59 @@ class BlockDiffusionTrainer(SFTTrainer):
         if isinstance(self.data_collator, BlockDiffusionCollator):
             self.add_callback(NoiseScheduleCallback(self.data_collator))
 
+    def create_accelerator_and_postprocess(self):
+        """Transformers' accelerator, plus FSDP2 on CPU processes, which accelerate leaves off (see `enable_cpu_fsdp2`)."""
+        version = os.environ.get("FSDP_VERSION", "1")
+        if self.args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and version != "2":
+            # accelerate's FSDP1 plugin itself fails on CPU with an unrelated-looking device error: say it first
+            raise ValueError(_CPU_FSDP_VERSION_ERROR.format(version=version))
+        super().create_accelerator_and_postprocess()
+        if enable_cpu_fsdp2(self.accelerator):
+            self.is_fsdp_enabled = True
+            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.args.activation_checkpointing:
+                raise ValueError(
+                    "`fsdp_activation_checkpointing` (FSDP's own activation checkpointing) and the "
+                    "`activation_checkpointing` training argument are both on. Keep one: set "
+                    "`fsdp_activation_checkpointing: false` in the accelerate config."
+                )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Transformers' `save_model`; for FSDP2 on CPU processes, the full state dict is copied before it is written.
+
+        accelerate gathers it with `cpu_offload=True`, a no-op copy on CPU: the gathered tensors then alias buffers
+        that FSDP frees again, and safetensors finds invalid storages.
+        """
+        if not (self.is_fsdp_enabled and self.accelerator.device.type == "cpu"):
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state_dict = get_model_state_dict(self.model, options=options)  # full on rank 0, empty elsewhere
+        state_dict = {name: tensor.detach().clone() for name, tensor in state_dict.items()}
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Transformers' `_save`, with an FSDP2-sharded model saved under its own class (see `unsharded_class`)."""
+        with unsharded_class(self.model):
+            return super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Transformers' loader; under FSDP2, the checkpoint's safetensors weights, sharded onto every rank.
+
+        A BARD checkpoint (mid-stage or a stage folder) always holds the full model as `save_pretrained` writes it.
+        Under FSDP2 every rank reads it and keeps its own shards (`set_model_state_dict` with a full state dict), on
+        the sharded model as on one not sharded yet. (Transformers' FSDP path reads accelerate's pickled
+        `pytorch_model_fsdp.bin` with a rank-0 broadcast, which deadlocks on gloo.)
+        """
+        if not (self.is_fsdp_enabled and self.accelerator.is_fsdp2):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state_dict = load_safetensors_weights(resume_from_checkpoint)
+        model = self.model_wrapped if model is None else model
+        result = set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=False))
+        self._issue_warnings_after_load(result)
+
     def _check_distributed_setting(self) -> None:
         """Refuse the launches that would not train as asked (DESIGN 6): sharding that accelerate did not enable,
         and LoRA under parameter sharding."""
@@ -338,10 +393,11 @@ class BlockDiffusionTrainer(SFTTrainer):
         return final
 
     def _load_stage_weights(self, folder: str) -> None:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2):
             raise ValueError(
-                f"Resuming at a stage boundary (from {folder!r}) is not supported with FSDP or DeepSpeed. Start a new "
-                "run from that folder's model with `block_sizes` set to the remaining stages."
+                f"Resuming at a stage boundary (from {folder!r}) is not supported with DeepSpeed or FSDP version 1. "
+                "Start a new run from that folder's model with `block_sizes` set to the remaining stages, or use "
+                "FSDP2 (`fsdp_version: 2`)."
             )
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._load_from_checkpoint(os.path.join(folder, "adapter") if is_peft_model(unwrapped) else folder)
@@ -390,4 +446,88 @@ class BlockDiffusionTrainer(SFTTrainer):
         return output
 
 
-__all__ = ["BlockDiffusionTrainer", "NoiseScheduleCallback", "is_vision_tower_parameter", "load_pretrained_model"]
+def load_safetensors_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The full state dict of a `save_pretrained` folder: ``model.safetensors`` or its shards (with their index)."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        raise ValueError(
+            f"No safetensors weights in {folder!r} (model.safetensors or model.safetensors.index.json): it is not a "
+            "checkpoint written by this trainer. Resume from a `checkpoints-b{B}/checkpoint-N` or `stage-b{B}` folder."
+        )
+    with open(index) as handle:
+        files = sorted(set(json.load(handle)["weight_map"].values()))
+    state_dict = {}
+    for name in files:
+        state_dict.update(load_file(os.path.join(folder, name)))
+    return state_dict
+
+
+@contextlib.contextmanager
+def unsharded_class(model):
+    """Give an FSDP2-sharded model its own class back for the duration of the block (a no-op for any other model).
+
+    `fully_shard` swaps a module's class for a generated subclass, ``FSDP{Name}`` (defined in torch). Saved as is,
+    `save_pretrained` would write that class into `config.json`'s `auto_map` and copy torch's FSDP files instead of the
+    model's own (`modeling_bard_vl.py`, ...), and the folder would no longer load with `trust_remote_code=True`.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        yield model
+        return
+    sharded = type(model)
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(base for base in sharded.__mro__[1:] if not issubclass(base, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded
+
+
+_CPU_FSDP_VERSION_ERROR = (
+    "The accelerate config asks for FSDP version {version} on CPU processes. Only FSDP2 runs on CPU: set "
+    "`fsdp_version: 2` (examples/accelerate_configs/fsdp2_cpu.yaml), or shard on GPUs."
+)
+
+
+def enable_cpu_fsdp2(accelerator) -> bool:
+    """Turn on FSDP2 for CPU processes (gloo) that `accelerate launch` started with an FSDP config; True if it did.
+
+    accelerate enables FSDP only on accelerator devices: with `use_cpu` its state stays MULTI_CPU and the processes
+    would train replicated (DDP) although the config asks for sharding. PyTorch's FSDP2 (`fully_shard`) runs on CPU
+    with gloo, so for FSDP version 2 this sets the state accelerate would set on GPUs: distributed type FSDP and the
+    plugin built from the launcher's environment (`FSDP_*` variables). `accelerator.prepare` then shards the model with
+    accelerate's own FSDP2 path. FSDP version 1 on CPU is refused (its CPU support is partial and deprecated).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables of `accelerate launch`
+    if plugin.fsdp_version != 2:
+        raise ValueError(_CPU_FSDP_VERSION_ERROR.format(version=plugin.fsdp_version))
+    if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "pin_memory", False):
+        raise ValueError("`fsdp_offload_params: true` has no meaning on CPU processes; set it to false.")
+    # Both singletons: a later `AcceleratorState()` copies the process-level state (PartialState's) over its own.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    if accelerator.is_main_process:
+        logger.warning(
+            "FSDP2 on %d CPU processes (gloo): accelerate leaves FSDP off on CPU, so the trainer turns it on itself.",
+            accelerator.num_processes,
+        )
+    return True
+
+
+__all__ = ["BlockDiffusionTrainer", "enable_cpu_fsdp2", "unsharded_class", "NoiseScheduleCallback", "is_vision_tower_parameter", "load_pretrained_model"]

@@ -15,6 +15,7 @@ Same parameters and weight names as Qwen3-VL: stock and upstream BARD-VL checkpo
 This file is exported next to the weights for ``trust_remote_code``: torch, transformers and siblings only.
 """
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,105 @@ def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 class BardVLModel(Qwen3VLModel):
-    """Qwen3-VL backbone under the BARD config (no behavioural change)."""
+    """Qwen3-VL backbone under the BARD config. One addition: with a sharded vision tower (FSDP2, ZeRO-3), a batch
+    without images still runs the tower on a dummy image (`dummy_vision_output`), so every rank joins the same
+    collectives; values and gradients are unchanged."""
 
     config_class = BardVLConfig
+
+    def vision_tower_is_sharded(self) -> bool:
+        """True when the vision tower's weights are split over ranks and gathered collectively in its forward: FSDP2
+        (`fully_shard`) or DeepSpeed ZeRO-3 (partitioned parameters carry `ds_id`)."""
+        visual = self.visual
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch without FSDP2
+            FSDPModule = ()
+        if FSDPModule and any(isinstance(module, FSDPModule) for module in visual.modules()):
+            return True
+        return any(hasattr(param, "ds_id") for param in visual.parameters())
+
+    def dummy_vision_output(self) -> torch.Tensor:
+        """0 x the vision tower's outputs on a one-tile blank image: a scalar zero that depends on every vision weight.
+
+        A sharded vision tower gathers its weights with collectives that every rank must join in the same order. A
+        rank whose batch has no image would skip the tower and fall out of step with the others (a hang or a size
+        mismatch); it runs the tower on this dummy instead, before the language model as a real image would be, and
+        adds the zero to its output, so neither values nor gradients change.
+        """
+        visual = self.visual
+        proj = visual.patch_embed.proj
+        merge = visual.spatial_merge_size
+        weight = next(visual.parameters())
+        features = proj.in_channels * math.prod(proj.kernel_size)
+        pixels = torch.zeros(merge * merge, features, dtype=weight.dtype, device=weight.device)
+        grid = torch.tensor([[1, merge, merge]], device=weight.device)
+        output = visual(pixels, grid_thw=grid, return_dict=True)
+        total = output.pooler_output.float().sum()
+        for feature in output.deepstack_features or ():
+            total = total + feature.float().sum()
+        return 0.0 * total
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        mm_encoder_outputs=None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        vision_anchor = None
+        if (
+            pixel_values is None
+            and pixel_values_videos is None
+            and mm_encoder_outputs is None
+            and self.vision_tower_is_sharded()
+        ):
+            # run the tower where a real image runs it: after the token embeddings (a sharded unit too), before the
+            # language model; the ids are consumed here, so the positions the backbone would compute from them too
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+                if position_ids is None:
+                    position_ids = self.compute_3d_position_ids(
+                        input_ids=input_ids,
+                        image_grid_thw=image_grid_thw,
+                        video_grid_thw=video_grid_thw,
+                        inputs_embeds=inputs_embeds,
+                        attention_mask=attention_mask,
+                        cache=cache,
+                        mm_token_type_ids=mm_token_type_ids,
+                    )
+                input_ids = None
+            vision_anchor = self.dummy_vision_output()
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        if vision_anchor is not None:
+            if isinstance(outputs, tuple):
+                outputs = (outputs[0] + vision_anchor.to(outputs[0].dtype),) + outputs[1:]
+            else:
+                outputs.last_hidden_state = outputs.last_hidden_state + vision_anchor.to(
+                    outputs.last_hidden_state.dtype
+                )
+        return outputs
 
 
 class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditionalGeneration):
