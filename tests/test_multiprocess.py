@@ -361,3 +361,26 @@ def test_unsupported_sharding_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
         assert result.returncode != 0, name
         assert message in result.stderr, name + result.stderr[-3000:]
         assert not (out / "stage-b4").exists()
+
+
+def test_stock_qwen3_vl_teacher_is_refused_under_fsdp2(tiny_bard_vl_b8_dir, tiny_qwen3_vl_dir, tmp_path):
+    """A sharded stock Qwen3-VL teacher would skip its vision tower on text-only batches and stall the other ranks:
+    refused, naming the fix (a converted BARD-VL model works as the autoregressive teacher)."""
+    arguments = [
+        "--config",
+        str(EXAMPLES / "configs" / "distill_tiny.yaml"),
+        "--model_name_or_path",
+        str(tiny_bard_vl_b8_dir),
+        "--teacher_model_name_or_path",
+        str(tiny_qwen3_vl_dir),
+        "--teacher_type",
+        "autoregressive",
+        "--dataset_name",
+        str(write_dataset(tmp_path, 4)),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    result = accelerate_launch("fsdp2_cpu", "diffusion_distill", arguments)
+    assert result.returncode != 0
+    assert "would be sharded, which needs a BARD-VL model" in result.stderr, result.stderr[-3000:]
+    assert "transformers-bard convert" in result.stderr

@@ -367,6 +367,18 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
         """Frozen, eval mode, placed for the current distributed setting, outside the student's optimizer."""
         teacher.requires_grad_(False)
         teacher.eval()
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if sharded and not hasattr(getattr(teacher, "model", None), "dummy_vision_output"):
+            # a sharded vision tower must run on every rank (BardVLModel runs it on a dummy image for text-only
+            # batches); a stock Qwen3-VL teacher would skip it and leave the ranks' collectives out of step
+            raise ValueError(
+                f"The teacher ({type(teacher).__name__}) would be sharded, which needs a BARD-VL model: its vision "
+                "tower runs on every rank even for batches without images. Convert the AR source first "
+                "(`transformers-bard convert`) and pass the converted model; it works as an autoregressive teacher "
+                "too (teacher_type='autoregressive'). Or train with DDP."
+            )
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(teacher, self.accelerator)  # ZeRO-3 shards it; other stages replicate it
         if self.is_fsdp_enabled:
