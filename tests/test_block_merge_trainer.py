@@ -416,3 +416,32 @@ def test_errors(tiny_qwen3_vl_dir, tiny_bard_vl_dir, dataset, tmp_path):
     )
     with pytest.raises(ValueError, match="Row 2 of the training data cannot be trained on: it has no assistant turn"):
         trainer.train()
+
+
+def test_deepspeed_combinations_that_cannot_train_are_refused(monkeypatch):
+    """`deepspeed` cannot be installed here, so the refusals are checked on a stand-in trainer state: a DeepSpeed
+    config that accelerate left off (CPU processes would train replicated) and LoRA under ZeRO-3 (the stage
+    checkpoints merge the adapter into full weights); LoRA under ZeRO-2 is allowed."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from transformers_bard.trainer.block_diffusion_trainer import BlockDiffusionTrainer
+
+    def state(zero_stage, enabled=True, model=None):
+        accelerator = SimpleNamespace(
+            distributed_type=SimpleNamespace(value="MULTI_CPU"),
+            device=torch.device("cpu"),
+            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage)),
+        )
+        return SimpleNamespace(
+            is_fsdp_enabled=False, is_deepspeed_enabled=enabled, accelerator=accelerator, model=model
+        )
+
+    lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(target_modules=["0"], r=2))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="asks for DeepSpeed, but accelerate runs MULTI_CPU on cpu"):
+        BlockDiffusionTrainer._check_distributed_setting(state(3, enabled=False))
+    with pytest.raises(ValueError, match="LoRA with FSDP or DeepSpeed ZeRO-3 is not supported.*Use DDP or ZeRO-2"):
+        BlockDiffusionTrainer._check_distributed_setting(state(3, model=lora))
+    BlockDiffusionTrainer._check_distributed_setting(state(2, model=lora))  # ZeRO-2 replicates the weights

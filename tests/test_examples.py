@@ -65,7 +65,7 @@ def test_paper_recipes_parse_with_the_paper_hyperparameters(size):
     assert yaml.safe_load(path.read_text())["bf16"] is True
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2", "zero3", "multi_cpu"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2_cpu", "zero2", "zero3", "multi_cpu"])
 def test_accelerate_configs_load(name):
     path = EXAMPLES / "accelerate_configs" / f"{name}.yaml"
     assert isinstance(yaml.safe_load(path.read_text()), dict)
@@ -73,6 +73,7 @@ def test_accelerate_configs_load(name):
     expected = {
         "ddp": "MULTI_GPU",
         "fsdp2": "FSDP",
+        "fsdp2_cpu": "FSDP",
         "zero2": "DEEPSPEED",
         "zero3": "DEEPSPEED",
         "multi_cpu": "MULTI_GPU",
@@ -80,6 +81,10 @@ def test_accelerate_configs_load(name):
     assert config.distributed_type.value == expected[name]
     if name.startswith("zero"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name.startswith("fsdp2"):
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # stage folders are unsharded
+        assert config.fsdp_config["fsdp_activation_checkpointing"] is False  # the trainer's own is used instead
 
 
 def test_cli_block_merge_then_distill(tmp_path):
