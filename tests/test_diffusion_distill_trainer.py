@@ -128,6 +128,16 @@ def test_loss_equals_separate_teacher_and_student_forwards(
     half = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=step_tokens)
     torch.testing.assert_close(half, expected / 2, rtol=1e-5, atol=1e-5)
 
+    # KD off at the EOS padding past the real end: CE everywhere, KD only before the padding, same denominator
+    padding = batch["is_eos_padding"].bool()
+    assert (masked & padding).any() and (masked & ~padding).any()
+    trainer.args.kd_on_eos_padding = False
+    ce_all = reference(teacher_logits[4], masked)[1]
+    kd_kept = reference(teacher_logits[4], masked & ~padding)[2] * (masked & ~padding).sum() / masked.sum()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    torch.testing.assert_close(loss, ce_all + 0.5 * kd_kept, rtol=1e-5, atol=1e-5)
+    trainer.args.kd_on_eos_padding = True
+
     # per-sample normalisation: each row's terms are averaged over its own masked positions, then over the rows
     trainer.args.loss_normalization = "sample"
     assert trainer.num_loss_items(batch) == masked.any(-1).sum().item() == 3

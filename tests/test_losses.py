@@ -303,6 +303,29 @@ def test_swd_loss_per_sample_normalisation_matches_a_loop_reference():
         swd_loss(student, labels, values, ids, num_tokens=3, sample_index=torch.zeros(6, dtype=torch.long))
 
 
+def test_swd_loss_kd_positions_drop_kd_but_keep_ce_and_the_denominator():
+    """kd_positions False -> that position contributes CE only, and still counts in the step's denominator."""
+    g = torch.Generator().manual_seed(9)
+    student = torch.randn(5, 9, generator=g)
+    teacher = torch.randn(5, 9, generator=g)
+    labels = torch.randint(0, 9, (5,), generator=g)
+    keep = torch.tensor([True, False, True, True, False])
+    expected = 0.0
+    for i in range(5):
+        log_p = log_softmax_list(student[i].tolist())
+        values, ids = teacher[i].topk(3)
+        q = [math.exp(x) for x in log_softmax_list(values.tolist())]
+        kd = -sum(q_j * log_p[j] for q_j, j in zip(q, ids.tolist())) if keep[i] else 0.0
+        expected += (-log_p[labels[i]] + 0.5 * kd) / 5
+    values, ids = teacher_topk(teacher, 3)
+    loss, sums = swd_loss(student, labels, values, ids, num_tokens=5, kd_positions=keep)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    everywhere = swd_loss(student, labels, values, ids, num_tokens=5)[0]
+    assert everywhere.item() > loss.item()  # KD >= 0: dropping it lowers the loss
+    with pytest.raises(ValueError, match="`kd_positions` must be 1-D with N=5"):
+        swd_loss(student, labels, values, ids, num_tokens=5, kd_positions=keep[:4])
+
+
 # ---------------------------------------------------------------------------- distillation
 
 

@@ -176,4 +176,4 @@ def test_bad_pipeline_settings():
     with pytest.raises(ValueError, match="ablations"):
         PipelineConfig(ablations=("nope",))
     assert PipelineConfig(pbm_steps=300).stage_steps() == [300, 300, 300, 300]
-    assert PipelineConfig().stage_steps() == [800, 200, 600, 600]
+    assert PipelineConfig().stage_steps() == [500, 100, 450, 450]

@@ -108,8 +108,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
     p.add_argument(
         "--ablations", default="",
-        help="Comma-separated ablations to add (direct, ar_teacher, mix, shift, sample_norm, wide_mask_rates), or "
-        "'all'.",
+        help="Comma-separated ablations to add (direct, ar_teacher, mix, shift, sample_norm, wide_mask_rates, "
+        "kd_eos_padding), or 'all'.",
     )
     p.add_argument(
         "--shift-eval-every", type=int, default=None,
@@ -123,6 +123,10 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
     p.add_argument("--swd-mask-rates", default=None, help="SWD mask-rate clamp as low,high (default 0.1,0.5).")
+    p.add_argument(
+        "--swd-kd-eos-padding", choices=("on", "off"), default=None,
+        help="SWD's KD term at the EOS padding past the real end: on (DESIGN 3.6) or off (CE only there).",
+    )
     p.add_argument(
         "--swd-loss-normalization", choices=("token", "sample"), default=None,
         help="SWD loss averaged over the step's masked tokens (default) or per sample, then over its samples.",
@@ -146,6 +150,8 @@ def _run_demo(args) -> int:
     if args.pbm_steps:
         steps = tuple(int(s) for s in args.pbm_steps.split(","))
         overrides["pbm_steps"] = steps[0] if len(steps) == 1 else steps
+    if args.swd_kd_eos_padding:
+        overrides["swd_kd_on_eos_padding"] = args.swd_kd_eos_padding == "on"
     if args.swd_mask_rates:
         overrides["swd_mask_rates"] = tuple(float(r) for r in args.swd_mask_rates.split(","))
     if args.question_weights:

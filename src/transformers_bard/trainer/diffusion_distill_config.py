@@ -59,6 +59,13 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             Weight of the top-k KD term.
         reverse_kd (`bool`, *optional*, defaults to `False`):
             Use the reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy.
+        kd_on_eos_padding (`bool`, *optional*, defaults to `True`):
+            Whether the KD term also covers the masked EOS padding past the response's real end (DESIGN 3.6: every
+            masked position). The student's rows are EOS-padded to a multiple of B_s, up to B_s - 1 EOS tokens,
+            while the B_t = 4 anchor was trained with at most 3: past its own padding the teacher's predictions are
+            out of distribution (measured on the digits demo: on a B = 32 batch its top-1 is right at 13% of the
+            masked EOS paddings and at every other masked position). `False` keeps the CE term there (the clean token, EOS, is
+            certain) and drops KD.
         loss_normalization (`str`, *optional*, defaults to `"token"`):
             How `ce_weight * CE + kd_weight * KD` is averaged over an optimizer step (all micro-batches and ranks).
             `"token"` (DESIGN 3.6, the reference): a mean over the step's masked positions, so every masked token
@@ -163,6 +170,13 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
         default=False,
         metadata={"help": "Reverse KL restricted to the teacher's top-k ids instead of the forward cross-entropy."},
     )
+    kd_on_eos_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "KD also at the masked EOS padding past the real end (DESIGN 3.6). False: CE only there, where "
+            "a B_t-block teacher sees more EOS padding than it was trained with."
+        },
+    )
     loss_normalization: str = field(
         default="token",
         metadata={
@@ -232,6 +246,8 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             raise ValueError("`ce_weight` and `kd_weight` are both 0: nothing would be trained. SWD uses 1.0 and 0.5.")
         if not isinstance(self.reverse_kd, bool):
             raise ValueError(f"`reverse_kd` must be a bool, got {self.reverse_kd!r}.")
+        if not isinstance(self.kd_on_eos_padding, bool):
+            raise ValueError(f"`kd_on_eos_padding` must be a bool, got {self.kd_on_eos_padding!r}.")
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(
                 f"`loss_normalization` must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}. Use "

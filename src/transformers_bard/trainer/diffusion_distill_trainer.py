@@ -468,6 +468,7 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
             temperature=self.args.temperature,
             reverse=self.args.reverse_kd,
             sample_index=sample_index,
+            kd_positions=None if self.args.kd_on_eos_padding else ~targets["is_eos_padding"][positions].bool(),
         )
         loss = loss * scale
         self._record_metrics(mode, sums, num_items_in_batch)

@@ -303,6 +303,7 @@ def swd_loss(
     temperature: float = 1.0,
     reverse: bool = False,
     sample_index: torch.LongTensor | None = None,
+    kd_positions: torch.BoolTensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SWD loss of one micro-batch (DESIGN 3.6), normalised over the whole optimizer step.
 
@@ -316,7 +317,9 @@ def swd_loss(
       masked positions of sample s (all of them are in this micro-batch: a sample is never split) and `num_tokens`
       now counts the samples of the step that have at least one masked position. Every sample weighs the same.
 
-    Either way, summing the micro-batches' losses gives the loss of one large batch.
+    Either way, summing the micro-batches' losses gives the loss of one large batch. With `kd_positions`, KD_i = 0
+    where it is False (e.g. EOS padding that the teacher never saw; `DiffusionDistillConfig.kd_on_eos_padding`): those
+    positions keep their CE term and still count in the denominators.
 
     Args:
         student_logits: `[N, V]`.
@@ -325,6 +328,7 @@ def swd_loss(
         num_tokens: the step's masked positions, or its samples with `sample_index` (>= 1; int or scalar tensor).
         ce_weight, kd_weight, temperature, reverse: see `distillation_objective`, `topk_distillation_per_position`.
         sample_index: optional `[N]` sample of each position: switches to the per-sample normalisation.
+        kd_positions: optional `[N]` bool, the positions that get the KD term (all by default).
 
     Returns:
         `(loss, sums)`: the fp32 loss and detached fp32 sums `[6]` of this micro-batch: CE, KD (both summed over
@@ -339,6 +343,9 @@ def swd_loss(
     kd = topk_distillation_per_position(
         student_logits, teacher_topk_logits, teacher_topk_ids, temperature=temperature, reverse=reverse
     )  # [N]
+    if kd_positions is not None:
+        _check_positions("kd_positions", kd_positions, num_positions)
+        kd = kd * kd_positions.to(kd.dtype)
     if sample_index is None:
         weights = None
         items = float(num_positions)
