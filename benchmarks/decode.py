@@ -364,7 +364,7 @@ def main():
             timings = {i: [] for i in range(len(runs))}
             counts, calls = {}, {}
 
-            def run_one(i, batches=prompt_batches, timing=None):
+            def run_one(i, batches=prompt_batches, timing=None, runs=runs):
                 label, name, block_size, threshold, model, cls, options = runs[i]
                 if label == "AR":
                     return ar_clock.run(ar_call, batches, timing=timing)

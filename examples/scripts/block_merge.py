@@ -20,8 +20,8 @@ The model must already be a BARD-VL checkpoint (`transformers-bard convert` / `c
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from transformers_bard.trainer.scripts import block_merge_main as main
 from transformers_bard.trainer.block_merge_config import BlockMergeConfig
+from transformers_bard.trainer.scripts import block_merge_main as main
 
 __all__ = ["main"]
 

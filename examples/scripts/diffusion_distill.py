@@ -24,8 +24,8 @@ override it:
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from transformers_bard.trainer.scripts import diffusion_distill_main as main
 from transformers_bard.trainer.diffusion_distill_config import DiffusionDistillConfig
+from transformers_bard.trainer.scripts import diffusion_distill_main as main
 
 __all__ = ["main"]
 
