@@ -169,6 +169,21 @@ def accelerate_launch(config: str, script: str, arguments: list[str], launch_arg
     return subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def interrupted_copies(full, tmp_path):
+    """Two copies of a finished 2-stage run (block sizes 4, 8; 2 steps per stage; a checkpoint every step), as if
+    interrupted: ``mid`` after step 1 of stage b8, ``boundary`` right after stage b4. Returns ``(mid, boundary)``."""
+    import shutil
+
+    mid = tmp_path / "mid"
+    shutil.copytree(full, mid)
+    shutil.rmtree(mid / "stage-b8")
+    shutil.rmtree(mid / "checkpoints-b8" / "checkpoint-2")
+    boundary = tmp_path / "boundary"
+    shutil.copytree(mid, boundary)
+    shutil.rmtree(boundary / "checkpoints-b8")
+    return mid, boundary
+
+
 def tiny_trainer_kwargs(output_dir, **overrides) -> dict:
     """Keyword arguments shared by the trainer tests' configs: CPU, fp32, quiet, tiny batches, no checkpointing."""
     defaults = dict(

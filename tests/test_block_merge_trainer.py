@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
-from conftest import tiny_chat_rows, tiny_trainer_kwargs
+from conftest import interrupted_copies, tiny_chat_rows, tiny_trainer_kwargs
 from transformers_bard import BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.trainer.block_diffusion_trainer import is_vision_tower_parameter
@@ -308,13 +307,7 @@ def test_resume_continues_in_the_right_stage_at_the_right_step(tiny_bard_vl_dir,
     saved = json.loads((full / "checkpoints-b8" / "checkpoint-1" / STAGE_STATE_NAME).read_text())
     assert (saved["stage"], saved["block_size"], saved["global_step"], saved["complete"]) == (1, 8, 1, False)
 
-    mid = tmp_path / "mid"  # interrupted after step 1 of stage b8
-    shutil.copytree(full, mid)
-    shutil.rmtree(mid / "stage-b8")
-    shutil.rmtree(mid / "checkpoints-b8" / "checkpoint-2")
-    boundary = tmp_path / "boundary"  # interrupted right after stage b4
-    shutil.copytree(mid, boundary)
-    shutil.rmtree(boundary / "checkpoints-b8")
+    mid, boundary = interrupted_copies(full, tmp_path)
 
     full_history = json.loads((full / "stage-b8" / "trainer_state.json").read_text())["log_history"]
     full_losses = [entry["loss"] for entry in full_history if "loss" in entry]

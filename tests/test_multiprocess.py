@@ -14,7 +14,14 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from conftest import EXAMPLES, accelerate_available, accelerate_launch, load_example_script, tiny_chat_rows
+from conftest import (
+    EXAMPLES,
+    accelerate_available,
+    accelerate_launch,
+    interrupted_copies,
+    load_example_script,
+    tiny_chat_rows,
+)
 from transformers_bard.trainer.block_merge_config import BlockMergeConfig
 from transformers_bard.trainer.diffusion_distill_config import DiffusionDistillConfig
 
@@ -49,6 +56,50 @@ def write_dataset(tmp_path, num_rows: int = 8):
     return data_dir
 
 
+def block_merge_arguments(model_dir, tmp_path, *extra, num_rows: int = 8) -> list[str]:
+    """Command-line arguments of examples/scripts/block_merge.py on the tiny recipe, a fresh dataset and `extra`."""
+    return [
+        "--config",
+        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(write_dataset(tmp_path, num_rows)),
+        *extra,
+    ]
+
+
+def distill_arguments(student_dir, teacher_dir, tmp_path, *extra, num_rows: int = 8) -> list[str]:
+    """Command-line arguments of examples/scripts/diffusion_distill.py on the tiny recipe, a fresh dataset and `extra`."""
+    return [
+        "--config",
+        str(EXAMPLES / "configs" / "distill_tiny.yaml"),
+        "--model_name_or_path",
+        str(student_dir),
+        "--teacher_model_name_or_path",
+        str(teacher_dir),
+        *extra,
+        "--dataset_name",
+        str(write_dataset(tmp_path, num_rows)),
+    ]
+
+
+def one_and_two_processes(script: str, accelerate_config: str, arguments: list[str], tmp_path):
+    """Run example `script` in this process with batch 4 (into ``one``), then under `accelerate launch` with
+    `accelerate_config` as 2 processes x batch 2 (into ``two``); returns ``(one, two, launch result)``."""
+    config_class = {"block_merge": BlockMergeConfig, "diffusion_distill": DiffusionDistillConfig}[script]
+    one, two = tmp_path / "one", tmp_path / "two"
+    parser = TrlParser((ScriptArguments, config_class, ModelConfig))
+    load_example_script(script).main(
+        *parser.parse_args_and_config(arguments + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
+    )
+    result = accelerate_launch(
+        accelerate_config, script, arguments + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return one, two, result
+
+
 def logged(stage_dir, keys=("loss",)) -> list[float]:
     """The logged values of `keys` at every logging step, flattened in step order."""
     history = json.loads((stage_dir / "trainer_state.json").read_text())["log_history"]
@@ -67,31 +118,10 @@ def assert_same_weights(expected_dir, got_dir, initial_dir):
 
 def test_block_merge_two_processes_equal_one_process(tiny_bard_vl_dir, tmp_path):
     """DDP, the fused LM head (TRL's, computed inside the forward as DDP needs)."""
-    common = [
-        "--config",
-        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_dir),
-        "--dataset_name",
-        str(write_dataset(tmp_path)),
-        "--block_sizes",
-        "4",
-        "--stage_steps",
-        "2",
-        "--use_fused_lm_head",
-        "true",
-        *SGD,
-    ]
-    one = tmp_path / "one"
-    parser = TrlParser((ScriptArguments, BlockMergeConfig, ModelConfig))
-    load_example_script("block_merge").main(
-        *parser.parse_args_and_config(common + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
+    arguments = block_merge_arguments(
+        tiny_bard_vl_dir, tmp_path, "--block_sizes", "4", "--stage_steps", "2", "--use_fused_lm_head", "true", *SGD
     )
-    two = tmp_path / "two"
-    result = accelerate_launch(
-        "multi_cpu", "block_merge", common + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    one, two, _ = one_and_two_processes("block_merge", "multi_cpu", arguments, tmp_path)
 
     assert len(logged(one / "stage-b4")) == 2
     assert logged(two / "stage-b4") == pytest.approx(logged(one / "stage-b4"), rel=1e-5)
@@ -100,29 +130,8 @@ def test_block_merge_two_processes_equal_one_process(tiny_bard_vl_dir, tmp_path)
 
 def test_diffusion_distill_two_processes_equal_one_process(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path):
     """DDP, the teacher placed by accelerate on each rank; the masked tokens of the step are counted over both."""
-    common = [
-        "--config",
-        str(EXAMPLES / "configs" / "distill_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_b8_dir),
-        "--teacher_model_name_or_path",
-        str(tiny_bard_vl_teacher_dir),
-        "--dataset_name",
-        str(write_dataset(tmp_path)),
-        "--max_steps",
-        "2",
-        *SGD,
-    ]
-    one = tmp_path / "one"
-    parser = TrlParser((ScriptArguments, DiffusionDistillConfig, ModelConfig))
-    load_example_script("diffusion_distill").main(
-        *parser.parse_args_and_config(common + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
-    )
-    two = tmp_path / "two"
-    result = accelerate_launch(
-        "multi_cpu", "diffusion_distill", common + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    arguments = distill_arguments(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path, "--max_steps", "2", *SGD)
+    one, two, _ = one_and_two_processes("diffusion_distill", "multi_cpu", arguments, tmp_path)
 
     keys = ("loss", "ce", "kd")
     assert len(logged(one / "stage-b8", keys)) == 2 * len(keys)
@@ -215,30 +224,10 @@ def test_block_merge_fsdp2_two_stages_equal_one_process(tiny_bard_vl_dir, tmp_pa
     """`accelerate launch --config_file fsdp2_cpu.yaml`: BlockMergeTrainer through two stages on 2 gloo processes,
     sharded by accelerate's FSDP2 path, equals 1 process with the same global batch: logged losses and gradient norms
     of both stages, and the weights of both stage folders; each stage folder is a complete, unsharded checkpoint."""
-    common = [
-        "--config",
-        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_dir),
-        "--dataset_name",
-        str(write_dataset(tmp_path)),
-        "--block_sizes",
-        "4",
-        "8",
-        "--stage_steps",
-        "2",
-        *SGD,
-    ]
-    one = tmp_path / "one"
-    parser = TrlParser((ScriptArguments, BlockMergeConfig, ModelConfig))
-    load_example_script("block_merge").main(
-        *parser.parse_args_and_config(common + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
+    arguments = block_merge_arguments(
+        tiny_bard_vl_dir, tmp_path, "--block_sizes", "4", "8", "--stage_steps", "2", *SGD
     )
-    two = tmp_path / "two"
-    result = accelerate_launch(
-        "fsdp2_cpu", "block_merge", common + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    one, two, result = one_and_two_processes("block_merge", "fsdp2_cpu", arguments, tmp_path)
     assert FSDP2_WARNING in result.stderr  # sharded, not replicated
 
     for stage in ("stage-b4", "stage-b8"):
@@ -254,29 +243,8 @@ def test_block_merge_fsdp2_two_stages_equal_one_process(tiny_bard_vl_dir, tmp_pa
 def test_diffusion_distill_fsdp2_equals_one_process(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path):
     """FSDP2 on 2 gloo processes with the teacher sharded too (TRL's `prepare_fsdp`: the teacher's weights are split
     like the student's instead of held whole on every rank): equal losses, CE, KD and weights to 1 process."""
-    common = [
-        "--config",
-        str(EXAMPLES / "configs" / "distill_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_b8_dir),
-        "--teacher_model_name_or_path",
-        str(tiny_bard_vl_teacher_dir),
-        "--dataset_name",
-        str(write_dataset(tmp_path)),
-        "--max_steps",
-        "2",
-        *SGD,
-    ]
-    one = tmp_path / "one"
-    parser = TrlParser((ScriptArguments, DiffusionDistillConfig, ModelConfig))
-    load_example_script("diffusion_distill").main(
-        *parser.parse_args_and_config(common + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
-    )
-    two = tmp_path / "two"
-    result = accelerate_launch(
-        "fsdp2_cpu", "diffusion_distill", common + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    arguments = distill_arguments(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path, "--max_steps", "2", *SGD)
+    one, two, result = one_and_two_processes("diffusion_distill", "fsdp2_cpu", arguments, tmp_path)
     assert FSDP2_WARNING in result.stderr
 
     keys = ("loss", "ce", "kd", "grad_norm")
@@ -290,44 +258,17 @@ def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(tiny_bard_vl_dir, tmp_pa
     """Under FSDP2 (2 gloo processes, AdamW, TRL's fused LM head gathering the sharded head weight), a run interrupted
     mid-stage (from `checkpoints-b8/checkpoint-1`) or right after stage b4 and resumed with `--resume_from_checkpoint
     true` ends with the uninterrupted run's losses and weights."""
-    import shutil
-
-    arguments = [
-        "--config",
-        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_dir),
-        "--dataset_name",
-        str(write_dataset(tmp_path)),
-        "--block_sizes",
-        "4",
-        "8",
-        "--stage_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--use_fused_lm_head",
-        "true",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "1",
-        "--max_warmup_steps",
-        "0",
-        "--disable_tqdm",
-        "true",
-    ]
+    arguments = block_merge_arguments(
+        tiny_bard_vl_dir,
+        tmp_path,
+        *("--block_sizes", "4", "8", "--stage_steps", "2", "--per_device_train_batch_size", "2"),
+        *("--use_fused_lm_head", "true", "--save_strategy", "steps", "--save_steps", "1"),
+        *("--max_warmup_steps", "0", "--disable_tqdm", "true"),
+    )
     full = tmp_path / "full"
     result = accelerate_launch("fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(full)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    mid = tmp_path / "mid"  # interrupted after step 1 of stage b8
-    shutil.copytree(full, mid)
-    shutil.rmtree(mid / "stage-b8")
-    shutil.rmtree(mid / "checkpoints-b8" / "checkpoint-2")
-    boundary = tmp_path / "boundary"  # interrupted right after stage b4
-    shutil.copytree(mid, boundary)
-    shutil.rmtree(boundary / "checkpoints-b8")
-    for folder in (mid, boundary):
+    for folder in interrupted_copies(full, tmp_path):
         result = accelerate_launch(
             "fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]
         )
@@ -342,14 +283,7 @@ def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(tiny_bard_vl_dir, tmp_pa
 def test_unsupported_sharding_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
     """What cannot run sharded is refused before training, naming the alternative: FSDP version 1 on CPU processes
     (only FSDP2 runs there) and LoRA under FSDP (stage checkpoints merge the adapter into full weights)."""
-    arguments = [
-        "--config",
-        str(EXAMPLES / "configs" / "block_merge_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_dir),
-        "--dataset_name",
-        str(write_dataset(tmp_path, 4)),
-    ]
+    arguments = block_merge_arguments(tiny_bard_vl_dir, tmp_path, num_rows=4)
     for name, launch, extra, message in (
         ("v1", ["--fsdp_version", "1"], [], "Only FSDP2 runs on CPU: set `fsdp_version: 2`"),
         ("lora", [], ["--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj"], "LoRA with FSDP or DeepSpeed ZeRO-3 is not supported"),
@@ -366,20 +300,13 @@ def test_unsupported_sharding_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):
 def test_stock_qwen3_vl_teacher_is_refused_under_fsdp2(tiny_bard_vl_b8_dir, tiny_qwen3_vl_dir, tmp_path):
     """A sharded stock Qwen3-VL teacher would skip its vision tower on text-only batches and stall the other ranks:
     refused, naming the fix (a converted BARD-VL model works as the autoregressive teacher)."""
-    arguments = [
-        "--config",
-        str(EXAMPLES / "configs" / "distill_tiny.yaml"),
-        "--model_name_or_path",
-        str(tiny_bard_vl_b8_dir),
-        "--teacher_model_name_or_path",
-        str(tiny_qwen3_vl_dir),
-        "--teacher_type",
-        "autoregressive",
-        "--dataset_name",
-        str(write_dataset(tmp_path, 4)),
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+    arguments = distill_arguments(
+        tiny_bard_vl_b8_dir,
+        tiny_qwen3_vl_dir,
+        tmp_path,
+        *("--teacher_type", "autoregressive", "--output_dir", str(tmp_path / "out")),
+        num_rows=4,
+    )
     result = accelerate_launch("fsdp2_cpu", "diffusion_distill", arguments)
     assert result.returncode != 0
     assert "would be sharded, which needs a BARD-VL model" in result.stderr, result.stderr[-3000:]

@@ -39,7 +39,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -268,23 +268,18 @@ def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, trai
     return {b: output_dir / f"stage-b{b}" for b in block_sizes}
 
 
-def run_distill(cfg: PipelineConfig, student: Path, teacher: Path, output_dir: Path, train, teacher_type="diffusion",
-                mask_rates: tuple[float, float] | None = None, loss_normalization: str | None = None,
-                kd_on_eos_padding: bool | None = None):
-    """SWD (DESIGN 3.6): the student at its own B learns from the frozen teacher; returns the final folder.
-    `mask_rates`, `loss_normalization` and `kd_on_eos_padding` override the config's (the settings ablations)."""
+def run_distill(cfg: PipelineConfig, student: Path, teacher: Path, output_dir: Path, train, teacher_type="diffusion"):
+    """SWD (DESIGN 3.6): the student at its own B learns from the frozen teacher; returns the final folder."""
     from transformers import AutoConfig
 
     from ..trainer.diffusion_distill_config import DiffusionDistillConfig
     from ..trainer.diffusion_distill_trainer import DiffusionDistillTrainer
 
     block_size = AutoConfig.from_pretrained(student).block_size
-    low, high = mask_rates or cfg.swd_mask_rates
     args = DiffusionDistillConfig(
         max_steps=cfg.swd_steps, learning_rate=cfg.swd_learning_rate, max_warmup_steps=max(1, cfg.swd_steps // 10),
-        teacher_type=teacher_type, noise_min_rate=low, noise_max_rate=high,
-        loss_normalization=loss_normalization or cfg.swd_loss_normalization,
-        kd_on_eos_padding=cfg.swd_kd_on_eos_padding if kd_on_eos_padding is None else kd_on_eos_padding,
+        teacher_type=teacher_type, noise_min_rate=cfg.swd_mask_rates[0], noise_max_rate=cfg.swd_mask_rates[1],
+        loss_normalization=cfg.swd_loss_normalization, kd_on_eos_padding=cfg.swd_kd_on_eos_padding,
         **_common_args(cfg, output_dir),
     )
     trainer = DiffusionDistillTrainer(str(student), teacher_model=str(teacher), args=args, train_dataset=train)
@@ -334,6 +329,21 @@ def _compare(claim: str, statement: str, first: tuple, second: tuple, evals: dic
 
 def _not_run(claim: str, statement: str, why: str) -> dict:
     return {"claim": claim, "statement": statement, "verdict": "not run", "note": why}
+
+
+def swd_setting_ablations(cfg: PipelineConfig) -> dict[str, tuple[str, str, str, dict]]:
+    """The SWD settings ablations, each the other value of one setting: key -> (output folder stem, model label,
+    stage label, `PipelineConfig` overrides)."""
+    norm = "sample" if cfg.swd_loss_normalization == "token" else "token"
+    kd = not cfg.swd_kd_on_eos_padding
+    return {
+        "sample_norm": (f"swd-{norm}-norm", f"SWD({norm} norm)", f"SWD loss per {norm}",
+                        {"swd_loss_normalization": norm}),
+        "wide_mask_rates": ("swd-wide-rates", f"SWD(rates {WIDE_MASK_RATES[0]}-{WIDE_MASK_RATES[1]})",
+                            "SWD mask rates", {"swd_mask_rates": WIDE_MASK_RATES}),
+        "kd_eos_padding": (f"swd-kd-eos-{'on' if kd else 'off'}", f"SWD(KD {'with' if kd else 'without'} EOS padding)",
+                           "SWD KD at EOS padding", {"swd_kd_on_eos_padding": kd}),
+    }
 
 
 def judge_settings(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
@@ -419,9 +429,10 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
 
     # Planned work, for the remaining-time estimate.
     train_steps = sum(stage_steps) + cfg.swd_steps * (len(cfg.block_sizes) - 1)
-    train_steps += sum({"direct": sum(stage_steps), "ar_teacher": cfg.swd_steps, "mix": sum(stage_steps),
-                        "shift": sum(stage_steps) + cfg.swd_steps, "sample_norm": cfg.swd_steps,
-                        "wide_mask_rates": cfg.swd_steps, "kd_eos_padding": cfg.swd_steps}[a] for a in cfg.ablations)
+    ablation_steps = {"direct": sum(stage_steps), "ar_teacher": cfg.swd_steps, "mix": sum(stage_steps),
+                      "shift": sum(stage_steps) + cfg.swd_steps}
+    ablation_steps.update(dict.fromkeys(swd_setting_ablations(cfg), cfg.swd_steps))
+    train_steps += sum(ablation_steps[a] for a in cfg.ablations)
     intermediate = 2 * (len(cfg.block_sizes) - 1) - 1  # PBM B < largest, SWD B < largest
     eval_runs = 1 + intermediate * len(cfg.stage_thresholds) + (2 + len(cfg.ablations)) * len(cfg.thresholds)
     if "shift" in cfg.ablations:  # one more final model, and both settings' B = 4 checkpoints from step 0
@@ -476,26 +487,12 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         names["ar_teacher"] = f"PBM+SWD(AR teacher) B={largest}"
         models[names["ar_teacher"]] = (path, cfg.thresholds, {})
         progress.stage("ablation: AR teacher", train_steps=cfg.swd_steps)
-    if "sample_norm" in cfg.ablations:
-        other = "sample" if cfg.swd_loss_normalization == "token" else "token"
-        path = run_distill(cfg, pbm[largest], anchor, out / f"swd-{other}-norm-b{largest}", train,
-                           loss_normalization=other)
-        names["sample_norm"] = f"PBM+SWD({other} norm) B={largest}"
-        models[names["sample_norm"]] = (path, cfg.thresholds, {})
-        progress.stage(f"ablation: SWD loss per {other}", train_steps=cfg.swd_steps)
-    if "wide_mask_rates" in cfg.ablations:
-        path = run_distill(cfg, pbm[largest], anchor, out / f"swd-wide-rates-b{largest}", train,
-                           mask_rates=WIDE_MASK_RATES)
-        names["wide_mask_rates"] = f"PBM+SWD(rates {WIDE_MASK_RATES[0]}-{WIDE_MASK_RATES[1]}) B={largest}"
-        models[names["wide_mask_rates"]] = (path, cfg.thresholds, {})
-        progress.stage("ablation: SWD mask rates", train_steps=cfg.swd_steps)
-    if "kd_eos_padding" in cfg.ablations:
-        other = not cfg.swd_kd_on_eos_padding
-        path = run_distill(cfg, pbm[largest], anchor, out / f"swd-kd-eos-{'on' if other else 'off'}-b{largest}", train,
-                           kd_on_eos_padding=other)
-        names["kd_eos_padding"] = f"PBM+SWD(KD {'with' if other else 'without'} EOS padding) B={largest}"
-        models[names["kd_eos_padding"]] = (path, cfg.thresholds, {})
-        progress.stage("ablation: SWD KD at EOS padding", train_steps=cfg.swd_steps)
+    for key, (folder, label, stage, overrides) in swd_setting_ablations(cfg).items():
+        if key in cfg.ablations:  # the same student and teacher, one SWD setting changed
+            path = run_distill(replace(cfg, **overrides), pbm[largest], anchor, out / f"{folder}-b{largest}", train)
+            names[key] = f"PBM+{label} B={largest}"
+            models[names[key]] = (path, cfg.thresholds, {})
+            progress.stage(f"ablation: {stage}", train_steps=cfg.swd_steps)
     if "mix" in cfg.ablations:
         mixed = run_block_merge(cfg, converted, out / "pbm-mix", train, cfg.block_sizes, stage_steps, prior="mix")
         names["mix"] = f"PBM(mix)+revision B={largest}"

@@ -336,13 +336,11 @@ def swd_loss(
         top-1, and the loss's items (positions, or samples with a masked position).
     """
     num_positions = labels.shape[0]
-    if student_logits.dim() != 2:
-        raise ValueError(f"`student_logits` must be 2-D [N, V], got shape {tuple(student_logits.shape)}.")
-    _check_positions("labels", labels, num_positions)
-    ce = F.cross_entropy(student_logits.float(), labels, reduction="none")  # [N]
-    kd = topk_distillation_per_position(
+    kd = topk_distillation_per_position(  # validates the logits' shapes
         student_logits, teacher_topk_logits, teacher_topk_ids, temperature=temperature, reverse=reverse
     )  # [N]
+    _check_positions("labels", labels, num_positions)
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="none")  # [N]
     if kd_positions is not None:
         _check_positions("kd_positions", kd_positions, num_positions)
         kd = kd * kd_positions.to(kd.dtype)

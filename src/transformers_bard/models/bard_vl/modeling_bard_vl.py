@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLForConditionalGeneration,
@@ -111,15 +112,14 @@ class BardVLModel(Qwen3VLModel):
 
     def vision_tower_is_sharded(self) -> bool:
         """True when the vision tower's weights are split over ranks and gathered collectively in its forward: FSDP2
-        (`fully_shard`) or DeepSpeed ZeRO-3 (partitioned parameters carry `ds_id`)."""
+        (`fully_shard` turns parameters into DTensors) or DeepSpeed ZeRO-3 (partitioned parameters carry `ds_id`).
+
+        Called at every forward, decoding steps included, so it probes two parameters instead of walking the tower:
+        the patch embedding's (the root's unit) and the first block's (each block is a unit of its own).
+        """
         visual = self.visual
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:  # torch without FSDP2
-            FSDPModule = ()
-        if FSDPModule and any(isinstance(module, FSDPModule) for module in visual.modules()):
-            return True
-        return any(hasattr(param, "ds_id") for param in visual.parameters())
+        probes = (visual.patch_embed.proj.weight, next(visual.blocks[0].parameters()))
+        return any(isinstance(param, DTensor) or hasattr(param, "ds_id") for param in probes)
 
     def dummy_vision_output(self) -> torch.Tensor:
         """0 x the vision tower's outputs on a one-tile blank image: a scalar zero that depends on every vision weight.
