@@ -11,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, at the tested CPU version, so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,lmms,app]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,lmms,app,serve]"
 	# lmms-eval requires torchvision, but the torchvision wheel pip picks here does not match the CPU torch build and
 	# breaks `import transformers` model classes; nothing of ours needs it (BardVLProcessor is torchvision-free).
 	# timm (pulled by lmms-eval for model families we do not use) imports torchvision at import time, and

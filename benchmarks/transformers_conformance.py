@@ -4,9 +4,10 @@ Runs the tests of `ModelTesterMixin` (transformers' `tests/test_modeling_common.
 transformers version) with one Qwen3-VL model tester on stock `Qwen3VLModel` / `Qwen3VLForConditionalGeneration` and
 on `BardVLModel` / `BardVLForConditionalGeneration` (the tester's config as a `BardVLConfig` with `mask_token_id` and
 `block_size`), prints both summaries and every test BardVL fails that stock Qwen3-VL passes. Exit code 1 if there is
-one. Not part of `make test`: it needs transformers' test sources and runs several minutes.
+one. `make test` runs it (tests/test_transformers_conformance.py, with `--sdist-only`); it needs transformers' test
+sources, downloaded once.
 
-    OMP_NUM_THREADS=1 python benchmarks/transformers_conformance.py [--transformers-tests DIR] [-k EXPR]
+    OMP_NUM_THREADS=1 python benchmarks/transformers_conformance.py [--transformers-tests DIR] [--sdist-only] [-k EXPR]
 
 Where the test sources come from, in order:
 1. `--transformers-tests DIR`: the `tests/` folder of a transformers checkout at the installed version's tag.
@@ -14,7 +15,8 @@ Where the test sources come from, in order:
    unpacked into the cache folder. It ships `tests/test_*.py` only: `ModelTesterMixin` and `ConfigTester`, but not
    `tests/generation/`, `tests/exporters/` nor `tests/models/`.
 3. What the sdist lacks is completed from a shallow sparse `git clone` of the version's tag on GitHub when GitHub is
-   reachable.
+   reachable; not with `--sdist-only` (the test runs it so, in a cache folder of its own: the same tests run whether
+   GitHub answers or not).
 What is still missing then is reported and replaced as follows: `GenerationTesterMixin` and `ExportTesterMixin` by
 empty mixins (so the generate and torch.export tests do not run, for either model), and transformers' Qwen3-VL model
 tester by `Qwen3VLConformanceTester` below (the same tiny sizes: hidden 32, 2 layers, 4/2 heads, 16x16 images of one
@@ -219,6 +221,10 @@ def parse_args(argv=None):
         help="where the sources, the extra test dependencies and the run's files are kept",
     )
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to run a subset of the common tests")
+    parser.add_argument(
+        "--sdist-only", action="store_true",
+        help="do not complete the sdist's test sources from GitHub (what an earlier run added to the cache stays)",
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds for the whole pytest run")
     return parser.parse_args(argv)
 
@@ -229,11 +235,18 @@ def sdist_tests(cache: Path) -> Path:
     if not (root / "tests" / REQUIRED).is_file():
         download = cache / "download"
         download.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"transformers=={VERSION}", "--no-binary", ":all:",
-             "--no-deps", "-d", str(download)],
-            check=True,
-        )
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", f"transformers=={VERSION}", "--no-binary", ":all:",
+                 "--no-deps", "-d", str(download)],
+                check=True,
+            )
+        except (subprocess.CalledProcessError, OSError) as error:
+            raise SystemExit(
+                f"Could not download the transformers {VERSION} source distribution, which holds the common model "
+                f"tests (`pip download` failed: {error}). Give pip access to PyPI, or pass --transformers-tests DIR "
+                f"(the tests/ folder of a transformers checkout at tag v{VERSION})."
+            ) from error
         archive = next(download.glob(f"transformers-{VERSION}.tar.gz"))
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(f"transformers-{VERSION}/tests/")]
@@ -283,8 +296,16 @@ def ensure_test_dependencies(cache: Path) -> str | None:
         return None
     target = cache / "deps"
     if not (target / "parameterized").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), "parameterized"],
-                       check=True)
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), "parameterized"],
+                check=True,
+            )
+        except (subprocess.CalledProcessError, OSError) as error:
+            raise SystemExit(
+                f"Could not install `parameterized`, which transformers' tests import ({error}). Give pip access to "
+                "PyPI, or install it into this environment."
+            ) from error
     return str(target)
 
 
@@ -355,7 +376,8 @@ def main(argv=None) -> int:
         tests = copy
     else:
         tests = sdist_tests(cache)
-        complete_from_github(tests, cache)
+        if not args.sdist_only:
+            complete_from_github(tests, cache)
     ensure_packages(tests)
     extra_path = ensure_test_dependencies(cache)
     sources = {name: (tests / name).is_file() for name in OPTIONAL}

@@ -27,7 +27,7 @@ def test_activation_checkpointing_defaults_on_without_the_deprecation_warning():
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)  # pyproject ignores FutureWarning: make it count here
+        warnings.simplefilter("error", FutureWarning)  # transformers' own warnings too, not only ours
         args = config()
         off = config(activation_checkpointing=False)
     assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default

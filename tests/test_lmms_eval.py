@@ -29,14 +29,36 @@ def test_entry_point_resolves_chat_simple_alias_and_ar():
 
 
 def test_integration_module_is_import_light():
-    # lmms-eval imports the entry point module on every `import lmms_eval.models`: it must not pull lmms-eval's
-    # model classes or the adapters (torch and transformers come with the package itself).
+    # the digits-task helpers and the manifests import neither lmms-eval's model classes nor the adapters
     code = (
         "import sys; import transformers_bard.integrations.lmms_eval as m; "
         "print('lmms_eval' in sys.modules, 'transformers_bard.integrations.lmms_eval_models' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_entry_point_imports_neither_torch_nor_transformers():
+    # lmms-eval loads every `lmms_eval.models` entry point on each `import lmms_eval.models`: ours, loaded the way
+    # lmms-eval loads it, must not make every lmms-eval user pay for torch and transformers (it once ran the package's
+    # `__init__`, 5 s of imports on this machine)
+    code = (
+        "import sys; from importlib.metadata import entry_points\n"
+        "(ep,) = [ep for ep in entry_points(group='lmms_eval.models') if ep.name == 'bard_vl']\n"
+        "names = [m.model_id for m in ep.load()()]\n"
+        "loaded = [name for name in ('torch', 'transformers', 'transformers_bard') if name in sys.modules]\n"
+        "import lmms_eval.models\n"
+        "print(ep.value, names, loaded, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "transformers_bard_lmms_eval:model_manifests ['bard_vl', 'bard_vl_ar'] [] False"
+
+
+def test_manifests_are_re_exported_by_the_integration_module():
+    import transformers_bard_lmms_eval
+    from transformers_bard.integrations import lmms_eval
+
+    assert lmms_eval.model_manifests is transformers_bard_lmms_eval.model_manifests
 
 
 # ---------------------------------------------------------------------------------------------- model_args

@@ -254,20 +254,25 @@ def test_diffusion_distill_fsdp2_equals_one_process(tiny_bard_vl_b8_dir, tiny_ba
     assert_loads_with_remote_code_only(two / "stage-b8", tmp_path)
 
 
-def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(tiny_bard_vl_dir, tmp_path):
-    """Under FSDP2 (2 gloo processes, AdamW, TRL's fused LM head gathering the sharded head weight), a run interrupted
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(optim, tiny_bard_vl_dir, tmp_path):
+    """Under FSDP2 (2 gloo processes, TRL's fused LM head gathering the sharded head weight), a run interrupted
     mid-stage (from `checkpoints-b8/checkpoint-1`) or right after stage b4 and resumed with `--resume_from_checkpoint
-    true` ends with the uninterrupted run's losses and weights."""
+    true` ends with the uninterrupted run's losses and weights. With AdamW (a state per parameter) and with plain SGD,
+    whose optimizer state is empty. A mid-stage checkpoint holds the weights once, as safetensors."""
     arguments = block_merge_arguments(
         tiny_bard_vl_dir,
         tmp_path,
         *("--block_sizes", "4", "8", "--stage_steps", "2", "--per_device_train_batch_size", "2"),
         *("--use_fused_lm_head", "true", "--save_strategy", "steps", "--save_steps", "1"),
-        *("--max_warmup_steps", "0", "--disable_tqdm", "true"),
+        *("--max_warmup_steps", "0", "--disable_tqdm", "true", "--optim", optim),
     )
     full = tmp_path / "full"
     result = accelerate_launch("fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(full)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    checkpoint = full / "checkpoints-b8" / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file()
+    assert not list(checkpoint.glob("pytorch_model*")), sorted(path.name for path in checkpoint.iterdir())
     for folder in interrupted_copies(full, tmp_path):
         result = accelerate_launch(
             "fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]

@@ -1,8 +1,9 @@
-"""lmms-eval integration: the `lmms_eval.models` entry point and the digits task as lmms-eval tasks (issue 12).
+"""lmms-eval integration: the models' manifests and the digits task as lmms-eval tasks (issue 12).
 
-Import-light on purpose: lmms-eval loads every `lmms_eval.models` entry point when `lmms_eval.models` is imported, so
-this module imports only the standard library at the top. The adapters themselves live in `lmms_eval_models` and are
-imported by lmms-eval only when one of their names is requested.
+The `lmms_eval.models` entry point is `transformers_bard_lmms_eval:model_manifests` (re-exported here): lmms-eval loads
+every such entry point on each `import lmms_eval.models`, and a target inside this package would import torch and
+transformers through the package's `__init__`. This module imports only the standard library at the top. The adapters
+themselves live in `lmms_eval_models` and are imported by lmms-eval only when one of their names is requested.
 
 Models (`pip install "transformers-bard[lmms]"`):
 - `bard_vl` (alias `transformers_bard`): a BARD-VL checkpoint with block-diffusion `generate`;
@@ -27,6 +28,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# the entry point itself lives outside the package so that loading it imports neither torch nor transformers
+from transformers_bard_lmms_eval import model_manifests
+
 __all__ = [
     "DIGITS_GROUP",
     "lmms_eval_command",
@@ -39,29 +43,9 @@ __all__ = [
     "write_digits_tasks",
 ]
 
-_MODELS = "transformers_bard.integrations.lmms_eval_models"
 DIGITS_GROUP = "bard_digits"
 # Bump when the generated YAML or data layout changes, so cached task folders are rebuilt.
 _TASK_FORMAT = 1
-
-
-def model_manifests():
-    """The payload of the `lmms_eval.models` entry point: one `ModelManifest` per model name."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return [
-        ModelManifest(
-            model_id="bard_vl",
-            simple_class_path=f"{_MODELS}.BardVLSimple",
-            chat_class_path=f"{_MODELS}.BardVLChat",
-            aliases=("transformers_bard",),
-        ),
-        ModelManifest(
-            model_id="bard_vl_ar",
-            simple_class_path=f"{_MODELS}.BardVLARSimple",
-            chat_class_path=f"{_MODELS}.BardVLARChat",
-        ),
-    ]
 
 
 # ---------------------------------------------------------------------------------------------- digits task

@@ -208,6 +208,7 @@ class BlockDiffusionTrainer(SFTTrainer):
             peft_config=peft_config,
         )
         self._check_distributed_setting()
+        self._check_attention_backend()
         self.block_sizes = list(block_sizes)
         self.stage = 0
         self.stage_log_history: dict[int, list[dict]] = {}
@@ -268,6 +269,59 @@ class BlockDiffusionTrainer(SFTTrainer):
         model = self.model_wrapped if model is None else model
         result = set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=False))
         self._issue_warnings_after_load(result)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Transformers' optimizer and scheduler files; under FSDP2 without a second, pickled copy of the weights.
+
+        Under FSDP transformers also writes the model with accelerate's `save_fsdp_model` (`pytorch_model_fsdp.bin`,
+        the full state dict again) next to the `model.safetensors` that `save_model` wrote. Under FSDP2 resuming
+        reads the safetensors (`_load_from_checkpoint`), so a checkpoint keeps only those. (FSDP1 resumes through
+        transformers' loader, which needs the pickled copy: left as it is.)
+        """
+        if not (self.is_fsdp_enabled and self.accelerator.is_fsdp2):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import warnings
+
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+        from transformers.trainer_pt_utils import reissue_pt_warnings
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            with warnings.catch_warnings(record=True) as caught_warnings:  # as transformers: torch's save warnings
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            reissue_pt_warnings(caught_warnings)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Transformers' loader; under FSDP2, an optimizer without per-parameter state (plain SGD) loads too.
+
+        torch's `set_optimizer_state_dict` with a full state dict (accelerate's FULL_STATE_DICT) takes the device to
+        distribute the saved tensors to from the optimizer's own state tensors, and fails ("Expected device to be
+        set") when there are none. Such a checkpoint holds only `param_groups` (learning rates, momentum, ... keyed
+        by parameter names), identical in the full and the sharded form: it is loaded as the sharded form, which
+        moves no tensors.
+        """
+        optimizer_file = os.path.join(checkpoint or "", "optimizer.bin")  # accelerate's FULL_STATE_DICT file
+        if not (checkpoint and self.is_fsdp_enabled and self.accelerator.is_fsdp2 and os.path.isfile(optimizer_file)):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        saved = torch.load(optimizer_file, weights_only=True, mmap=True)  # mapped: AdamW's state is not read here
+        if saved["state"]:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from transformers.trainer import SCHEDULER_NAME
+
+        set_optimizer_state_dict(self.model, self.optimizer, saved, options=StateDictOptions(full_state_dict=False))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _check_attention_backend(self) -> None:
+        """FlexAttention trains only on accelerators: torch has no flex-attention backward on CPU."""
+        impl = self._base_model.config.get_text_config()._attn_implementation
+        if impl == "flex_attention" and self.accelerator.device.type == "cpu":
+            raise ValueError(
+                "The model uses attn_implementation='flex_attention', which torch cannot train on CPU (FlexAttention "
+                "has no CPU backward). Load it with attn_implementation='sdpa' for CPU training (in "
+                "`model_init_kwargs`), or train on a GPU."
+            )
 
     def _check_distributed_setting(self) -> None:
         """Refuse the launches that would not train as asked (DESIGN 6): sharding that accelerate did not enable,
