@@ -9,6 +9,12 @@ Three kinds of model:
   offline (no tokenizer: prompts are random token ids around a 128 x 128 image). Untrained, so BARD decodes about one
   token per forward and both decoders run a fixed `--new-tokens`; what it measures is the cost of the forwards (the
   LM head is a large share of them at this vocabulary).
+- `--size 2b` / `--size 4b`: Qwen3-VL-2B/4B-Instruct's published width (`published_qwen3_vl_config`), random
+  weights, depth cut to `--layers` (default 2) to fit the machine. Times one decoding forward instead of whole calls
+  (prefill apart): an AR step (1 query) against a BARD denoising forward (B queries) and a fused commit + step
+  (2B queries), each against the same `--context`-token KV cache, batch 1 and 8, and projects tokens/s at the
+  tokens per forward the demo's final models reach (a projection, labelled so). Per-layer costs scale with depth, so
+  the ratios hold at full depth up to the embedding and LM head, which the table counts once at any depth.
 - neither: the tiny test checkpoint (random weights, ~1M parameters), fixed `--new-tokens`.
 
 Everything runs in one process on `--threads` (default 1) threads. AR and every BARD variant are interleaved: each
@@ -25,6 +31,7 @@ a change) as "BARD (before)", on the very same weights: before/after columns fro
     python benchmarks/decode.py --model demo_output/pbm/stage-b4 demo_output/pbm/stage-b32 \\
         --prompts digits:mix digits:position digits:read --thresholds 0.9 1.0 --batch-sizes 1 8
     python benchmarks/decode.py --size 0.35b --block-sizes 4 32 --thresholds 0.9 --batch-sizes 1 --new-tokens 32
+    python benchmarks/decode.py --size 2b --threads 2 --context 2048
 """
 
 import argparse
@@ -47,7 +54,7 @@ from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalG
 
 from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
-from transformers_bard.testing import build_tiny_qwen3_vl, make_image, tiny_chat_messages
+from transformers_bard.testing import build_tiny_qwen3_vl, make_image, published_qwen3_vl_config, tiny_chat_messages
 
 QUESTIONS = (
     "What is in the image?",
@@ -62,6 +69,10 @@ QUESTIONS = (
 # Qwen3-VL's special token ids and mask id (DESIGN 2), for the random 0.35B model with the real vocabulary.
 QWEN_VOCAB, QWEN_MASK, QWEN_EOS = 151936, 151671, 151645
 QWEN_IMAGE, QWEN_VISION_START, QWEN_VISION_END = 151655, 151652, 151653
+# published Qwen3-VL widths: one-forward costs (`forward_costs`); the demo's final models' tokens per forward at tau
+# 0.9 (docs/demo_results/results.json, PBM+SWD; B = 4 from PBM) feed the projection
+PUBLISHED = ("2b", "4b")
+DEMO_TOKENS_PER_FORWARD = {4: 4.32, 8: 9.55, 16: 20.16, 32: 41.72}
 SIZES = {
     # hidden, layers, intermediate, heads, kv heads: ~0.35B with tied embeddings (0.16B of them the embedding)
     "0.35b": dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=16,
@@ -77,8 +88,14 @@ def parse_args():
     parser.add_argument("--prompts", nargs="+", default=["digits:mix"],
                         help="With --model: prompt sets `digits:TYPE` (TYPE from QUESTION_TYPES), `digits:mix`, or "
                              "`digits:all` (the mix and every type).")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
-                        help="A random-weight Qwen3-VL of this size with the real 151,936-row vocabulary.")
+    parser.add_argument("--size", choices=sorted(SIZES) + sorted(PUBLISHED), default=None,
+                        help="A random-weight Qwen3-VL of this size with the real 151,936-row vocabulary; 2b/4b: "
+                             "one-forward costs at the published width (see above).")
+    parser.add_argument("--layers", type=int, default=2, help="--size 2b/4b: text layers built (depth cut).")
+    parser.add_argument("--context", type=int, default=2048, help="--size 2b/4b: cached tokens before the step.")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="--size 2b/4b: weights and activations.")
+    parser.add_argument("--device", default="cpu", help="--size 2b/4b: cpu or cuda.")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32],
                         help="BARD block sizes B (random-weight models; a checkpoint decodes at its own B).")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 1.0], help="Thresholds tau.")
@@ -287,8 +304,110 @@ def machine_lines():
     ]
 
 
+def _one_forward_times(args, layers: int, batch: int) -> dict:
+    """Median seconds of an AR step and of BARD's denoising and fused forwards for each B, at `layers` text layers."""
+    from transformers import DynamicCache
+
+    from transformers_bard.models.bard_vl.masking_bard_vl import CLEAN, NOISY, PREFIX
+
+    base = published_qwen3_vl_config(args.size, text_layers=layers, vision_depth=1)
+    fields = base.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    torch.manual_seed(0)
+    model = BardVLForConditionalGeneration(BardVLConfig(**fields, mask_token_id=QWEN_MASK))
+    device = torch.device(args.device)
+    model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    K = args.context
+    gen = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(0, 150_000, (batch, K), generator=gen).to(device)
+    arange = functools.partial(torch.arange, device=device)
+    full = functools.partial(torch.full, device=device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():  # the prefill, apart
+        model(input_ids=prompt, position_ids=arange(K)[None, None].expand(3, batch, K), cache=cache,
+              use_cache=True, logits_to_keep=1)
+
+    def forward(ids, segments, blocks, key_segments, key_blocks, wanted):
+        q = ids.shape[1]
+        mask = model.attention_mask_from_labels(segments, blocks, torch.cat([key_segments, segments], 1),
+                                                torch.cat([key_blocks, blocks], 1))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=(K + arange(q))[None, None].expand(3, batch, q),
+                  cache=cache, use_cache=True, logits_mask=wanted)
+        cache.crop(-q)
+
+    def ar_step():
+        with torch.no_grad():
+            model(input_ids=prompt[:, -1:], position_ids=full((3, batch, 1), K), cache=cache, use_cache=True)
+        cache.crop(-1)
+
+    calls = {"AR": ar_step}
+    for B in args.block_sizes:
+        key_seg, key_blk = full((batch, K), PREFIX), (arange(K) // B).expand(batch, K)
+        first = -(-K // B)
+        noisy = full((batch, B), QWEN_MASK)
+        seg_n, blk_n = full((batch, B), NOISY), full((batch, B), first + 1)
+        seg_c, blk_c = full((batch, B), CLEAN), full((batch, B), first)
+        all_masked = torch.ones(batch, B, dtype=torch.bool, device=device)
+        calls[("denoise", B)] = functools.partial(forward, noisy, seg_n, blk_n, key_seg, key_blk, all_masked)
+        calls[("fused", B)] = functools.partial(
+            forward, torch.cat([prompt[:, :B], noisy], 1), torch.cat([seg_c, seg_n], 1), torch.cat([blk_c, blk_n], 1),
+            key_seg, key_blk, torch.cat([torch.zeros_like(all_masked), all_masked], 1))
+    times = {name: [] for name in calls}
+    for call in calls.values():  # warm-up
+        call()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def forward_costs(args):
+    """One decoding forward at published width: AR step vs BARD denoising and fused commit forwards (issue 20).
+
+    Measured at 1 and 2 text layers; a layer costs the difference, and the full depth is projected as the 1-layer
+    time plus (depth - 1) layers (the embedding and LM head are counted once, as in the real model)."""
+    depth = dict(zip(PUBLISHED, (28, 36)))[args.size]
+    text = published_qwen3_vl_config(args.size, text_layers=1, vision_depth=1).text_config.to_dict()
+    print("\n".join(machine_lines()))
+    print(f"Qwen3-VL-{args.size.upper()} width (hidden {text['hidden_size']}, MLP {text['intermediate_size']}, "
+          f"{text['num_attention_heads']}/{text['num_key_value_heads']} heads, vocab {QWEN_VOCAB:,}), random weights, "
+          f"{args.dtype}, {torch.get_num_threads()} threads; {args.context} cached tokens (prefill apart); medians of "
+          f"{args.repeats} interleaved repeats at 1 and 2 text layers, projected to {depth} layers\n")
+    print("| batch | B | AR step ms | BARD denoise fwd ms | / AR | fused commit fwd ms | / AR | tokens/forward "
+          "(demo) | AR tok/s | BARD tok/s (projection) | speed-up (projection) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for batch in args.batch_sizes:
+        one, two = _one_forward_times(args, 1, batch), _one_forward_times(args, 2, batch)
+        full = {name: one[name] + (depth - 1) * (two[name] - one[name]) for name in one}
+        ar = full["AR"]
+        for B in args.block_sizes:
+            denoise, fused = full[("denoise", B)], full[("fused", B)]
+            tpf = DEMO_TOKENS_PER_FORWARD.get(B)
+            cells = "- | - | - | -"
+            if tpf:
+                # per block of B tokens: one fused commit + step, then B / tpf - 1 more denoising forwards
+                bard_tps = batch * B / (fused + max(B / tpf - 1, 0) * denoise)
+                cells = f"{tpf:.1f} | {batch / ar:,.1f} | {bard_tps:,.1f} | {bard_tps * ar / batch:.2f}x"
+            print(f"| {batch} | {B} | {ar * 1e3:.1f} | {denoise * 1e3:.1f} | {denoise / ar:.2f} | {fused * 1e3:.1f} "
+                  f"| {fused / ar:.2f} | {cells} |")
+            rows.append(dict(batch=batch, block_size=B, ar_s=ar, denoise_s=denoise, fused_s=fused))
+    return rows
+
+
 def main():
     args = parse_args()
+    if args.size in PUBLISHED:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return forward_costs(args)
     # the expected notices (a checkpoint's AR generation config ignored, ...) are not results
     transformers.logging.set_verbosity_error()
     logging.getLogger("transformers_bard").setLevel(logging.ERROR)

@@ -5,6 +5,18 @@ import pytest
 from transformers_bard.testing import build_tiny_qwen3_vl
 
 
+@pytest.fixture
+def fresh_compile():
+    """Reset torch.compile's caches around a FlexAttention test. After earlier compilations at other shapes dynamo
+    recompiles with dynamic shapes, and torch 2.13's CPU flex-attention template then fails to build (an inductor
+    C++ codegen error, `cur_kvSplitSize0` undeclared); each test compiles its own static shapes instead."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl_dir(tmp_path_factory):
     """A stock tiny Qwen3-VL checkpoint in the Hub layout (seed 0, 2 safetensors shards, images up to 64 x 64)."""

@@ -411,6 +411,24 @@ def test_errors(tiny_qwen3_vl_dir, tiny_bard_vl_dir, dataset, tmp_path):
         trainer.train()
 
 
+@pytest.mark.slow  # FlexAttention compiles its kernel on first use
+def test_flex_attention_gives_the_sdpa_loss_and_is_refused_for_cpu_training(
+    tiny_bard_vl_dir, dataset, tmp_path, fresh_compile
+):
+    """The PBM loss of a collated batch is the same with the model switched to FlexAttention (its BlockMask built
+    from the same labels); training with it on CPU is refused before any work, naming the fix."""
+    trainer = BlockMergeTrainer(str(tiny_bard_vl_dir), args=make_args(tmp_path), train_dataset=dataset)
+    rows = trainer.data_collator([{**row, SAMPLE_INDEX_COLUMN: i} for i, row in enumerate(tiny_chat_rows(3))])
+    with torch.no_grad():
+        sdpa = trainer.compute_loss(trainer.model, dict(rows))
+        trainer.model.set_attn_implementation("flex_attention")
+        flex = trainer.compute_loss(trainer.model, dict(rows))
+    torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-6)
+    args = make_args(tmp_path, model_init_kwargs={"attn_implementation": "flex_attention"})
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*CPU.*'sdpa'"):
+        BlockMergeTrainer(str(tiny_bard_vl_dir), args=args, train_dataset=dataset)
+
+
 def test_deepspeed_combinations_that_cannot_train_are_refused(monkeypatch):
     """`deepspeed` cannot be installed here, so the refusals are checked on a stand-in trainer state: a DeepSpeed
     config that accelerate left off (CPU processes would train replicated) and LoRA under ZeRO-3 (the stage

@@ -151,6 +151,30 @@ def test_loss_equals_separate_teacher_and_student_forwards(
     torch.testing.assert_close(half, expected_sample / 2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # FlexAttention compiles its kernel on first use
+def test_flex_attention_teacher_and_student_give_the_sdpa_loss(
+    tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, dataset, tmp_path, fresh_compile
+):
+    """SWD with the B = 4 teacher on FlexAttention (its BlockMask at its own block size) and then the B = 8 student
+    on it too: the same loss as with sdpa on the same batch."""
+    sdpa_trainer = DiffusionDistillTrainer(
+        str(tiny_bard_vl_b8_dir), str(tiny_bard_vl_teacher_dir), args=make_args(tmp_path), train_dataset=dataset
+    )
+    flex_args = make_args(tmp_path, teacher_model_init_kwargs={"attn_implementation": "flex_attention"})
+    flex_trainer = DiffusionDistillTrainer(
+        str(tiny_bard_vl_b8_dir), str(tiny_bard_vl_teacher_dir), args=flex_args, train_dataset=dataset
+    )
+    assert flex_trainer.teacher_model.config.get_text_config()._attn_implementation == "flex_attention"
+    batch = sdpa_trainer.data_collator(indexed_rows(3))
+    with torch.no_grad():
+        want = sdpa_trainer.compute_loss(sdpa_trainer.model, dict(batch))
+        torch.testing.assert_close(flex_trainer.compute_loss(flex_trainer.model, dict(batch)), want, rtol=1e-5,
+                                   atol=1e-6)
+        flex_trainer.model.set_attn_implementation("flex_attention")
+        torch.testing.assert_close(flex_trainer.compute_loss(flex_trainer.model, dict(batch)), want, rtol=1e-5,
+                                   atol=1e-6)
+
+
 def test_shifted_prediction_distills_each_target_from_its_source(
     tiny_qwen3_vl_dir, tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, dataset, tmp_path
 ):

@@ -11,6 +11,7 @@ from transformers_bard.models.bard_vl import (
     PAD,
     PREFIX,
     attention_mask_from_labels,
+    block_diffusion_block_mask,
     block_diffusion_mask,
     block_ids_from_segments,
     packed_position_ids,
@@ -216,3 +217,56 @@ def test_shifted_source_columns_without_prompt_or_clean_tokens():
     assert shifted_source_columns(seg, 2).tolist() == [[-1, 0, -1], [-1, 0, 1]]
     with pytest.raises(ValueError, match="block_size"):
         shifted_source_columns(seg, 0)
+
+
+# ---------------------------------------------------------------------- FlexAttention BlockMask (issue 20)
+def dense_from_block_mask(block_mask, q_len, k_len):
+    """What flex attention computes from a BlockMask: ``mask_mod`` inside the tiles the BlockMask lists (partial or
+    full), False in every tile it skips. ``[batch, 1, q, k]``."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    tile_q, tile_k = block_mask.BLOCK_SIZE
+    inside = create_mask(block_mask.mask_mod, block_mask.shape[0], 1, q_len, k_len)  # [batch, 1, q, k]
+    tiles = block_mask.to_dense().bool()  # [batch, 1, q tiles, k tiles]: listed tiles
+    listed = tiles.repeat_interleave(tile_q, 2).repeat_interleave(tile_k, 3)[:, :, :q_len, :k_len]
+    return inside & listed
+
+
+@pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
+@pytest.mark.parametrize("B", [1, 4, 8])
+def test_flex_block_mask_equals_the_loop_mask_and_skips_empty_tiles(B, prompt_attention):
+    """The BlockMask of a packed batch gives exactly the loop reference's mask, and lists only tiles that hold a
+    visible pair: with 8 x 8 tiles the prompt's queries never list the noisy half, so tiles are skipped."""
+    prefix_lens = [37, 5, 20]
+    response_lens = [2 * B + 8, B, 3 * B]
+    prefix_att, resp = packed_inputs(prefix_lens, response_lens)
+    seg = packed_segment_ids(prefix_att, resp)
+    blocks = block_ids_from_segments(seg, B)
+    block_mask = block_diffusion_block_mask(seg, blocks, seg, blocks, prompt_attention, tile_size=8)
+    L = seg.shape[1]
+    slow = slow_packed_mask(prefix_lens, response_lens, B, prompt_attention)
+    assert torch.equal(dense_from_block_mask(block_mask, L, L), slow)
+    tiles = block_mask.to_dense().bool()
+    padded = torch.nn.functional.pad(slow, (0, -L % 8, 0, -L % 8))
+    any_visible = padded.unflatten(2, (-1, 8)).unflatten(4, (-1, 8)).any(dim=(3, 5))  # [batch, 1, q tiles, k tiles]
+    assert torch.equal(tiles, any_visible), "a tile is listed iff some query in it sees some key in it"
+    assert not tiles.all(), "nothing skipped: the BlockMask is not sparse"
+
+
+@pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
+def test_flex_block_mask_after_a_cache_equals_the_dense_mask(prompt_attention):
+    """Decoding layout: queries (a clean block then a noisy block) after cached keys, lengths not multiples of the
+    tile (the labels are padded with PAD tokens, so mask_mod never reads past them)."""
+    B = 4
+    t = torch.tensor
+    k_seg = t([[PAD, PAD, PREFIX, PREFIX, PREFIX, PREFIX, CLEAN, CLEAN, CLEAN, CLEAN],
+               [PREFIX, PREFIX, PREFIX, PREFIX, PREFIX, PREFIX, PAD, PAD, PAD, PAD]])
+    k_blk = t([[-1, -1, 0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, -1, -1, -1, -1]])
+    q_seg = t([[CLEAN] * B + [NOISY] * B, [PAD] * B + [NOISY] * B])
+    q_blk = t([[2] * B + [3] * B, [-1] * B + [2] * B])
+    keys_seg, keys_blk = torch.cat([k_seg, q_seg], 1), torch.cat([k_blk, q_blk], 1)
+    dense = attention_mask_from_labels(q_seg, q_blk, keys_seg, keys_blk, prompt_attention)
+    for tile in (4, 8, 128):
+        block_mask = block_diffusion_block_mask(q_seg, q_blk, keys_seg, keys_blk, prompt_attention, tile_size=tile)
+        assert block_mask.shape == (2, 1, 2 * B, keys_seg.shape[1])
+        assert torch.equal(dense_from_block_mask(block_mask, 2 * B, keys_seg.shape[1]), dense)

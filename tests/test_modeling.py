@@ -246,6 +246,26 @@ def test_eager_attention_matches_sdpa():
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # FlexAttention compiles its kernel on first use (about 20 s on 2 CPU cores)
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_flex_attention_matches_sdpa_on_a_packed_batch(prediction_shift, fresh_compile):
+    """Same weights, `attn_implementation="flex_attention"` against sdpa on a packed batch with images, left-padded
+    prompts and right-padded responses: the same loss and logits. Forward only: torch has no FlexAttention backward
+    on CPU (the trainers refuse flex for training there)."""
+    inputs = _packed_inputs()
+    sdpa = make_model(4, prediction_shift=prediction_shift)
+    flex = make_model(4, prediction_shift=prediction_shift)
+    flex.set_attn_implementation("flex_attention")
+    assert flex.model.language_model.config._attn_implementation == "flex_attention"
+    from torch.nn.attention.flex_attention import BlockMask
+
+    assert isinstance(flex.block_diffusion_attention_mask(inputs["segment_ids"]), BlockMask)
+    with torch.no_grad():
+        want, got = sdpa(**inputs), flex(**inputs)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_segment_ids_and_attention_mask_are_exclusive():
     model = make_model(4)
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -337,17 +357,23 @@ def test_gradient_checkpointing_gives_equal_gradients(how):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_past_key_values_is_deprecated_for_cache():
+@pytest.mark.parametrize("module", ["model", "backbone"])
+def test_past_key_values_is_deprecated_for_cache(module):
+    """Both forwards rename `past_key_values` to `cache` with transformers' warning, as stock Qwen3-VL does; the
+    backbone's override of the stock forward once passed it on next to `cache=None`, which dropped the cache."""
     model = make_model(4)
+    model = model.model if module == "backbone" else model
     ids = torch.randint(0, 80, (1, 6))
     cache = DynamicCache(config=model.config)
-    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated") as record:
         with torch.no_grad():
             out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert not [w for w in record if "Both `past_key_values` and `cache`" in str(w.message)]
     assert out.cache is cache and cache.get_seq_length() == 6
     with torch.no_grad():
         reference = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
-    torch.testing.assert_close(out.logits, reference.logits)
+    output = "logits" if module == "model" else "last_hidden_state"
+    torch.testing.assert_close(getattr(out, output), getattr(reference, output))
 
 
 @pytest.mark.parametrize("forward", ["block_diffusion", "plain"])

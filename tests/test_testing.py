@@ -298,3 +298,25 @@ def test_config_overrides_and_validation():
     assert tiny_qwen3_vl_config(vocab_size=640).text_config.vocab_size == 640
     with pytest.raises(ValueError, match="vocab_size"):
         tiny_qwen3_vl_config(vocab_size=474 - 1)
+
+
+@pytest.mark.parametrize(("size", "parameters"), [("2b", 2_127_532_032), ("4b", 4_437_815_808)])
+def test_published_configs_have_the_published_parameter_counts(size, parameters):
+    """Qwen3-VL-2B/4B-Instruct's configs rebuilt offline (issue 20) give the Hub checkpoints' parameter counts
+    (2.13B and 4.44B, tied embeddings), counted on the meta device; a depth cut keeps every width."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from transformers_bard.testing import published_qwen3_vl_config
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(published_qwen3_vl_config(size))
+        cut = Qwen3VLForConditionalGeneration(published_qwen3_vl_config(size, text_layers=1, vision_depth=2))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert len(cut.model.language_model.layers) == 1 and len(cut.model.visual.blocks) == 2
+    assert cut.model.visual.config.deepstack_visual_indexes == [0, 1]
+    for name, module in cut.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.weight.shape == model.get_submodule(name).weight.shape, name
+    with pytest.raises(ValueError, match="`size` must be one of"):
+        published_qwen3_vl_config("8b")

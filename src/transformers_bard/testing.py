@@ -36,6 +36,8 @@ __all__ = [
     "build_tiny_qwen3_vl",
     "build_tiny_tokenizer",
     "make_image",
+    "published_qwen3_vl_config",
+    "published_widths",
     "tiny_chat_messages",
     "tiny_qwen3_vl_config",
 ]
@@ -339,6 +341,84 @@ def tiny_qwen3_vl_config(vocab_size: int | None = None, *, tokenizer=None, **ove
     return config
 
 
+# The published configurations of Qwen/Qwen3-VL-{2B,4B}-Instruct (their `config.json` on the Hub; the 2B at commit
+# 89644892e4d85e24eaac8bacfd4f463576704203), the fields that decide the architecture. Shared by both sizes: the
+# vocabulary (151,936 rows), head_dim 128, interleaved M-RoPE [24, 20, 20] with theta 5e6, a 262,144-position
+# context, tied embeddings, and the 24-block, 1024-wide vision tower (patch 16, merge 2, DeepStack taps 5/11/17).
+_PUBLISHED_TEXT = {
+    "2b": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+           "num_key_value_heads": 8},
+    "4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+           "num_key_value_heads": 8},
+}
+QWEN3_VL_VOCAB_SIZE = 151936
+
+
+def published_qwen3_vl_config(
+    size: str, *, text_layers: int | None = None, vision_depth: int | None = None
+) -> Qwen3VLConfig:
+    """Qwen3-VL-2B-Instruct's or Qwen3-VL-4B-Instruct's published configuration (``size`` "2b" or "4b"), for random
+    weights at real width: benchmarks build it offline with the real vocabulary, widths, heads and vision tower.
+
+    `text_layers` / `vision_depth` cut the depth only (to fit a small machine where a figure needs the width); the
+    vision tower's DeepStack taps are then the last `len(taps)` blocks kept, so it still feeds three text layers.
+    Everything else is the published value. The special token ids are Qwen's (151643 ...).
+    """
+    if size not in _PUBLISHED_TEXT:
+        raise ValueError(f"`size` must be one of {sorted(_PUBLISHED_TEXT)}, got {size!r}.")
+    text = _PUBLISHED_TEXT[size]
+    vision_blocks = 24 if vision_depth is None else vision_depth
+    taps = [5, 11, 17] if vision_blocks == 24 else list(range(max(vision_blocks - 3, 0), vision_blocks))
+    config = Qwen3VLConfig(
+        text_config={
+            **text,
+            "num_hidden_layers": text["num_hidden_layers"] if text_layers is None else text_layers,
+            "vocab_size": QWEN3_VL_VOCAB_SIZE,
+            "head_dim": 128,
+            "hidden_act": "silu",
+            "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True},
+            "tie_word_embeddings": True,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+        vision_config={
+            "depth": vision_blocks,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_heads": 16,
+            "hidden_act": "gelu_pytorch_tanh",
+            "in_channels": 3,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": text["hidden_size"],
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": taps,
+        },
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def published_widths(size: str, *, text_layers: int | None = None, vision_depth: int | None = None) -> dict:
+    """`tiny_qwen3_vl_config` overrides that give `published_qwen3_vl_config`'s architecture (widths, heads, depth,
+    vocabulary, M-RoPE, vision tower) while keeping the tiny tokenizer's special token ids."""
+    published = published_qwen3_vl_config(size, text_layers=text_layers, vision_depth=vision_depth)
+    text = {key: value for key, value in published.text_config.to_dict().items()
+            if key not in ("bos_token_id", "eos_token_id", "pad_token_id", "model_type", "transformers_version")}
+    vision = {key: value for key, value in published.vision_config.to_dict().items()
+              if key not in ("model_type", "transformers_version")}
+    return {"text_config": text, "vision_config": vision, "tie_word_embeddings": published.tie_word_embeddings}
+
+
 def _shard_size_for(state_dict: dict[str, torch.Tensor], num_shards: int) -> int:
     """Smallest `max_shard_size` (bytes) that splits `state_dict` into at most `num_shards` files.
 
@@ -389,7 +469,12 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def build_tiny_qwen3_vl(
-    output_dir: str | os.PathLike, *, seed: int = 0, num_shards: int = 2, image_size: int = 64
+    output_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    num_shards: int = 2,
+    image_size: int = 64,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Write a random tiny Qwen3-VL checkpoint in the Hub layout of `Qwen/Qwen3-VL-*-Instruct`.
 
@@ -405,6 +490,8 @@ def build_tiny_qwen3_vl(
         num_shards: number of safetensors shards (1 writes a single `model.safetensors`, as small Hub repos do).
         image_size: side (pixels) of the largest square image kept at full resolution; multiple of 32, at least 32.
             Larger images are downscaled to at most `image_size ** 2` pixels, i.e. `(image_size / 32) ** 2` tokens.
+        config_overrides: passed to `tiny_qwen3_vl_config` (e.g. `published_widths("2b")` for a checkpoint at
+            Qwen3-VL-2B's width with the tiny tokenizer, for GPU benchmarks through the trainers).
 
     Returns:
         The checkpoint folder as a `Path`.
@@ -421,7 +508,7 @@ def build_tiny_qwen3_vl(
         raise FileExistsError(f"`output_dir`={str(output_dir)!r} exists and is not an empty folder; pass a new path.")
 
     tokenizer = build_tiny_tokenizer()
-    config = tiny_qwen3_vl_config(tokenizer=tokenizer)
+    config = tiny_qwen3_vl_config(tokenizer=tokenizer, **(config_overrides or {}))
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<|endoftext|>", "<|im_end|>")}
 
     torch.manual_seed(seed)

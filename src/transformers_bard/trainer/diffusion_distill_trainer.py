@@ -290,10 +290,11 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
                     "the same `pixel_values`, so their image patching must agree."
                 )
         impl = teacher.config._attn_implementation or "sdpa"
-        if impl not in ("sdpa", "eager"):
+        if impl not in ("sdpa", "eager", "flex_attention"):
             raise ValueError(
                 f"The teacher ({name}) uses attn_implementation={impl!r}, which cannot take the 4-D block-diffusion "
-                "or causal mask built here. Load it with attn_implementation='sdpa' (in `teacher_model_init_kwargs`)."
+                "or causal mask built here. Load it with attn_implementation='sdpa' or 'flex_attention' (in "
+                "`teacher_model_init_kwargs`)."
             )
         if args.teacher_type == "autoregressive":
             return
@@ -392,8 +393,9 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
         return self._base_model.config.mask_token_id
 
     def _format_teacher_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        # eager attention adds the mask to the scores: it needs an additive float mask (DESIGN 3.2)
-        if self._teacher_attn_implementation == "eager":
+        # eager attention adds the mask to the scores, and so does flex attention given a tensor: they need an
+        # additive float mask (DESIGN 3.2)
+        if self._teacher_attn_implementation in ("eager", "flex_attention"):
             return additive_attention_mask(mask, self._teacher_dtype)
         return mask
 

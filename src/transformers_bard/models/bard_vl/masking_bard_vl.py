@@ -60,6 +60,21 @@ def block_ids_from_segments(segment_ids: torch.Tensor, block_size: int) -> torch
     return block_ids
 
 
+def _columns(q_segment, k_segment, q_index, k_index, prompt_attention: str):
+    """Validated `prompt_attention` and the query/key columns ``[batch, q]``/``[batch, k]``; by default the queries
+    are the last q of the k keys."""
+    if prompt_attention not in ("block_causal", "causal"):
+        raise ValueError(f"`prompt_attention` must be 'block_causal' or 'causal', got {prompt_attention!r}.")
+    batch, q_len = q_segment.shape
+    k_len = k_segment.shape[1]
+    device = q_segment.device
+    if k_index is None:
+        k_index = torch.arange(k_len, device=device).expand(batch, k_len)
+    if q_index is None:
+        q_index = torch.arange(k_len - q_len, k_len, device=device).expand(batch, q_len)
+    return q_index, k_index
+
+
 def attention_mask_from_labels(
     q_segment: torch.Tensor,
     q_block: torch.Tensor,
@@ -81,19 +96,18 @@ def attention_mask_from_labels(
     prompts and for the padding diagonal. By default queries are the *last* q columns of the k keys (the usual
     "new tokens after the cache" arrangement, and q == k for a full sequence).
     """
-    if prompt_attention not in ("block_causal", "causal"):
-        raise ValueError(f"`prompt_attention` must be 'block_causal' or 'causal', got {prompt_attention!r}.")
-    batch, q_len = q_segment.shape
-    k_len = k_segment.shape[1]
-    device = q_segment.device
-    if k_index is None:
-        k_index = torch.arange(k_len, device=device).expand(batch, k_len)
-    if q_index is None:
-        q_index = torch.arange(k_len - q_len, k_len, device=device).expand(batch, q_len)
+    q_index, k_index = _columns(q_segment, k_segment, q_index, k_index, prompt_attention)
 
     qs, qb, qi = q_segment[:, :, None], q_block[:, :, None], q_index[:, :, None]  # [batch, q, 1]
     ks, kb, ki = k_segment[:, None, :], k_block[:, None, :], k_index[:, None, :]  # [batch, 1, k]
+    return visible(qs, qb, qi, ks, kb, ki, prompt_attention)[:, None]  # [batch, 1, q, k]
 
+
+def visible(qs, qb, qi, ks, kb, ki, prompt_attention: str = "block_causal") -> torch.Tensor:
+    """The rule of DESIGN 3.2 on broadcastable label tensors (query segment, block, column; key segment, block,
+    column): True where the query may attend to the key. Shared by the dense SDPA/eager mask
+    (`attention_mask_from_labels`) and FlexAttention's ``mask_mod`` (`block_diffusion_block_mask`), so both
+    backends see one definition."""
     q_is_context = (qs == PREFIX) | (qs == CLEAN)
     k_is_context = (ks == PREFIX) | (ks == CLEAN)
     # prefix/clean queries: block-causal over prefix and clean keys
@@ -106,8 +120,59 @@ def attention_mask_from_labels(
     noisy_rule = (qs == NOISY) & ((ks == PREFIX) | ((ks == CLEAN) & (kb < qb)) | ((ks == NOISY) & (kb == qb)))
     mask = (context_rule | noisy_rule) & (ks != PAD)
     # padding queries attend to themselves only
-    mask = mask | ((qs == PAD) & (ki == qi))
-    return mask[:, None]  # [batch, 1, q, k]
+    return mask | ((qs == PAD) & (ki == qi))
+
+
+def _pad_labels(segment, block, index, length: int):
+    """Labels ``[batch, n]`` padded to ``length`` columns with PAD tokens (block -1, columns continuing)."""
+    extra = length - segment.shape[1]
+    if extra == 0:
+        return segment, block, index
+    batch = segment.shape[0]
+    tail = torch.arange(extra, device=index.device) + index.amax(-1, keepdim=True) + 1  # [batch, extra]
+    return (
+        torch.cat([segment, segment.new_full((batch, extra), PAD)], dim=1),
+        torch.cat([block, block.new_full((batch, extra), -1)], dim=1),
+        torch.cat([index, tail.to(index.dtype)], dim=1),
+    )
+
+
+def block_diffusion_block_mask(
+    q_segment: torch.Tensor,
+    q_block: torch.Tensor,
+    k_segment: torch.Tensor,
+    k_block: torch.Tensor,
+    prompt_attention: str = "block_causal",
+    q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+    tile_size: int = 128,
+):
+    """FlexAttention ``BlockMask`` of the same rule as `attention_mask_from_labels` (arguments as there).
+
+    ``mask_mod`` looks the labels up per (row, query, key) and applies `visible`; `create_block_mask` turns it into
+    per-tile lists, so tiles in which no query sees any key (e.g. the prompt's queries against the noisy half of a
+    packed row, or whole rows of padding) are skipped by the kernel, and only partial tiles evaluate ``mask_mod``.
+    The labels are padded to a multiple of `tile_size` with PAD tokens so ``mask_mod`` never indexes out of range in
+    a partial last tile. Nothing of size ``q x k`` is kept: the BlockMask holds ``[batch, 1, q/tile, k/tile]`` tile
+    indices and the label tensors.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, q_len = q_segment.shape
+    k_len = k_segment.shape[1]
+    q_index, k_index = _columns(q_segment, k_segment, q_index, k_index, prompt_attention)
+    padded_q = -(-q_len // tile_size) * tile_size
+    padded_k = -(-k_len // tile_size) * tile_size
+    qs, qb, qi = _pad_labels(q_segment.long(), q_block.long(), q_index.long(), padded_q)
+    ks, kb, ki = _pad_labels(k_segment.long(), k_block.long(), k_index.long(), padded_k)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(qs[b, q_idx], qb[b, q_idx], qi[b, q_idx], ks[b, kv_idx], kb[b, kv_idx], ki[b, kv_idx],
+                       prompt_attention)
+
+    return create_block_mask(
+        mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=k_len, device=q_segment.device, BLOCK_SIZE=tile_size
+    )
 
 
 def block_diffusion_mask(
@@ -201,6 +266,8 @@ __all__ = [
     "NOISY",
     "block_ids_from_segments",
     "attention_mask_from_labels",
+    "visible",
+    "block_diffusion_block_mask",
     "block_diffusion_mask",
     "packed_segment_ids",
     "shifted_source_columns",

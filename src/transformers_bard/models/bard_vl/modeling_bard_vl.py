@@ -30,6 +30,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLModel,
     Qwen3VLPreTrainedModel,
+    Qwen3VLTextModel,
+    Qwen3VLVisionModel,
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -38,7 +40,15 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_bard_vl import BardVLConfig
 from .generation_bard_vl import BardVLGenerationConfig, BardVLGenerationMixin
-from .masking_bard_vl import CLEAN, NOISY, PREFIX, block_diffusion_mask, shifted_source_columns
+from .masking_bard_vl import (
+    CLEAN,
+    NOISY,
+    PREFIX,
+    attention_mask_from_labels,
+    block_diffusion_block_mask,
+    block_ids_from_segments,
+    shifted_source_columns,
+)
 
 MODEL_CARD_TAGS = ["block-diffusion", "bard", "bard-vl", "qwen3-vl", "diffusion-language-model"]
 
@@ -103,12 +113,37 @@ def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+class BardVLTextModel(Qwen3VLTextModel):
+    """Qwen3-VL's text model, unchanged but for FlexAttention support: its attention layers go through transformers'
+    attention interface, which passes a `BlockMask` from `BardVLForConditionalGeneration.attention_mask_from_labels`
+    to `flex_attention` as it is. Qwen3-VL does not declare it only because its own masks were never tried there."""
+
+    _supports_flex_attn = True
+
+
+class BardVLVisionModel(Qwen3VLVisionModel):
+    """Qwen3-VL's vision tower, unchanged but for FlexAttention support: without flash attention it attends within
+    each image separately with no mask, which `flex_attention` computes as it does any unmasked attention."""
+
+    _supports_flex_attn = True
+
+
 class BardVLModel(Qwen3VLModel):
-    """Qwen3-VL backbone under the BARD config. One addition: with a sharded vision tower (FSDP2, ZeRO-3), a batch
-    without images still runs the tower on a dummy image (`dummy_vision_output`), so every rank joins the same
-    collectives; values and gradients are unchanged."""
+    """Qwen3-VL backbone under the BARD config. Two additions: the towers accept ``attn_implementation=
+    "flex_attention"`` (`BardVLTextModel`, `BardVLVisionModel`: same modules and weight names); with a sharded vision
+    tower (FSDP2, ZeRO-3), a batch without images still runs the tower on a dummy image (`dummy_vision_output`), so
+    every rank joins the same collectives; values and gradients are unchanged."""
 
     config_class = BardVLConfig
+    _supports_flex_attn = True
+
+    def __init__(self, config: BardVLConfig):
+        # Qwen3VLModel.__init__ with the two towers above in place of the Auto classes' Qwen3-VL towers
+        Qwen3VLPreTrainedModel.__init__(self, config)
+        self.visual = BardVLVisionModel._from_config(config.vision_config)
+        self.language_model = BardVLTextModel._from_config(config.text_config)
+        self.rope_deltas = None  # cached by Qwen3-VL's forward, as in Qwen3VLModel
+        self.post_init()
 
     def vision_tower_is_sharded(self) -> bool:
         """True when the vision tower's weights are split over ranks and gathered collectively in its forward: FSDP2
@@ -142,6 +177,9 @@ class BardVLModel(Qwen3VLModel):
             total = total + feature.float().sum()
         return 0.0 * total
 
+    # the stock forward's renaming shim, repeated: without it `past_key_values` rides in **kwargs next to `cache=None`
+    # and the stock forward keeps `cache=None`, dropping the caller's cache
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -206,6 +244,7 @@ class BardVLModel(Qwen3VLModel):
 
 class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditionalGeneration):
     config_class = BardVLConfig
+    _supports_flex_attn = True  # the block-diffusion mask as a block-sparse `BlockMask` (`attention_mask_from_labels`)
     # the trainer computes the block-diffusion loss itself and normalises by samples (DESIGN 3.4)
     accepts_loss_kwargs = False
     # block-diffusion decoding settings (DESIGN 4); loaded by the mixin's `adjust_generation_fn` (DESIGN 6)
@@ -258,19 +297,32 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
 
     # ------------------------------------------------------------------ masks and positions
     def block_diffusion_attention_mask(self, segment_ids: torch.Tensor, block_size: int | None = None):
-        """The 4-D mask (DESIGN 3.2) in the form the configured attention implementation expects."""
+        """The mask of a labelled row (DESIGN 3.2) in the form the configured attention implementation expects."""
         block_size = self.config.block_size if block_size is None else block_size
-        mask = block_diffusion_mask(segment_ids, block_size, self.config.prompt_attention)
+        block_ids = block_ids_from_segments(segment_ids, block_size)
+        return self.attention_mask_from_labels(segment_ids, block_ids, segment_ids, block_ids)
+
+    def attention_mask_from_labels(self, q_segments, q_blocks, k_segments, k_blocks):
+        """The mask of queries labelled ``[batch, q]`` against keys labelled ``[batch, k]`` (DESIGN 3.2; queries are
+        the last q keys) for the configured attention implementation: a FlexAttention ``BlockMask`` built from
+        the same rule (block-sparse: empty tiles are skipped) for ``flex_attention``, the boolean ``[batch, 1, q, k]``
+        mask for ``sdpa`` and its additive form for ``eager``."""
+        if self.config.get_text_config()._attn_implementation == "flex_attention":  # the text model reads the mask
+            return block_diffusion_block_mask(q_segments, q_blocks, k_segments, k_blocks, self.config.prompt_attention)
+        mask = attention_mask_from_labels(q_segments, q_blocks, k_segments, k_blocks, self.config.prompt_attention)
         return self._format_attention_mask(mask)
 
     def _format_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        impl = self.config._attn_implementation or "sdpa"
-        if impl == "eager":
+        """A dense boolean 4-D mask in the form the text model's attention implementation expects."""
+        impl = self.config.get_text_config()._attn_implementation or "sdpa"
+        if impl in ("eager", "flex_attention"):
+            # eager adds the mask to the scores, and so does flex attention given a tensor: a boolean mask would be
+            # silently wrong (DESIGN 3.2). Masks built from labels take the block-sparse `BlockMask` path instead.
             return additive_attention_mask(mask, self.dtype)
         if impl != "sdpa":
             raise ValueError(
                 f"attn_implementation={impl!r} cannot take the 4-D block-diffusion mask; load the model with "
-                "attn_implementation='sdpa' (default) or 'eager'."
+                "attn_implementation='sdpa' (default), 'flex_attention' or 'eager'."
             )
         return mask
 
@@ -383,7 +435,9 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
                 position_ids = self.get_packed_position_ids(
                     input_ids, segment_ids, mm_token_type_ids, image_grid_thw, video_grid_thw
                 )
-        elif attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        elif (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool
+        ):
             attention_mask = self._format_attention_mask(attention_mask)
 
         outputs = self.model(
