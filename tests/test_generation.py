@@ -342,6 +342,26 @@ def test_left_padded_batch_matches_single_rows_and_reference(fuse_commit, predic
     assert len({tuple(s[:2]) for s in steps_per_row}) > 1
 
 
+@pytest.mark.slow  # FlexAttention compiles its kernels on first use (about 30 s on 2 CPU cores)
+@pytest.mark.parametrize("prediction_shift", [False, True])
+def test_flex_attention_generates_the_same_tokens_as_sdpa(prediction_shift, fresh_compile):
+    """A left-padded batch with images decoded with `attn_implementation="flex_attention"` (block-sparse BlockMasks
+    for the prefill, denoising and fused commit forwards) equals sdpa token for token and forward for forward."""
+    model = make_model(4, prediction_shift=prediction_shift)
+    prompts = [make_prompt(11, 12, False), make_prompt(12, 7, True), make_prompt(13, 4, True)]
+    ids, attention, pixels, grid = left_pad(prompts)
+    options = dict(max_new_tokens=20, threshold=0.6, return_dict_in_generate=True, pad_token_id=0)
+    want = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, **options)
+    model.set_attn_implementation("flex_attention")
+    try:
+        got = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, **options)
+    finally:
+        model.set_attn_implementation("sdpa")  # the model is shared with other tests
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.equal(got.num_forwards, want.num_forwards)
+    assert int(want.num_forwards.max()) > 3  # several denoising and commit forwards were compared
+
+
 # ---------------------------------------------------------------------------------------------- EOS fill
 def scripted_forward(model, monkeypatch, script, block_size):
     """Patch `model.forward` so that the k-th call with block logits returns `script[k]` ``[1, B, vocab]``, restricted

@@ -258,6 +258,47 @@ def _run_eval(args) -> int:
     return subprocess.call(command)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server (/v1/chat/completions, /v1/models) with continuous batching of block-diffusion "
+        "decoding (extra `serve`).",
+    )
+    p.add_argument("model", help="BARD-VL checkpoint folder or Hub id.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="The `model` name clients must send (default: the checkpoint argument as given).")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="Rows decoded together at most; later requests wait for a free row (default 32).")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="Longest prompt + completion accepted (default: the model's max_position_embeddings).")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--autoregressive", action="store_true",
+                   help="Serve a stock (AR) Qwen3-VL checkpoint with one `generate` at a time, as a baseline.")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning).")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        print("transformers-bard serve: error: needs fastapi and uvicorn: pip install 'transformers-bard[serve]'",
+              file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .serving import run_server
+
+    run_server(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+               autoregressive=args.autoregressive, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformers-bard",
@@ -274,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_walkthrough(sub)
     _add_app(sub)
     _add_eval(sub)
+    _add_serve(sub)
     return parser
 
 

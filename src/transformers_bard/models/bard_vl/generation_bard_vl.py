@@ -40,7 +40,7 @@ from transformers.generation import (
 )
 from transformers.utils import ModelOutput, logging
 
-from .masking_bard_vl import CLEAN, NOISY, PAD, PREFIX, attention_mask_from_labels, block_ids_from_segments
+from .masking_bard_vl import CLEAN, NOISY, PAD, PREFIX, block_ids_from_segments
 
 logger = logging.get_logger(__name__)
 
@@ -469,7 +469,6 @@ class _DecodingPlan:
     eos_fill: bool
     prefill_step: bool
     output_trace: bool
-    prompt_attention: str
     prediction_shift: bool  # DESIGN 4.1: the hidden state at i predicts token i + 1
 
     def tokens_at_step(self, steps: torch.Tensor) -> torch.Tensor:
@@ -501,6 +500,8 @@ class _Rows:
     # forward that ended the previous block (the prefill's last prompt token, or the commit's last token) and kept
     # for every step of the block; [m, 0] otherwise
     first_logits: torch.Tensor
+    # [m] the row's length limit: `max_new_tokens` of the call that prefilled it (rows a server batches together differ)
+    max_new_tokens: torch.Tensor
 
     def select(self, keep: torch.Tensor) -> None:
         for name in self.__dataclass_fields__:
@@ -616,31 +617,17 @@ class BardVLGenerationMixin:
         step_mask = None  # reused while the cached keys and the rows stay the same
         while True:
             # 4. rows whose block has no mask left: keep its tokens, then stop or move on to the next block
-            complete = (rows.block != plan.mask_token_id).all(-1)  # [m]
-            if complete.any():
-                stop = self._finish_blocks(rows, complete, input_ids, generated, lengths, plan, stopping_criteria,
-                                           streamer)
-                go_on = complete & ~stop
-                rows.committing = rows.committing | go_on
-                rows.finished = torch.where(go_on[:, None], rows.block, rows.finished)
-                rows.block = rows.block.masked_fill(go_on[:, None], plan.mask_token_id)
-                rows.block_index = rows.block_index + go_on.long()
-                rows.steps = rows.steps.masked_fill(go_on, 0)
-                if stop.all():
-                    break
-                if stop.any():
-                    keep = (~stop).nonzero().squeeze(-1)
-                    cache.batch_select_indices(keep)
-                    rows.select(keep)
-                    step_mask = None
-            # 2.-3. one forward: committing rows append their finished block (with their next block's first step
-            # unless fuse_commit=False), every other row takes a denoising step
-            denoising = ~rows.committing if not plan.fuse_commit else torch.ones_like(rows.committing)
-            kind = ["commit" if c else "denoise" for c in rows.committing.tolist()] if trace is not None else None
-            logits, decide, step_mask = self._decoding_forward(rows, denoising, cache, step_mask, plan)
-            forwards[rows.index] += 1
-            self._take_step(rows, logits, decide, input_ids, generated, plan, logits_processor, generator, trace,
-                            kind)
+            stop = self._end_finished_blocks(rows, input_ids, generated, lengths, plan, stopping_criteria, streamer)
+            if stop.all():
+                break
+            if stop.any():
+                keep = (~stop).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows.select(keep)
+                step_mask = None
+            # 2.-3. one forward, then choose and unmask tokens
+            step_mask = self._decoding_step(rows, cache, step_mask, forwards, input_ids, generated, plan,
+                                            logits_processor, generator, trace)
 
         if streamer is not None:
             streamer.end()
@@ -795,7 +782,6 @@ class BardVLGenerationMixin:
             eos_fill=config.eos_fill,
             prefill_step=config.prefill_step,
             output_trace=config.output_trace,
-            prompt_attention=self.config.prompt_attention,
             prediction_shift=self.config.prediction_shift,
         )
 
@@ -838,6 +824,7 @@ class BardVLGenerationMixin:
             key_segments=segments,
             key_blocks=blocks,
             first_logits=torch.empty(batch, 0, device=input_ids.device),
+            max_new_tokens=torch.full((batch,), plan.max_new_tokens, dtype=torch.long, device=input_ids.device),
         )
         q_ids, q_segments, q_blocks, q_positions, mm_types = input_ids, segments, blocks, positions, mm_token_type_ids
         wanted = torch.zeros_like(attention_mask, dtype=torch.bool)  # no logits needed from the prompt
@@ -855,7 +842,7 @@ class BardVLGenerationMixin:
             if plan.prediction_shift:
                 noisy_wanted[:, -1] = False
             wanted = torch.cat([wanted, noisy_wanted], dim=1)
-        mask = attention_mask_from_labels(q_segments, q_blocks, q_segments, q_blocks, plan.prompt_attention)
+        mask = self.attention_mask_from_labels(q_segments, q_blocks, q_segments, q_blocks)
         cache = DynamicCache(config=self.config)
         logits = self(
             input_ids=q_ids,
@@ -893,13 +880,12 @@ class BardVLGenerationMixin:
         segments = torch.as_tensor(segment, dtype=torch.long, device=block_ids.device).expand(block_ids.shape)
         return segments[:, None].expand(-1, block_size), block_ids[:, None].expand(-1, block_size)
 
-    @staticmethod
-    def _mask_after_cache(q_segments, q_blocks, key_segments, key_blocks, plan):
+    def _mask_after_cache(self, q_segments, q_blocks, key_segments, key_blocks):
         """Mask ``[m, 1, q, K + q]`` of queries placed after the K cached keys (DESIGN 3.2), and the labels of all
         K + q keys ``[m, K + q]``."""
         k_segments = torch.cat([key_segments, q_segments], dim=1)
         k_blocks = torch.cat([key_blocks, q_blocks], dim=1)
-        mask = attention_mask_from_labels(q_segments, q_blocks, k_segments, k_blocks, plan.prompt_attention)
+        mask = self.attention_mask_from_labels(q_segments, q_blocks, k_segments, k_blocks)
         return mask, k_segments, k_blocks
 
     def _decoding_forward(self, rows: _Rows, denoising, cache, step_mask, plan: _DecodingPlan):
@@ -949,7 +935,7 @@ class BardVLGenerationMixin:
         q_segments, q_blocks = torch.cat(segments, dim=1), torch.cat(blocks, dim=1)
         if has_commit or step_mask is None:  # the keys only change at a commit
             step_mask, k_segments, k_blocks = self._mask_after_cache(
-                q_segments, q_blocks, rows.key_segments, rows.key_blocks, plan
+                q_segments, q_blocks, rows.key_segments, rows.key_blocks
             )  # [m, 1, q, K + q]
         wanted = torch.cat(wanted, dim=1)  # [m, q]
         logits = self(
@@ -1106,6 +1092,37 @@ class BardVLGenerationMixin:
                 event.update(block=block_index - 1, block_start=(block_index - 1) * B, block_tokens=finished[r])
             trace[row].append(event)
 
+    # ------------------------------------------------------------------ 2.-4. one decoding iteration
+    # `generate` and the continuous-batching server (`transformers_bard.serving`) share these two steps; the server
+    # adds and removes rows between them.
+    def _decoding_step(self, rows: _Rows, cache, step_mask, forwards, input_ids, generated, plan: _DecodingPlan,
+                       logits_processor, generator, trace):
+        """Steps 2.-3.: one forward in which committing rows append their finished block (with their next block's
+        first step unless `fuse_commit=False`) and every other row takes a denoising step; then choose and unmask
+        tokens. Counts the forward in `forwards` ``[batch]``; returns the mask to reuse in the next forward."""
+        denoising = ~rows.committing if not plan.fuse_commit else torch.ones_like(rows.committing)
+        kind = ["commit" if c else "denoise" for c in rows.committing.tolist()] if trace is not None else None
+        logits, decide, step_mask = self._decoding_forward(rows, denoising, cache, step_mask, plan)
+        forwards[rows.index] += 1
+        self._take_step(rows, logits, decide, input_ids, generated, plan, logits_processor, generator, trace, kind)
+        return step_mask
+
+    def _end_finished_blocks(self, rows: _Rows, input_ids, generated, lengths, plan: _DecodingPlan,
+                             stopping_criteria, streamer):
+        """Step 4: rows whose block has no mask left keep its tokens (`_finish_blocks`), then stop or move on to their
+        next block (committed by their next forward). Returns which rows stop ``[m]``; the caller removes them."""
+        complete = (rows.block != plan.mask_token_id).all(-1)  # [m]
+        if not complete.any():
+            return torch.zeros_like(complete)
+        stop = self._finish_blocks(rows, complete, input_ids, generated, lengths, plan, stopping_criteria, streamer)
+        go_on = complete & ~stop
+        rows.committing = rows.committing | go_on
+        rows.finished = torch.where(go_on[:, None], rows.block, rows.finished)
+        rows.block = rows.block.masked_fill(go_on[:, None], plan.mask_token_id)
+        rows.block_index = rows.block_index + go_on.long()
+        rows.steps = rows.steps.masked_fill(go_on, 0)
+        return stop
+
     # ------------------------------------------------------------------ 4. finishing a block
     @staticmethod
     def _finish_blocks(rows: _Rows, complete, input_ids, generated, lengths, plan: _DecodingPlan, stopping_criteria,
@@ -1123,14 +1140,15 @@ class BardVLGenerationMixin:
         has_eos = is_eos.any(-1)
         first_eos = is_eos.int().argmax(-1)
         keep = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, B))
-        keep = torch.minimum(keep, plan.max_new_tokens - offset)  # [d]
+        limit = rows.max_new_tokens[done]  # [d]
+        keep = torch.minimum(keep, limit - offset)  # [d]
         columns = torch.arange(B, device=block.device)[None, :]
         fill = plan.pad_token_id if plan.pad_token_id is not None else 0
         generated[batch_rows[:, None], offset[:, None] + columns] = block.masked_fill(columns >= keep[:, None], fill)
         lengths[batch_rows] = offset + keep
         if streamer is not None:
             streamer.put(block[0, : int(keep[0])].cpu())
-        stop_done = has_eos | (offset + B >= plan.max_new_tokens)
+        stop_done = has_eos | (offset + B >= limit)
         if stopping_criteria:
             for index in rows.block_index[done].unique().tolist():
                 group = (rows.block_index[done] == index).nonzero().squeeze(-1)

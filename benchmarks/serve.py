@@ -1,0 +1,230 @@
+"""Load test of `transformers-bard serve` (continuous batching of block-diffusion decoding) against the AR source.
+
+Both models are served over the same OpenAI-compatible HTTP API on local ports, each in its own process:
+- "bard": `transformers-bard serve CHECKPOINT`, requests join the running batch and leave it when done;
+- "ar": `transformers-bard serve AR_SOURCE --autoregressive`, one `model.generate` at a time with a streamer. That is
+  how `transformers serve` itself serves a vision-language model (its continuous batching takes text-only LMs), and
+  `transformers serve` cannot load a stock Qwen3-VL here at all: its processor needs torchvision (README, Serving).
+
+For each number of concurrent clients (`--clients`, default 1 4 16) each client sends `--requests-per-client`
+streaming chat completions one after the other (greedy, `--max-tokens`), cycling through text and image prompts.
+The two servers are interleaved: every client count runs against both before the next, in an order that alternates.
+Reported per server and client count: completion tokens per second over the run's wall time, time to first token
+(first content chunk) and request latency (p50, p95).
+
+    python benchmarks/serve.py --quick
+    python benchmarks/serve.py --model demo_output/pbm/stage-b32 --clients 1 4 16 --requests-per-client 4
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = ["What is shown in the picture?", "Describe the image in one sentence.", "What color dominates?",
+             "Write a short sentence about the weather.", "Count from one to five."]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="BARD-VL checkpoint (default with --quick: a toy one).")
+    parser.add_argument("--ar-source", default=None,
+                        help="AR Qwen3-VL checkpoint (default: the checkpoint's `source_model`).")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per server process (default 1).")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="of the BARD server (default 16).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Toy checkpoints built offline, 1 request per client, 16 tokens: checks that it runs.")
+    parser.add_argument("--workdir", default=None, help="Where --quick builds its checkpoints (default: a temp dir).")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests_per_client, args.max_tokens = 1, 16
+    elif args.model is None:
+        parser.error("--model is required without --quick.")
+    if min(args.clients) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
+        parser.error("--clients, --requests-per-client and --max-tokens must be >= 1.")
+    return args
+
+
+def toy_checkpoints(workdir: Path) -> tuple[Path, Path]:
+    """A tiny random Qwen3-VL and its BARD-VL conversion (B = 4)."""
+    from transformers_bard import convert_from_autoregressive
+    from transformers_bard.testing import build_tiny_qwen3_vl
+
+    source = build_tiny_qwen3_vl(workdir / "ar")
+    return convert_from_autoregressive(source, workdir / "bard", block_size=4, overwrite=True), source
+
+
+def ar_source_of(checkpoint: str) -> str:
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    if not config.get("source_model"):
+        sys.exit(f"{checkpoint} records no `source_model`: pass --ar-source.")
+    return config["source_model"]
+
+
+def image_url(seed: int) -> str:
+    from transformers_bard.testing import make_image
+
+    buffer = io.BytesIO()
+    make_image(seed, (64, 64)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def messages_for(index: int) -> list[dict]:
+    """Every other request carries an image."""
+    question = QUESTIONS[index % len(QUESTIONS)]
+    if index % 2:
+        return [{"role": "user", "content": question}]
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(index)}},
+                                         {"type": "text", "text": question}]}]
+
+
+class Server:
+    """`transformers-bard serve` in a subprocess on a free port."""
+
+    def __init__(self, name: str, checkpoint: str, extra: list[str], threads: int):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.name, self.url = name, f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, "-m", "transformers_bard.cli", "serve", checkpoint, "--port", str(self.port),
+                   "--served-model-name", name, "--threads", str(threads), *extra]
+        self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                sys.exit(f"the {self.name} server exited:\n{self.process.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        sys.exit(f"the {self.name} server did not start within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def one_request(server: Server, index: int, max_tokens: int) -> dict:
+    """Stream one chat completion; returns its time to first token, latency and completion tokens."""
+    body = {"model": server.name, "messages": messages_for(index), "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=600) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{server.name}: HTTP {response.status_code}: {response.read()[:500]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{server.name}: {chunk['error']}")
+            if first is None and any(choice["delta"].get("content") for choice in chunk["choices"]):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return {"ttft": latency if first is None else first, "latency": latency, "tokens": tokens}
+
+
+def run_level(server: Server, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    results, errors = [], []
+
+    def client(c):
+        for r in range(requests_per_client):
+            try:
+                results.append(one_request(server, c * requests_per_client + r, max_tokens))
+            except Exception as error:  # noqa: BLE001 (reported after the run)
+                errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return {"wall": wall, "results": results}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def table(rows: list[dict]) -> list[str]:
+    header = ["server", "clients", "requests", "tokens/s", "TTFT p50 (s)", "latency p50 (s)", "latency p95 (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        results = row["results"]
+        tokens = sum(r["tokens"] for r in results)
+        cells = [row["server"], str(row["clients"]), str(len(results)), f"{tokens / row['wall']:.1f}",
+                 f"{statistics.median(r['ttft'] for r in results):.3f}",
+                 f"{statistics.median(r['latency'] for r in results):.3f}",
+                 f"{percentile([r['latency'] for r in results], 0.95):.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main():
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick and args.model is None:
+            bard_path, ar_path = toy_checkpoints(Path(args.workdir or tmp))
+        else:
+            bard_path, ar_path = Path(args.model), Path(args.ar_source or ar_source_of(args.model))
+        servers = [Server("bard", str(bard_path), ["--max-batch-size", str(args.max_batch_size)], args.threads),
+                   Server("ar", str(ar_path), ["--autoregressive"], args.threads)]
+        try:
+            for server in servers:
+                server.wait_ready()
+            for server in servers:  # warm-up: the first request pays for lazy initialisation
+                run_level(server, 1, 1, min(args.max_tokens, 8))
+            rows = []
+            for level, clients in enumerate(args.clients):
+                for server in servers if level % 2 == 0 else servers[::-1]:
+                    run = run_level(server, clients, args.requests_per_client, args.max_tokens)
+                    rows.append({"server": server.name, "clients": clients, **run})
+        finally:
+            for server in servers:
+                server.stop()
+    rows.sort(key=lambda row: (row["clients"], row["server"] != "bard"))
+    print(f"bard: {bard_path}\nar: {ar_path} (one generate at a time)")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+          f"{args.threads} torch thread(s) per server; python {platform.python_version()}")
+    print(f"{args.requests_per_client} streaming request(s) per client, max_tokens {args.max_tokens}, greedy; "
+          "tokens/s = completion tokens of all clients / wall time")
+    print("\n".join(table(rows)))
+
+
+if __name__ == "__main__":
+    main()
