@@ -12,15 +12,15 @@ Steps compared, forward + backward of one row with one image (the prompt holds t
 - ``SWD``: the same row for a B = 32 student and a frozen B = 4 teacher in the same process (teacher forward without
   gradients at the masked positions, top-16, then the student step and `swd_loss`).
 
-Depth. Real width, cut depth: every step is measured with 1 and with 2 text layers (the same weights, the second
-layer dropped), so one text layer costs the difference; the vision tower likewise at 1 and 2 blocks. The full-depth
-figures (28 text layers and 24 vision blocks at 2B) are *projections*: base + depth x per-layer, labelled as such. The
-per-part table gives what each costs: text layers (attention + MLP), vision blocks, and the rest (embedding, LM head
-and loss), plus collation (noise + packing of the row).
+Depth. Real width, cut depth: the model is built with 2 text layers and 2 vision blocks, and module hooks time the
+forward and backward of each (`PartClock`); the rest of a step (embedding, LM head, loss, the SWD teacher) is its
+total minus those. The full-depth figures (28 text layers and 24 vision blocks at 2B) are *projections*: rest +
+depth x per-layer, labelled as such. The per-part table gives what each costs, plus collation (noise + packing).
 
 Memory: the peak of live allocations during the step (`torch.profiler` memory events, replayed in time order;
-weights allocated before the step are not counted, weight gradients are), projected to full depth the same way.
-Time: medians of `--repeats` runs, the steps interleaved run by run in one process.
+weights allocated before the step are not counted, weight gradients are; on CUDA the allocator's peak), measured at
+1 and 2 text layers and 1 and 2 vision blocks (memory is deterministic, so a layer costs the difference) and
+projected to full depth. Time: medians of `--repeats` runs, the steps interleaved run by run in one process.
 
 Attention backends (second table): a forward of the packed row (no gradients: torch has no FlexAttention backward
 on CPU) with ``sdpa`` and the dense boolean mask against ``flex_attention`` and the block-sparse BlockMask, after a
@@ -235,9 +235,51 @@ def on_attention(attn: str, models, step):
     return run
 
 
-def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("sdpa",), device="cpu"):
-    """{(step, text layers, vision blocks): (median seconds, peak bytes)} for the depths (1, 1), (2, 1), (1, 2).
-    PBM and SWD run once per attention implementation in `attns` (FlexAttention trains on GPUs only)."""
+class PartClock:
+    """Wall time spent in the forward and backward of each text layer and vision block, from module hooks (forward
+    pre/post hooks, full-backward pre/post hooks); the rest of a step is its total minus these."""
+
+    def __init__(self, model):
+        self.text_layers = list(model.model.language_model._all_layers)
+        self.vision_blocks = list(model.model.visual._all_blocks)
+        self.seconds = {"text": 0.0, "vision": 0.0}
+        self._start = {}
+        self.handles = []
+        for kind, modules in (("text", self.text_layers), ("vision", self.vision_blocks)):
+            for module in modules:
+                self.handles += [
+                    module.register_forward_pre_hook(self._begin(module)),
+                    module.register_forward_hook(self._end(module, kind)),
+                    module.register_full_backward_pre_hook(self._begin(module)),
+                    module.register_full_backward_hook(self._end(module, kind)),
+                ]
+
+    def _begin(self, module):
+        def hook(*_args):
+            self._start[id(module)] = time.perf_counter()
+
+        return hook
+
+    def _end(self, module, kind):
+        def hook(*_args):
+            self.seconds[kind] += time.perf_counter() - self._start.pop(id(module))
+
+        return hook
+
+    def reset(self):
+        self.seconds = {"text": 0.0, "vision": 0.0}
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("sdpa",), device="cpu",
+                  trl_repeats: int | None = None):
+    """Per step: ``{"total", "text_layer", "vision_block", "rest"}`` median seconds (2 text layers and 2 vision blocks
+    run, each part timed by `PartClock`) and the peak bytes at the depths (1, 1), (2, 1), (1, 2) (memory is
+    deterministic, so a layer's and a block's memory are differences). PBM and SWD run once per attention
+    implementation in `attns` (FlexAttention trains on GPUs only)."""
     student, teacher, trl_model = models
     steps = {
         "AR SFT (TRL)": (trl_model, lambda: ar_step(trl_model, row, dtype, True)),
@@ -248,37 +290,46 @@ def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("s
         steps[f"PBM{suffix}"] = (student, on_attention(attn, [student], lambda: pbm_step(student, row, dtype)))
         steps[f"SWD{suffix}"] = (
             student, on_attention(attn, [student, teacher], lambda: swd_step(student, teacher, row, dtype)))
-    results = {}
+    peaks = {}
     for depth in ((1, 1), (2, 1), (1, 2)):
         for net in (student, teacher, trl_model):
             keep_layers(net, *depth)
-        times = {name: [] for name in steps}
-        for net, step in steps.values():  # warm-up (allocator, thread pools), not timed
+        for name, (net, step) in steps.items():  # also the warm-up of the allocator and the thread pools
             net.zero_grad(set_to_none=True)
-            step()
-        for _ in range(repeats):
-            for name, (net, step) in steps.items():
-                net.zero_grad(set_to_none=True)
-                times[name].append(timed(step))
+            peaks[(name, *depth)] = peak_memory(step, device) if with_memory else 0
+    for net in (student, teacher, trl_model):
+        keep_layers(net, 2, 2)
+        net.zero_grad(set_to_none=True)
+    clocks = {id(net): PartClock(net) for net in (student, trl_model)}  # the teacher runs unhooked (SWD's rest)
+    times = {name: [] for name in steps}
+    for index in range(max(repeats, trl_repeats or 0)):
         for name, (net, step) in steps.items():
+            if name == "AR SFT (TRL)" and trl_repeats is not None and index >= trl_repeats:
+                continue
+            clock = clocks[id(net)]
+            clock.reset()
             net.zero_grad(set_to_none=True)
-            peak = peak_memory(step, device) if with_memory else 0
-            results[(name, *depth)] = (statistics.median(times[name]), peak)
-        for net in (student, teacher, trl_model):
-            net.zero_grad(set_to_none=True)
+            total = timed(step)
+            times[name].append((total, clock.seconds["text"] / 2, clock.seconds["vision"] / 2))
+    for clock in clocks.values():
+        clock.remove()
+    results = {}
+    for name, runs in times.items():
+        total, layer, block = (statistics.median(run[i] for run in runs) for i in range(3))
+        m11, m21, m12 = (peaks[(name, *depth)] for depth in ((1, 1), (2, 1), (1, 2)))
+        results[name] = {"total_2_layers_2_blocks": total, "text_layer": layer, "vision_block": block,
+                         "rest": total - 2 * layer - 2 * block, "peak_1_1": m11, "layer_bytes": m21 - m11,
+                         "block_bytes": m12 - m11, "runs": len(runs)}
+    for net in (student, teacher, trl_model):
+        net.zero_grad(set_to_none=True)
     return results
 
 
-def project(results, name, text_depth, vision_depth):
-    """(seconds, bytes, per text layer, per vision block, rest) at full depth from the three cut depths."""
-    t11, m11 = results[(name, 1, 1)]
-    t21, m21 = results[(name, 2, 1)]
-    t12, m12 = results[(name, 1, 2)]
-    layer, block = t21 - t11, t12 - t11
-    rest = t11 - layer - block
-    seconds = rest + text_depth * layer + vision_depth * block
-    memory = m11 + (text_depth - 1) * (m21 - m11) + (vision_depth - 1) * (m12 - m11)
-    return seconds, memory, layer, block, rest
+def project(part, text_depth, vision_depth):
+    """(seconds, bytes) of a step at full depth from its parts (a projection)."""
+    seconds = part["rest"] + text_depth * part["text_layer"] + vision_depth * part["vision_block"]
+    memory = part["peak_1_1"] + (text_depth - 1) * part["layer_bytes"] + (vision_depth - 1) * part["block_bytes"]
+    return seconds, memory
 
 
 def attention_backends(size, P, R, image_side, dtype, repeats, layers, device="cpu"):
@@ -309,7 +360,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attn", nargs="+", default=["sdpa"], choices=["sdpa", "flex_attention"],
                         help="attention implementations for the PBM and SWD steps (flex trains on GPUs only)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trl-repeats", type=int, default=None,
+                        help="timed runs of the AR SFT (TRL) step (default --repeats; on CPU it is the slowest)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-backends", action="store_true", help="only the training-step table")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -317,6 +370,7 @@ def main(argv=None):
     cli = parser.parse_args(argv)
     if cli.quick:
         cli.size, cli.lengths, cli.image_side, cli.repeats, cli.dtype = "tiny", ["64:32"], 64, 1, "float32"
+        cli.trl_repeats = None
     if cli.threads:
         torch.set_num_threads(cli.threads)
     dtype = getattr(torch, cli.dtype)
@@ -347,32 +401,31 @@ def main(argv=None):
         row = make_row(student.config, P, R, cli.image_side, device=cli.device)
         collate_s = statistics.median(timed(functools.partial(collate, row)) for _ in range(3))
         results = measure_steps((student, teacher, trl_model), row, dtype, cli.repeats, with_memory=True,
-                                attns=cli.attn, device=cli.device)
-        projected = {name: project(results, name, text_depth, vision_depth)
-                     for name in dict.fromkeys(key[0] for key in results)}
+                                attns=cli.attn, device=cli.device, trl_repeats=cli.trl_repeats)
+        projected = {name: project(part, text_depth, vision_depth) for name, part in results.items()}
         ar_trl, ar_head = projected["AR SFT (TRL)"], projected["AR SFT (response head)"]
         print(f"### P:R = {P}:{R} (AR row {P + R} tokens, packed row {P + 2 * R}; "
               f"{int(row['noise'].corrupted.sum())} corrupted; collate {collate_s * 1e3:.1f} ms)\n")
-        print("| step | measured 1 layer s | projected full-depth s (projection) | peak GB (projection) "
+        print("| step | runs | measured s (2 layers, 2 blocks) | full depth s (projection) | peak GB (projection) "
               "| time / AR TRL | time / AR head | memory / AR TRL | memory / AR head |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, (seconds, memory) in projected.items():
+            part = results[name]
+            print(f"| {name} | {part['runs']} | {part['total_2_layers_2_blocks']:.1f} | {seconds:.1f} "
+                  f"| {memory / 2**30:.2f} | {seconds / ar_trl[0]:.2f} | {seconds / ar_head[0]:.2f} "
+                  f"| {memory / ar_trl[1]:.2f} | {memory / ar_head[1]:.2f} |")
+        print(f"\n| step | per text layer s | x {text_depth} s | per vision block s | x {vision_depth} s | rest "
+              "(embedding, LM head, loss; SWD: + teacher) s | text layer MB | vision block MB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name, (seconds, memory, *_parts) in projected.items():
-            print(f"| {name} | {results[(name, 1, 1)][0]:.2f} | {seconds:.1f} | {memory / 2**30:.2f} "
-                  f"| {seconds / ar_trl[0]:.2f} | {seconds / ar_head[0]:.2f} | {memory / ar_trl[1]:.2f} "
-                  f"| {memory / ar_head[1]:.2f} |")
-        print("\n| step | per text layer s | x depth s | per vision block s | x depth s | rest (embedding, LM head, "
-              "loss) s |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, (_seconds, _memory, layer, block, rest) in projected.items():
-            print(f"| {name} | {layer:.2f} | {layer * text_depth:.1f} | {block:.3f} | {block * vision_depth:.1f} "
-                  f"| {rest:.2f} |")
+        for name, part in results.items():
+            print(f"| {name} | {part['text_layer']:.2f} | {part['text_layer'] * text_depth:.1f} "
+                  f"| {part['vision_block']:.3f} | {part['vision_block'] * vision_depth:.1f} | {part['rest']:.2f} "
+                  f"| {part['layer_bytes'] / 2**20:.0f} | {part['block_bytes'] / 2**20:.0f} |")
         print()
         record["lengths"][spec] = {
             "collate_s": collate_s,
-            "measured": {f"{k[0]} @ {k[1]} text / {k[2]} vision": {"s": v[0], "peak_bytes": v[1]}
-                         for k, v in results.items()},
-            "projected": {name: dict(zip(("s", "peak_bytes", "per_layer_s", "per_vision_block_s", "rest_s"), v))
-                          for name, v in projected.items()},
+            "parts": results,
+            "projected": {name: {"s": v[0], "peak_bytes": v[1]} for name, v in projected.items()},
         }
     del student, teacher, trl_model
 

@@ -411,6 +411,60 @@ def test_eos_fill_fills_after_the_first_eos_and_ends_the_block(monkeypatch):
     assert generated(unfilled, 5) == [5, 6, EOS] and unfilled.num_forwards.tolist() == [7]
 
 
+def reference_eos_tail(block, proposals, mask, eos_ids):
+    """`eos_tail_fill` by loops: from the end of the block, while the position is EOS (decided, or proposed where
+    undecided), fill it with its proposal."""
+    block = list(block)
+    for j in reversed(range(len(block))):
+        token = proposals[j] if block[j] == mask else block[j]
+        if token not in eos_ids:
+            break
+        block[j] = token
+    return block
+
+
+def test_eos_tail_fill_matches_loops():
+    """The tail rule on hand-made blocks against `reference_eos_tail`: a tail of proposed EOS is filled; a decided
+    non-EOS or a proposed non-EOS stops it; a row that does not step is left alone."""
+    from transformers_bard.models.bard_vl.generation_bard_vl import BardVLGenerationMixin
+
+    M, E, F = 500, 9, 10  # mask, EOS, a second EOS id
+    blocks = torch.tensor([[M, M, M, M, M, M], [3, M, E, M, M, M], [M, M, 4, M, M, M], [M, M, M, M, M, M],
+                           [M, M, M, M, M, 7], [M, M, M, M, M, M]])
+    proposals = torch.tensor([[5, E, E, E, E, E], [3, E, E, F, E, E], [E, E, 4, E, E, E], [E, E, E, E, E, E],
+                              [E, E, E, E, E, 7], [E, E, 6, E, E, E]])
+    stepping = torch.tensor([True, True, True, True, True, False])
+    plan = type("Plan", (), {"mask_token_id": M, "eos_token_ids": torch.tensor([E, F])})()
+    got, filled = BardVLGenerationMixin._fill_predicted_eos_tail(blocks, proposals, stepping, plan)
+    for row in range(len(blocks)):
+        want = blocks[row].tolist() if not stepping[row] else reference_eos_tail(
+            blocks[row].tolist(), proposals[row].tolist(), M, (E, F))
+        assert got[row].tolist() == want, row
+        assert filled[row].tolist() == [a != b for a, b in zip(blocks[row].tolist(), want)], row
+    assert got[0].tolist() == [M, E, E, E, E, E] and got[3].tolist() == [E] * 6 and got[4].tolist() == blocks[4].tolist()
+
+
+def test_eos_tail_fill_ends_a_short_answer_in_one_step(monkeypatch):
+    """B = 8, one token per step (tau = 1), the far padding the most confident: plain EOS fill commits position 7
+    first (nothing after it to fill) and needs 7 forwards after the prompt's; with `eos_tail_fill` the proposed EOS
+    tail 2..7 is filled in the prefill step, and positions 0 and 1 take one step each."""
+    model = make_model(8, scale=1.0)
+    vocab = model.config.text_config.vocab_size
+    EOS = 9
+    step = scripted_logits([(5, 0.5), (6, 0.4)] + [(EOS, 0.3 + 0.1 * j) for j in range(6)], vocab)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True)
+    asked = scripted_forward(model, monkeypatch, [step] * 8, 8)
+    plain = model.generate(ids, **options)
+    assert generated(plain, 5) == [5, 6, EOS] and plain.num_forwards.tolist() == [7]
+    asked.clear()
+    tail = model.generate(ids, eos_tail_fill=True, output_trace=True, **options)
+    assert generated(tail, 5) == [5, 6, EOS] and tail.num_forwards.tolist() == [2]
+    assert asked == [list(range(8)), [0, 1], [1]]
+    assert tail.trace[0][0]["eos_filled"] == [2, 3, 4, 5, 6]  # 7 was unmasked by the step itself
+    assert replay_trace(tail.trace[0], 8)[:3] == [5, 6, EOS]
+
+
 # ---------------------------------------------------------------------------------------------- trace
 def replay_trace(events, block_size):
     """Rebuild a row's blocks from its trace events (unmasked, then revised, then eos_filled); checks each event's

@@ -56,6 +56,7 @@ BARD_FIELDS = (
     "edit_threshold",
     "fuse_commit",
     "eos_fill",
+    "eos_tail_fill",
     "prefill_step",
     "output_trace",
 )
@@ -175,6 +176,13 @@ class BardVLGenerationConfig(GenerationConfig):
         way the tokens are the ones of `eos_fill=False` (the filled positions are what the model would decode
         there); on a model that was not, the earlier positions may come out differently. No effect without
         `eos_token_id`.
+    eos_tail_fill (`bool`, defaults to `False`):
+        Also act on *predicted* EOS (DESIGN 4, step 4): when the model's current choice at every undecided position
+        from some position j to the end of the block is an EOS (decided positions there already being EOS), those
+        positions become EOS at once, however confident. A trained model is most sure of the far EOS padding, so at
+        `threshold=1.0` plain EOS fill commits the last position first and saves little; this rule ends a short
+        answer's padding in one step. Not exact: it changes the output where a later forward would have decoded a
+        token there. See the README ("Short answers at tau 1.0") for the measurement behind its default.
     prefill_step (`bool`, defaults to `True`):
         Take the first denoising step of block 0 inside the prompt's forward (DESIGN 4.4): the B mask tokens are
         appended to the prompt, their logits taken and their keys/values cropped again. Exact (prompt queries never
@@ -202,6 +210,7 @@ class BardVLGenerationConfig(GenerationConfig):
         self.edit_threshold = kwargs.pop("edit_threshold", None)
         self.fuse_commit = kwargs.pop("fuse_commit", True)
         self.eos_fill = kwargs.pop("eos_fill", True)
+        self.eos_tail_fill = kwargs.pop("eos_tail_fill", False)
         self.prefill_step = kwargs.pop("prefill_step", True)
         self.output_trace = kwargs.pop("output_trace", False)
         kwargs.setdefault("temperature", 0.0)
@@ -233,7 +242,7 @@ class BardVLGenerationConfig(GenerationConfig):
             not _is_number(self.edit_threshold) or not 0.0 < self.edit_threshold <= 1.0
         ):
             raise ValueError(f"`edit_threshold` must be in (0, 1] or None (no revision), got {self.edit_threshold!r}.")
-        for field in ("fuse_commit", "eos_fill", "prefill_step", "output_trace"):
+        for field in ("fuse_commit", "eos_fill", "eos_tail_fill", "prefill_step", "output_trace"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"`{field}` must be True or False, got {getattr(self, field)!r}.")
         self._validate_sampling()
@@ -437,8 +446,9 @@ class BardVLGenerationOutput(ModelOutput):
             the committed block), `step` (denoising step within `block`, 0-based; -1 when the forward took no
             step), `block_start` (offset of the block in the generated tokens), `unmasked` (`[[position, token,
             confidence], ...]`, positions 0..B-1 of the block), `revised` (`[[position, old, new, confidence],
-            ...]`), `eos_filled` (positions set to the EOS at the block's first EOS by EOS fill) and `block_tokens`
-            (the block after the forward, `mask_token_id` where still masked). Replaying `unmasked`, then
+            ...]`), `eos_filled` (positions set to EOS by EOS fill: after the block's first EOS, or a predicted EOS
+            tail with `eos_tail_fill`) and `block_tokens` (the block after the forward, `mask_token_id` where still
+            masked). Replaying `unmasked`, then
             `revised`, then `eos_filled` block by block rebuilds the generated tokens.
     """
 
@@ -467,6 +477,7 @@ class _DecodingPlan:
     warpers: LogitsProcessorList  # temperature / top-k / top-p, empty when greedy
     fuse_commit: bool
     eos_fill: bool
+    eos_tail_fill: bool
     prefill_step: bool
     output_trace: bool
     prediction_shift: bool  # DESIGN 4.1: the hidden state at i predicts token i + 1
@@ -780,6 +791,7 @@ class BardVLGenerationMixin:
             warpers=warpers,
             fuse_commit=config.fuse_commit,
             eos_fill=config.eos_fill,
+            eos_tail_fill=config.eos_tail_fill,
             prefill_step=config.prefill_step,
             output_trace=config.output_trace,
             prediction_shift=self.config.prediction_shift,
@@ -994,8 +1006,11 @@ class BardVLGenerationMixin:
             )
             chosen = self._unmask_tokens(before, tokens, confidence, stepping, plan.tokens_at_step(rows.steps), plan)
             rows.block = chosen
+            if plan.eos_tail_fill and plan.eos_token_ids is not None:
+                rows.block, filled = self._fill_predicted_eos_tail(chosen, tokens, stepping, plan)
             if plan.eos_fill and plan.eos_token_ids is not None:
-                rows.block, filled = self._fill_after_eos(chosen, plan)
+                rows.block, filled_after = self._fill_after_eos(rows.block, plan)
+                filled = filled_after if filled is None else filled | filled_after
         if trace is not None:
             self._record_trace(trace, rows, kind, stepping, before, chosen, filled, confidence if chosen is not None
                                else None, plan)
@@ -1054,6 +1069,18 @@ class BardVLGenerationMixin:
             revise = ~masked & (tokens != block) & (confidence > plan.edit_threshold)
             updated = torch.where(revise, tokens, updated)
         return torch.where(stepping[:, None], updated, block)
+
+    @staticmethod
+    def _fill_predicted_eos_tail(block, proposals, stepping, plan: _DecodingPlan):
+        """`eos_tail_fill`: in each stepping row, the longest tail of the block in which every position is EOS,
+        decided or proposed (`proposals` ``[m, B]``: this step's choice at the decided positions, the block
+        elsewhere), becomes EOS at its undecided positions. Returns the block and the positions that changed."""
+        masked = block == plan.mask_token_id  # [m, B]
+        current = torch.where(masked, proposals, block)
+        is_eos = torch.isin(current, plan.eos_token_ids) & (current != plan.mask_token_id)  # [m, B]
+        tail = is_eos.flip(-1).int().cumprod(-1).flip(-1).bool()  # [m, B]: position j and all after it are EOS
+        fill = tail & masked & stepping[:, None]
+        return torch.where(fill, proposals, block), fill
 
     @staticmethod
     def _fill_after_eos(block, plan: _DecodingPlan):
