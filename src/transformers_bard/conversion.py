@@ -20,7 +20,9 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save
 
+from .checkpoint_files import check_safetensors_files
 from .models.bard_vl.configuration_bard_vl import (
+    MASK_TOKEN,
     PROMPT_ATTENTION_CHOICES,
     QWEN_VOCAB_SIZE,
     UPSTREAM_MASK_TOKEN_ID,
@@ -30,7 +32,6 @@ from .models.bard_vl.modeling_bard_vl import BardVLForConditionalGeneration, mod
 
 logger = logging.getLogger(__name__)
 
-MASK_TOKEN = "<|mask|>"
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "bard_vl")
 # Files carried over unchanged from the source when present (tokenizer, processor, chat template).
 CARRIED_FILES = (
@@ -94,11 +95,14 @@ def _check_arguments(
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"`source` has model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES} (a Qwen3-VL checkpoint)."
+            f"`source` has model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES} (a Qwen3-VL checkpoint). "
+            "Only Qwen3-VL checkpoints (e.g. Qwen/Qwen3-VL-4B-Instruct) can be converted."
         )
     weights = list(source_dir.glob("*.safetensors"))
     if not weights:
         raise ValueError(f"`source`={str(source_dir)!r} has no .safetensors weights; convert .bin weights first.")
+    # the shards are copied without being read: check their headers now, so a damaged source writes nothing
+    check_safetensors_files(source_dir, "source")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         if not overwrite:
             raise FileExistsError(
@@ -116,8 +120,15 @@ def _existing_mask_token_id(source_config: dict, vocab_rows: int) -> int | None:
     an autoregressive source."""
     if source_config.get("model_type") != "bard_vl":
         return None
-    if source_config.get("mask_token_id") is not None:
-        return source_config["mask_token_id"]
+    mask_id = source_config.get("mask_token_id")
+    if mask_id is not None:
+        if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < vocab_rows:
+            raise ValueError(
+                f"`source` config.json has mask_token_id={mask_id!r}, which is not a row of its embedding "
+                f"(vocab_size={vocab_rows}). Fix `mask_token_id` in config.json to the id of `<|mask|>` in its "
+                "tokenizer, or convert the autoregressive checkpoint it came from."
+            )
+        return mask_id
     return UPSTREAM_MASK_TOKEN_ID if vocab_rows >= QWEN_VOCAB_SIZE else None
 
 

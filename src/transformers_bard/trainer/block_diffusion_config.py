@@ -50,6 +50,12 @@ class BlockDiffusionConfig(SFTConfig):
         vision_learning_rate (`float`, *optional*, defaults to `2e-6`):
             Peak learning rate of the vision tower, except its mergers (the merger and the DeepStack mergers), which
             train with `learning_rate` like the language model and the LM head.
+        on_nonfinite (`str`, *optional*, defaults to `"stop"`):
+            What an optimizer step with a non-finite (NaN or infinite) loss or gradient norm does. `"stop"` raises a
+            `NonFiniteTrainingError` naming the step, the stage and the last checkpoint to resume from; `"skip"` drops
+            the step's gradients, so the weights and the optimizer state stay as they were, and trains on (the step
+            still counts, and the learning-rate schedule advances). Checkpoints with non-finite weights are never
+            written, whatever the setting.
 
         > Noise (DESIGN 3.3)
 
@@ -115,6 +121,15 @@ class BlockDiffusionConfig(SFTConfig):
         metadata={
             "help": "Peak learning rate of the vision tower except its mergers (paper: 2e-6); the language model, "
             "LM head and vision mergers use `learning_rate` (paper: 2e-5)."
+        },
+    )
+
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "Optimizer step with a NaN/inf loss or gradient norm: 'stop' raises (naming the step and the last "
+            "checkpoint), 'skip' drops its gradients and trains on.",
+            "choices": ["stop", "skip"],
         },
     )
 
@@ -197,6 +212,11 @@ class BlockDiffusionConfig(SFTConfig):
         if not _is_number(self.vision_learning_rate) or self.vision_learning_rate < 0:
             raise ValueError(
                 f"`vision_learning_rate` must be a number >= 0, got {self.vision_learning_rate!r} (paper: 2e-6)."
+            )
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(
+                f"`on_nonfinite` must be 'stop' or 'skip', got {self.on_nonfinite!r}. 'stop' (the default) raises at "
+                "the first non-finite loss or gradient; 'skip' drops that step's update and trains on."
             )
         if self.noise_seed is not None and not _is_int(self.noise_seed):
             raise ValueError(f"`noise_seed` must be None or an integer, got {self.noise_seed!r}.")

@@ -7,8 +7,10 @@ on this class. It owns:
   kept in step with the trainer by `NoiseScheduleCallback` (noise seed = epoch, curriculum = stage progress);
 - the optimiser groups (the vision tower at `vision_learning_rate`, DESIGN 3.5) and the per-stage warmup + schedule;
 - the stage loop: one `train()` runs every block size of `block_sizes` with a fresh optimizer and schedule, and
-  writes a complete ``stage-b{B}`` folder after each (`stages.py`: layout, mid-stage state files through
-  `StageStateCallback`, resume point, merged LoRA weights);
+  writes a complete ``stage-b{B}`` folder after each (`stages.py`: layout, the ``bard_stage.json`` written last into
+  every mid-stage checkpoint, resume point, merged LoRA weights);
+- numerical faults: a step with a non-finite loss or gradient norm stops the run or is skipped (`on_nonfinite`,
+  `NonFiniteStepCallback`), and no checkpoint with non-finite weights is ever written (`_refuse_nonfinite_weights`);
 - the per-step normalisation: `_get_num_items_in_batch` sums `num_loss_items` (the subclass's unit: samples for PBM,
   masked tokens for SWD) over the micro-batches and ranks of an optimizer step.
 
@@ -30,15 +32,16 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForImageTextToText, PreTrainedModel, TrainerCallback
 from transformers.optimization import get_scheduler
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from ..checkpoint_files import check_model_type, check_safetensors_files
 from ..models.bard_vl.processing_bard_vl import BardVLProcessor
 from .block_diffusion_config import BlockDiffusionConfig
 from .collator import BlockDiffusionCollator, add_sample_index
 from .stages import (
-    StageStateCallback,
+    last_complete_checkpoint,
     merged_lora_state_dict,
     publish_stage,
     resume_point,
@@ -51,8 +54,28 @@ from .stages import (
 logger = logging.getLogger(__name__)
 
 
-def load_pretrained_model(model_id: str | os.PathLike, init_kwargs: dict | None, args) -> PreTrainedModel:
-    """`AutoModelForImageTextToText` from a path or Hub id, placed as the distributed setting needs (as SFTTrainer)."""
+# What the trainers load: BARD-VL checkpoints, and Qwen3-VL ones (an autoregressive teacher; a student or a
+# `BlockMergeTrainer` model that is one is then refused for its missing mask token, with the conversion to run).
+LOADABLE_MODEL_TYPES = ("bard_vl", "qwen3_vl")
+
+
+def load_pretrained_model(
+    model_id: str | os.PathLike, init_kwargs: dict | None, args, argument: str = "model"
+) -> PreTrainedModel:
+    """`AutoModelForImageTextToText` from a path or Hub id, placed as the distributed setting needs (as SFTTrainer).
+
+    A local folder is checked first (`argument` names it in the errors): its architecture, and every safetensors
+    file's header (a truncated or corrupted shard is refused before anything is built or written).
+    """
+    if os.path.isdir(model_id):
+        check_model_type(
+            model_id,
+            argument,
+            LOADABLE_MODEL_TYPES,
+            "The BARD trainers train BARD-VL checkpoints: convert a Qwen3-VL checkpoint first with "
+            "`transformers-bard convert SOURCE OUTPUT` (an autoregressive teacher may be Qwen3-VL itself).",
+        )
+        check_safetensors_files(model_id, argument)
     init_kwargs = dict(init_kwargs or {})
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         init_kwargs["device_map"] = None  # distributed training places the model itself ("auto" fails)
@@ -87,6 +110,25 @@ class NoiseScheduleCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.collator.progress = min(1.0, state.global_step / max(state.max_steps, 1))
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """A training step met a non-finite loss or gradient norm (`on_nonfinite="stop"`), or a checkpoint to be written
+    holds non-finite weights. The message names the step, the stage and the last checkpoint to resume from."""
+
+
+class NonFiniteStepCallback(TrainerCallback):
+    """Checks every optimizer step before the optimizer applies it (`BlockDiffusionTrainer.check_step_is_finite`).
+
+    `on_pre_optimizer_step` runs after the gradients of the whole step are accumulated (and clipped, with the norm
+    computed), right before `optimizer.step()`: the last point where a bad update can still be refused.
+    """
+
+    def __init__(self, trainer: BlockDiffusionTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.check_step_is_finite()
 
 
 class BlockDiffusionTrainer(SFTTrainer):
@@ -189,8 +231,13 @@ class BlockDiffusionTrainer(SFTTrainer):
                 max_length=args.max_length,
                 seed=args.seed if args.noise_seed is None else args.noise_seed,
             )
+        first_row = next(iter(train_dataset), None)
+        if first_row is None:
+            raise ValueError(
+                "`train_dataset` is empty: there is nothing to train on. Pass a chat dataset with at least one row."
+            )
         if isinstance(data_collator, BlockDiffusionCollator):
-            problem = data_collator.example_problem(next(iter(train_dataset)))
+            problem = data_collator.example_problem(first_row)
             if problem is not None:
                 raise ValueError(
                     f"`train_dataset` cannot be trained on: its first row {problem}. The dataset must hold chats "
@@ -212,8 +259,11 @@ class BlockDiffusionTrainer(SFTTrainer):
         self.block_sizes = list(block_sizes)
         self.stage = 0
         self.stage_log_history: dict[int, list[dict]] = {}
-        self._stage_callback = StageStateCallback(self.block_sizes)
-        self.add_callback(self._stage_callback)
+        self.run_dir = args.output_dir  # the stage layout's root (`args.output_dir` moves into each stage)
+        self.nonfinite_steps_skipped: list[tuple[int, int]] = []  # (block size, global step) under "skip"
+        self._step_loss_finite: torch.Tensor | None = None  # all micro-batch losses of the current step finite
+        self._step_grad_norm = None
+        self.add_callback(NonFiniteStepCallback(self))
         if isinstance(self.data_collator, BlockDiffusionCollator):
             self.add_callback(NoiseScheduleCallback(self.data_collator))
 
@@ -233,12 +283,129 @@ class BlockDiffusionTrainer(SFTTrainer):
                     "`fsdp_activation_checkpointing: false` in the accelerate config."
                 )
 
+    # ------------------------------------------------------------------ numerical faults
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Transformers' step, noting whether the micro-batch loss is finite (read before the optimizer step)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).all()  # a device tensor: no synchronisation per micro-batch
+        self._step_loss_finite = finite if self._step_loss_finite is None else self._step_loss_finite & finite
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Transformers' gradient norm of the step (before clipping; over all ranks), kept for `check_step_is_finite`."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._step_grad_norm = grad_norm
+        return grad_norm
+
+    def check_step_is_finite(self) -> None:
+        """Before `optimizer.step()`: stop the run or drop the step's gradients if its loss or gradient norm is not
+        finite (`on_nonfinite`). Every rank takes the same decision (the flags are reduced over ranks)."""
+        loss_finite, grad_norm = self._step_loss_finite, self._step_grad_norm
+        self._step_loss_finite = self._step_grad_norm = None
+        device = self.accelerator.device
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        # None: not computed on this step (no micro-batch, or a backend without a norm): nothing to check
+        loss_flag = torch.ones((), device=device) if loss_finite is None else loss_finite.to(device).float()
+        grad_flag = torch.ones((), device=device)
+        if grad_norm is not None:
+            grad_flag = torch.isfinite(torch.as_tensor(grad_norm, device=device)).all().float()
+        flags = torch.stack([loss_flag, grad_flag])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(flags[None]).amin(0)
+        loss_ok, grad_ok = (bool(flag) for flag in flags.tolist())
+        if loss_ok and grad_ok:
+            return
+        step, block_size = self.state.global_step + 1, self.block_sizes[self.stage]
+        what = "loss" if not loss_ok else f"gradient norm ({float(grad_norm)}, with a finite loss)"
+        where = f"global step {step} of stage {self.stage} (block size {block_size})"
+        if self.args.on_nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves weights and moments untouched
+            self.nonfinite_steps_skipped.append((block_size, step))
+            logger.warning("Non-finite %s at %s: step skipped (on_nonfinite='skip').", what, where)
+            return
+        raise NonFiniteTrainingError(
+            f"Non-finite {what} at {where}: training stopped before applying it (on_nonfinite='stop'). "
+            f"{self._last_good_checkpoint_text()} Lower `learning_rate`, check the data of that step, or set "
+            "`on_nonfinite='skip'` to drop such steps and train on."
+        )
+
+    def _last_good_checkpoint_text(self) -> str:
+        """Where a stopped run can resume from: the last complete checkpoint of this stage, else the last finished
+        stage folder, else none (every checkpoint written holds finite weights: see `_refuse_nonfinite_weights`)."""
+        folder = last_complete_checkpoint(self.args.output_dir)
+        if folder is None:
+            for block_size in reversed(self.block_sizes[: self.stage]):
+                candidate = os.path.join(self.run_dir, stage_dir_name(block_size))
+                if os.path.isdir(candidate):
+                    folder = candidate
+                    break
+        if folder is None:
+            return (
+                f"No checkpoint of this run was written before it (nothing under {self.run_dir!r}): restart from the "
+                "model you started from."
+            )
+        return f"Last good checkpoint: {folder!r} (resume with `resume_from_checkpoint=True`)."
+
+    def _refuse_nonfinite_weights(self, output_dir: str) -> None:
+        """Raise before anything is written to `output_dir` if a weight is NaN or infinite (checked on every rank's
+        own shards, then reduced, so every rank raises together)."""
+        bad = None
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor shard under FSDP2
+            if not torch.isfinite(local).all():
+                bad = name
+                break
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.gather(flag).amax()
+        if bool(flag.item()):
+            raise NonFiniteTrainingError(
+                f"Refusing to write {output_dir!r}: the weights hold non-finite values"
+                f"{f' (first: {bad})' if bad else ' (on another rank)'} at global step {self.state.global_step} of "
+                f"stage {self.stage} (block size {self.block_sizes[self.stage]}). "
+                f"{self._last_good_checkpoint_text()} Lower `learning_rate` and resume from there."
+            )
+
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self, model, trial) -> None:
+        """Transformers' checkpoint, made safe to kill: ``bard_stage.json`` is written last, once every rank is done.
+
+        Transformers writes ``checkpoint-{step}`` in place, file by file: a process killed while saving leaves a
+        half-written folder under the name resuming picks. Here a folder counts as a checkpoint only once it holds
+        ``bard_stage.json`` (`stages.last_complete_checkpoint`): a stale folder of the same step (an earlier, killed
+        run) is removed first so that its marker cannot vouch for the new files, and older checkpoints are rotated
+        out (`save_total_limit`) only after the new one is complete.
+        """
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._refuse_nonfinite_weights(folder)
+        if self.args.should_save and os.path.isdir(folder):
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (optimizer shards, RNG states) are written
+        if self.args.should_save:
+            write_stage_state(folder, stage_state(self.block_sizes, self.stage, self.state.global_step, complete=False))
+            rotate_checkpoints(
+                output_dir=self.args.output_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Transformers' `save_model`; for FSDP2 on CPU processes, the full state dict is copied before it is written.
+        """Transformers' `save_model`, refused for non-finite weights; for FSDP2 on CPU processes, the full state dict
+        is copied before it is written.
 
         accelerate gathers it with `cpu_offload=True`, a no-op copy on CPU: the gathered tensors then alias buffers
         that FSDP frees again, and safetensors finds invalid storages.
         """
+        if not _internal_call:  # `_save_checkpoint` checked already
+            self._refuse_nonfinite_weights(output_dir if output_dir is not None else self.args.output_dir)
         if not (self.is_fsdp_enabled and self.accelerator.device.type == "cpu"):
             return super().save_model(output_dir, _internal_call=_internal_call)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -459,7 +626,7 @@ class BlockDiffusionTrainer(SFTTrainer):
     # ------------------------------------------------------------------ the stage loop
     def _begin_stage(self, stage: int, root: str) -> None:
         block_size = self.block_sizes[stage]
-        self.stage = self._stage_callback.stage = stage
+        self.stage = stage
         self._base_model.config.block_size = block_size  # the model builds its mask with it (and saves it)
         if hasattr(self.data_collator, "block_size"):
             self.data_collator.block_size = block_size
@@ -475,7 +642,7 @@ class BlockDiffusionTrainer(SFTTrainer):
 
         Returns the last stage's `TrainOutput` (per-stage histories are in `stage_log_history`).
         """
-        root = self.args.output_dir
+        root = self.run_dir = self.args.output_dir
         start, checkpoint, weights_from = resume_point(root, self.block_sizes, resume_from_checkpoint)
         if start >= len(self.block_sizes):
             logger.warning("Every stage of block_sizes=%s is already complete in %s.", self.block_sizes, root)
@@ -584,4 +751,13 @@ def enable_cpu_fsdp2(accelerator) -> bool:
     return True
 
 
-__all__ = ["BlockDiffusionTrainer", "enable_cpu_fsdp2", "unsharded_class", "NoiseScheduleCallback", "is_vision_tower_parameter", "load_pretrained_model"]
+__all__ = [
+    "BlockDiffusionTrainer",
+    "NoiseScheduleCallback",
+    "NonFiniteStepCallback",
+    "NonFiniteTrainingError",
+    "enable_cpu_fsdp2",
+    "is_vision_tower_parameter",
+    "load_pretrained_model",
+    "unsharded_class",
+]

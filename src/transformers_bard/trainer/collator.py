@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl.data_utils import prepare_multimodal_messages
 
+from ..models.bard_vl.configuration_bard_vl import MASK_TOKEN
 from ..models.bard_vl.masking_bard_vl import packed_segment_ids
 from ..models.bard_vl.processing_bard_vl import assistant_tokens_mask
 from ..noise import MixedNoiseScheduler
@@ -48,6 +50,29 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 # keys of a collated batch that feed the loss, not the model
 LOSS_KEYS = ("labels", "rates", "is_eos_padding", "response_lengths", "sample_ids")
+
+
+def _readable_image(image, position: int):
+    """`image` as the processor takes it, or a `BadExampleError` naming it: a PIL image or an array passes, a path,
+    URL or base64 string is opened (and decoded, so a damaged file fails here), anything else is refused."""
+    import numpy as np
+    import PIL.Image
+    from transformers.image_utils import load_image
+
+    if isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return load_image(str(image))
+        except Exception as error:  # missing file, not an image, damaged image: all "cannot be read"
+            raise BadExampleError(
+                f"its image {position} ({str(image)[:200]!r}) cannot be read as an image ({type(error).__name__}: "
+                f"{str(error)[:200]}); give an image file path, URL or PIL image"
+            ) from error
+    raise BadExampleError(
+        f"its image {position} is a {type(image).__name__}, not an image; give PIL images, image file paths or URLs "
+        "(a `datasets` column: cast it with `dataset.cast_column('images', Sequence(Image()))`)"
+    )
 
 
 def sample_noise_seed(seed: int, sample_index: int, epoch: int, block_size: int) -> int:
@@ -162,6 +187,16 @@ class BlockDiffusionCollator:
                 f"`mask_token_id` must be a non-negative integer, got {mask_token_id!r}. Use the model's "
                 "`config.mask_token_id` (a BARD checkpoint made by `convert_from_autoregressive` has one)."
             )
+        # an id with a string in the tokenizer must be the mask token: any other token also occurs in real text, so
+        # noised positions and that token would look the same. (An upstream checkpoint's 151671 has no string.)
+        mask_string = tokenizer.convert_ids_to_tokens(mask_token_id) if mask_token_id < len(tokenizer) else None
+        if mask_string is not None and mask_string not in (MASK_TOKEN, getattr(tokenizer, "mask_token", None)):
+            raise ValueError(
+                f"`mask_token_id`={mask_token_id} is the token {mask_string!r} in this tokenizer, not the mask token "
+                f"{MASK_TOKEN!r}: masked positions would read as {mask_string!r}. The checkpoint's config.json and "
+                f"tokenizer disagree: set `mask_token_id` to the id of {MASK_TOKEN!r} in the tokenizer, or convert the "
+                "autoregressive checkpoint again (`transformers-bard convert`), which adds the token and the id."
+            )
         if max_length is not None and (
             isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
         ):
@@ -241,6 +276,10 @@ class BlockDiffusionCollator:
             raise BadExampleError(
                 f"it has no `{self.messages_key}` column (columns: {sorted(example)}); the collator needs chat rows"
             )
+        if not isinstance(example[self.messages_key], (list, tuple)) or not example[self.messages_key]:
+            raise BadExampleError(
+                f"its `{self.messages_key}` is empty or not a list of messages (got {example[self.messages_key]!r})"
+            )
         messages = []
         for message in example[self.messages_key]:
             content = message.get("content")
@@ -269,6 +308,7 @@ class BlockDiffusionCollator:
             for part in message["content"]
             if part.get("type") == "image" and part.get("image") is not None
         ]
+        images = [_readable_image(image, position) for position, image in enumerate(images)]
         text = self.processor.apply_chat_template(messages, tokenize=False)
         if self.video_token in text:
             raise BadExampleError("it holds a video; BARD training here supports text and images only")

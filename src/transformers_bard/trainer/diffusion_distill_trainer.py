@@ -252,7 +252,7 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
                 "B=4 anchor (`stage-b4` of BlockMergeTrainer)."
             )
         if isinstance(source, (str, os.PathLike)):
-            return load_pretrained_model(source, args.teacher_model_init_kwargs, args)
+            return load_pretrained_model(source, args.teacher_model_init_kwargs, args, argument="teacher_model")
         if args.teacher_model_init_kwargs is not None:
             raise ValueError(
                 f"`teacher_model_init_kwargs`={args.teacher_model_init_kwargs} was set but the teacher is already "

@@ -3,7 +3,9 @@
 A run over `block_sizes` writes, under `output_dir`:
 
 - ``checkpoints-b{B}/checkpoint-{step}``: the Trainer's mid-stage checkpoints of the stage at block size B (steps
-  count within the stage), each with a ``bard_stage.json`` naming the stage (`StageStateCallback`);
+  count within the stage). The trainer writes ``bard_stage.json`` (naming the stage) into each one last, once every
+  process has written its files: a checkpoint folder without it is incomplete (a process killed while saving) and is
+  never resumed from (`last_complete_checkpoint`);
 - ``stage-b{B}``: the finished stage, a complete `save_pretrained` folder (model, processor, noise scheduler,
   ``trainer_state.json``, ``bard_stage.json`` marked complete), written to a temporary folder and renamed, so it
   exists only when complete (`publish_stage`).
@@ -15,12 +17,15 @@ A run over `block_sizes` writes, under `output_dir`:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
 
 STAGE_STATE_NAME = "bard_stage.json"
 
@@ -47,26 +52,37 @@ def stage_state(block_sizes: list[int], stage: int, global_step: int, complete: 
 
 
 def write_stage_state(folder: str | os.PathLike, state: dict) -> None:
-    with open(os.path.join(folder, STAGE_STATE_NAME), "w", encoding="utf-8") as handle:
+    """Write ``bard_stage.json`` into `folder` atomically (temporary file, then rename): it marks the folder complete."""
+    path = os.path.join(folder, STAGE_STATE_NAME)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
         json.dump(state, handle, indent=2)
         handle.write("\n")
+    os.replace(f"{path}.tmp", path)
 
 
-class StageStateCallback(TrainerCallback):
-    """Marks every mid-stage checkpoint with the stage it belongs to (``bard_stage.json``), on the saving process.
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The ``checkpoint-{step}`` folder of `folder` with the highest step that holds ``bard_stage.json``, or None.
 
-    `on_save` runs right after the Trainer wrote ``{output_dir}/checkpoint-{global_step}``; the trainer points
-    `output_dir` at the stage's ``checkpoints-b{B}`` folder while the stage trains and sets `stage` here.
+    Folders without it were being written when their process died; they are skipped with a warning.
     """
-
-    def __init__(self, block_sizes: list[int]):
-        self.block_sizes = list(block_sizes)
-        self.stage = 0
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            write_stage_state(folder, stage_state(self.block_sizes, self.stage, state.global_step, complete=False))
+    if not os.path.isdir(folder):
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = sorted(
+        (int(match.group(1)), name)
+        for name in os.listdir(folder)
+        if (match := pattern.match(name)) and os.path.isdir(os.path.join(folder, name))
+    )
+    for _, name in reversed(steps):
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, STAGE_STATE_NAME)):
+            return path
+        logger.warning(
+            "Skipping %s: it has no %s, so its save was interrupted (the process died while writing it).",
+            path,
+            STAGE_STATE_NAME,
+        )
+    return None
 
 
 def publish_stage(staging: str, final: str) -> None:
@@ -101,7 +117,7 @@ def resume_point(
             if os.path.isfile(os.path.join(final, STAGE_STATE_NAME)):
                 continue
             checkpoints = os.path.join(output_dir, stage_checkpoints_dir_name(block_size))
-            last = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+            last = last_complete_checkpoint(checkpoints)
             if last is not None:
                 return stage, last, None
             if stage == 0:
@@ -116,8 +132,9 @@ def resume_point(
     state_file = os.path.join(path, STAGE_STATE_NAME)
     if not os.path.isfile(state_file):
         raise ValueError(
-            f"`resume_from_checkpoint`={path!r} has no {STAGE_STATE_NAME}: it is not a BARD trainer checkpoint. "
-            "Pass a `checkpoints-b{B}/checkpoint-{step}` or `stage-b{B}` folder, or True."
+            f"`resume_from_checkpoint`={path!r} has no {STAGE_STATE_NAME}: it is not a BARD trainer checkpoint, or "
+            "its save was interrupted (the trainer writes that file last). Pass a complete "
+            "`checkpoints-b{B}/checkpoint-{step}` or `stage-b{B}` folder, or True (the last complete one)."
         )
     with open(state_file, encoding="utf-8") as handle:
         saved = json.load(handle)
@@ -161,7 +178,7 @@ def merged_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "STAGE_STATE_NAME",
-    "StageStateCallback",
+    "last_complete_checkpoint",
     "merged_lora_state_dict",
     "publish_stage",
     "resume_point",

@@ -13,6 +13,8 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import (
 
 # Upstream BARD-VL checkpoints use this id for `<|mask|>` and ship no string for it (DESIGN 2).
 UPSTREAM_MASK_TOKEN_ID = 151671
+# The mask token string that conversion adds to the tokenizer (DESIGN 2).
+MASK_TOKEN = "<|mask|>"
 # Qwen3-VL's embedding has this many rows; a config with a vocabulary at least this large is "Qwen-sized".
 QWEN_VOCAB_SIZE = 151936
 PROMPT_ATTENTION_CHOICES = ("block_causal", "causal")

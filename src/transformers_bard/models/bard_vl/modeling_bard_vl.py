@@ -285,15 +285,23 @@ class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditiona
         with tempfile.TemporaryDirectory() as tmp_dir:
             self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
             model_card(self.config, repo_id, tags).save(Path(tmp_dir) / "README.md")
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp_dir,
-                commit_message=commit_message or "Upload BARD-VL model",
-                commit_description=commit_description,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-            )
+            try:
+                return api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=tmp_dir,
+                    commit_message=commit_message or "Upload BARD-VL model",
+                    commit_description=commit_description,
+                    token=token,
+                    revision=revision,
+                    create_pr=create_pr,
+                )
+            except Exception as error:  # the upload's own error type is kept; the note says what was left where
+                error.add_note(
+                    f"Uploading to {repo_id} failed; nothing local was changed: the upload was written to a "
+                    f"temporary folder (removed), and the model's own files ({self.name_or_path or 'in memory'}) are "
+                    "intact. Call push_to_hub again once the Hub is reachable."
+                )
+                raise
 
     # ------------------------------------------------------------------ masks and positions
     def block_diffusion_attention_mask(self, segment_ids: torch.Tensor, block_size: int | None = None):
