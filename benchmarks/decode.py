@@ -10,11 +10,10 @@ Three kinds of model:
   token per forward and both decoders run a fixed `--new-tokens`; what it measures is the cost of the forwards (the
   LM head is a large share of them at this vocabulary).
 - `--size 2b` / `--size 4b`: Qwen3-VL-2B/4B-Instruct's published width (`published_qwen3_vl_config`), random
-  weights, depth cut to `--layers` (default 2) to fit the machine. Times one decoding forward instead of whole calls
+  weights, full depth unless `--layers` cuts it. Times one decoding forward instead of whole calls
   (prefill apart): an AR step (1 query) against a BARD denoising forward (B queries) and a fused commit + step
   (2B queries), each against the same `--context`-token KV cache, batch 1 and 8, and projects tokens/s at the
-  tokens per forward the demo's final models reach (a projection, labelled so). Per-layer costs scale with depth, so
-  the ratios hold at full depth up to the embedding and LM head, which the table counts once at any depth.
+  tokens per forward the demo's final models reach (a projection, labelled so).
 - neither: the tiny test checkpoint (random weights, ~1M parameters), fixed `--new-tokens`.
 
 Everything runs in one process on `--threads` (default 1) threads. AR and every BARD variant are interleaved: each
@@ -91,7 +90,8 @@ def parse_args():
     parser.add_argument("--size", choices=sorted(SIZES) + sorted(PUBLISHED), default=None,
                         help="A random-weight Qwen3-VL of this size with the real 151,936-row vocabulary; 2b/4b: "
                              "one-forward costs at the published width (see above).")
-    parser.add_argument("--layers", type=int, default=2, help="--size 2b/4b: text layers built (depth cut).")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="--size 2b/4b: text layers built (default: the full depth, 28 / 36).")
     parser.add_argument("--context", type=int, default=2048, help="--size 2b/4b: cached tokens before the step.")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="--size 2b/4b: weights and activations.")
@@ -369,27 +369,24 @@ def _one_forward_times(args, layers: int, batch: int) -> dict:
 
 
 def forward_costs(args):
-    """One decoding forward at published width: AR step vs BARD denoising and fused commit forwards (issue 20).
-
-    Measured at 1 and 2 text layers; a layer costs the difference, and the full depth is projected as the 1-layer
-    time plus (depth - 1) layers (the embedding and LM head are counted once, as in the real model)."""
-    depth = dict(zip(PUBLISHED, (28, 36)))[args.size]
+    """One decoding forward at published width: AR step vs BARD denoising and fused commit forwards (issue 20),
+    measured at `args.layers` text layers (default: the full depth; decoding needs no gradients, so it fits)."""
+    depth = args.layers or dict(zip(PUBLISHED, (28, 36)))[args.size]
     text = published_qwen3_vl_config(args.size, text_layers=1, vision_depth=1).text_config.to_dict()
     print("\n".join(machine_lines()))
     print(f"Qwen3-VL-{args.size.upper()} width (hidden {text['hidden_size']}, MLP {text['intermediate_size']}, "
-          f"{text['num_attention_heads']}/{text['num_key_value_heads']} heads, vocab {QWEN_VOCAB:,}), random weights, "
-          f"{args.dtype}, {torch.get_num_threads()} threads; {args.context} cached tokens (prefill apart); medians of "
-          f"{args.repeats} interleaved repeats at 1 and 2 text layers, projected to {depth} layers\n")
+          f"{text['num_attention_heads']}/{text['num_key_value_heads']} heads, vocab {QWEN_VOCAB:,}), {depth} text "
+          f"layers, random weights, {args.dtype}, {torch.get_num_threads()} threads; {args.context} cached tokens "
+          f"(prefill apart); medians of {args.repeats} interleaved repeats\n")
     print("| batch | B | AR step ms | BARD denoise fwd ms | / AR | fused commit fwd ms | / AR | tokens/forward "
           "(demo) | AR tok/s | BARD tok/s (projection) | speed-up (projection) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for batch in args.batch_sizes:
-        one, two = _one_forward_times(args, 1, batch), _one_forward_times(args, 2, batch)
-        full = {name: one[name] + (depth - 1) * (two[name] - one[name]) for name in one}
-        ar = full["AR"]
+        times = _one_forward_times(args, depth, batch)
+        ar = times["AR"]
         for B in args.block_sizes:
-            denoise, fused = full[("denoise", B)], full[("fused", B)]
+            denoise, fused = times[("denoise", B)], times[("fused", B)]
             tpf = DEMO_TOKENS_PER_FORWARD.get(B)
             cells = "- | - | - | -"
             if tpf:
@@ -398,7 +395,7 @@ def forward_costs(args):
                 cells = f"{tpf:.1f} | {batch / ar:,.1f} | {bard_tps:,.1f} | {bard_tps * ar / batch:.2f}x"
             print(f"| {batch} | {B} | {ar * 1e3:.1f} | {denoise * 1e3:.1f} | {denoise / ar:.2f} | {fused * 1e3:.1f} "
                   f"| {fused / ar:.2f} | {cells} |")
-            rows.append(dict(batch=batch, block_size=B, ar_s=ar, denoise_s=denoise, fused_s=fused))
+            rows.append(dict(batch=batch, block_size=B, layers=depth, ar_s=ar, denoise_s=denoise, fused_s=fused))
     return rows
 
 

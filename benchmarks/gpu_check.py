@@ -240,7 +240,8 @@ def main(argv=None):
         section(results, "train_step", deadline)(train)
     if wanted("decode_forward"):
         def forward():
-            args = argparse.Namespace(size="2b", layers=2, context=16 if cli.quick else 2048, dtype="bfloat16",
+            args = argparse.Namespace(size="2b", layers=1 if cli.quick else None, context=16 if cli.quick else 2048,
+                                      dtype="bfloat16",
                                       device=device, repeats=1 if cli.quick else 5,
                                       batch_sizes=[1] if cli.quick else [1, 8],
                                       block_sizes=[4, 32] if cli.quick else [4, 8, 16, 32])

@@ -50,6 +50,9 @@ def parse_args():
     parser.add_argument("--quick", action="store_true",
                         help="Toy checkpoints built offline, 1 request per client, 16 tokens: checks that it runs.")
     parser.add_argument("--workdir", default=None, help="Where --quick builds its checkpoints (default: a temp dir).")
+    parser.add_argument("--prompts", choices=["generic", "digits"], default="generic",
+                        help="generic: short questions, every other with a random image; digits: the digits task's "
+                             "test questions with their grids (for the demo's models), and exact match reported")
     args = parser.parse_args()
     if args.quick:
         args.requests_per_client, args.max_tokens = 1, 16
@@ -84,8 +87,34 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+DIGITS_ROWS = []  # (messages, reference) of the digits test split, filled by `main` for --prompts digits
+
+
+def digits_rows(count: int) -> list[tuple[list[dict], str]]:
+    """The digits task's test questions (balanced over question types) in OpenAI's message format."""
+    from transformers_bard.demo.digits import build_digits_dataset
+
+    rows = []
+    for row in build_digits_dataset("test", count, seed=0, balanced=True):
+        user = row["messages"][0]
+        content = []
+        images = iter(row["images"])
+        for part in user["content"]:
+            if part["type"] == "image":
+                buffer = io.BytesIO()
+                next(images).save(buffer, format="PNG")
+                url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+                content.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        rows.append(([{"role": "user", "content": content}], row["messages"][-1]["content"][-1]["text"]))
+    return rows
+
+
 def messages_for(index: int) -> list[dict]:
-    """Every other request carries an image."""
+    """Every other request carries an image; with --prompts digits, the digits test questions in turn."""
+    if DIGITS_ROWS:
+        return DIGITS_ROWS[index % len(DIGITS_ROWS)][0]
     question = QUESTIONS[index % len(QUESTIONS)]
     if index % 2:
         return [{"role": "user", "content": question}]
@@ -137,6 +166,7 @@ def one_request(server: Server, index: int, max_tokens: int) -> dict:
     start = time.perf_counter()
     first = None
     tokens = 0
+    text = []
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{server.name}: HTTP {response.status_code}: {response.read()[:500]!r}")
@@ -148,10 +178,12 @@ def one_request(server: Server, index: int, max_tokens: int) -> dict:
                 raise RuntimeError(f"{server.name}: {chunk['error']}")
             if first is None and any(choice["delta"].get("content") for choice in chunk["choices"]):
                 first = time.perf_counter() - start
+            text += [choice["delta"].get("content") or "" for choice in chunk["choices"]]
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     latency = time.perf_counter() - start
-    return {"ttft": latency if first is None else first, "latency": latency, "tokens": tokens}
+    return {"ttft": latency if first is None else first, "latency": latency, "tokens": tokens, "index": index,
+            "text": "".join(text)}
 
 
 def run_level(server: Server, clients: int, requests_per_client: int, max_tokens: int) -> dict:
@@ -181,8 +213,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def exact_match(results: list[dict]) -> str:
+    from transformers_bard.demo.digits import score_answer
+
+    if not DIGITS_ROWS:
+        return "-"
+    hits = [score_answer(r["text"], DIGITS_ROWS[r["index"] % len(DIGITS_ROWS)][1]) for r in results]
+    return f"{sum(hits) / len(hits):.3f}"
+
+
 def table(rows: list[dict]) -> list[str]:
-    header = ["server", "clients", "requests", "tokens/s", "TTFT p50 (s)", "latency p50 (s)", "latency p95 (s)"]
+    header = ["server", "clients", "requests", "tokens/s", "TTFT p50 (s)", "latency p50 (s)", "latency p95 (s)",
+              "exact match"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         results = row["results"]
@@ -190,13 +232,15 @@ def table(rows: list[dict]) -> list[str]:
         cells = [row["server"], str(row["clients"]), str(len(results)), f"{tokens / row['wall']:.1f}",
                  f"{statistics.median(r['ttft'] for r in results):.3f}",
                  f"{statistics.median(r['latency'] for r in results):.3f}",
-                 f"{percentile([r['latency'] for r in results], 0.95):.3f}"]
+                 f"{percentile([r['latency'] for r in results], 0.95):.3f}", exact_match(results)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def main():
     args = parse_args()
+    if args.prompts == "digits":
+        DIGITS_ROWS.extend(digits_rows(max(args.clients) * args.requests_per_client))
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick and args.model is None:
             bard_path, ar_path = toy_checkpoints(Path(args.workdir or tmp))
@@ -224,6 +268,10 @@ def main():
     print(f"{args.requests_per_client} streaming request(s) per client, max_tokens {args.max_tokens}, greedy; "
           "tokens/s = completion tokens of all clients / wall time")
     print("\n".join(table(rows)))
+    answers = {(row["server"], row["clients"], r["index"]): r["text"] for row in rows for r in row["results"]}
+    same = [text == answers[("ar", clients, index)] for (server, clients, index), text in answers.items()
+            if server == "bard" and ("ar", clients, index) in answers]
+    print(f"\nBARD's answers equal to AR's on the same requests: {sum(same)} of {len(same)}")
 
 
 if __name__ == "__main__":

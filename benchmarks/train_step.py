@@ -13,8 +13,8 @@ Steps compared, forward + backward of one row with one image (the prompt holds t
   gradients at the masked positions, top-16, then the student step and `swd_loss`).
 
 Depth. Real width, cut depth: the model is built with 2 text layers and 2 vision blocks, and module hooks time the
-forward and backward of each (`PartClock`); the rest of a step (embedding, LM head, loss, the SWD teacher) is its
-total minus those. The full-depth figures (28 text layers and 24 vision blocks at 2B) are *projections*: rest +
+forward and backward of each (`PartClock`; for SWD the frozen teacher's layers too, forward only); the rest of a step
+(embedding, LM head, loss) is its total minus those. The full-depth figures (28 text layers and 24 vision blocks at 2B) are *projections*: rest +
 depth x per-layer, labelled as such. The per-part table gives what each costs, plus collation (noise + packing).
 
 Memory: the peak of live allocations during the step (`torch.profiler` memory events, replayed in time order;
@@ -236,16 +236,22 @@ def on_attention(attn: str, models, step):
 
 
 class PartClock:
-    """Wall time spent in the forward and backward of each text layer and vision block, from module hooks (forward
-    pre/post hooks, full-backward pre/post hooks); the rest of a step is its total minus these."""
+    """Wall time spent in the forward and backward of each text layer (and, inside it, its attention and its MLP) and
+    each vision block, from module hooks (forward pre/post hooks, full-backward pre/post hooks); the rest of a step
+    is its total minus the layers and blocks."""
+
+    KINDS = ("text", "vision", "attention", "mlp")
 
     def __init__(self, model):
         self.text_layers = list(model.model.language_model._all_layers)
         self.vision_blocks = list(model.model.visual._all_blocks)
-        self.seconds = {"text": 0.0, "vision": 0.0}
+        self.reset()
         self._start = {}
         self.handles = []
-        for kind, modules in (("text", self.text_layers), ("vision", self.vision_blocks)):
+        groups = (("text", self.text_layers), ("vision", self.vision_blocks),
+                  ("attention", [layer.self_attn for layer in self.text_layers]),
+                  ("mlp", [layer.mlp for layer in self.text_layers]))
+        for kind, modules in groups:
             for module in modules:
                 self.handles += [
                     module.register_forward_pre_hook(self._begin(module)),
@@ -267,15 +273,18 @@ class PartClock:
         return hook
 
     def reset(self):
-        self.seconds = {"text": 0.0, "vision": 0.0}
+        self.seconds = dict.fromkeys(self.KINDS, 0.0)
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
 
 
+STEP_KEYS = {"ar-trl": "AR SFT (TRL)", "ar-head": "AR SFT (response head)", "pbm": "PBM", "swd": "SWD"}
+
+
 def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("sdpa",), device="cpu",
-                  trl_repeats: int | None = None):
+                  trl_repeats: int | None = None, only=None):
     """Per step: ``{"total", "text_layer", "vision_block", "rest"}`` median seconds (2 text layers and 2 vision blocks
     run, each part timed by `PartClock`) and the peak bytes at the depths (1, 1), (2, 1), (1, 2) (memory is
     deterministic, so a layer's and a block's memory are differences). PBM and SWD run once per attention
@@ -290,6 +299,9 @@ def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("s
         steps[f"PBM{suffix}"] = (student, on_attention(attn, [student], lambda: pbm_step(student, row, dtype)))
         steps[f"SWD{suffix}"] = (
             student, on_attention(attn, [student, teacher], lambda: swd_step(student, teacher, row, dtype)))
+    if only:
+        wanted = [STEP_KEYS[key] for key in only]
+        steps = {name: run for name, run in steps.items() if name.split(" [")[0] in wanted}
     peaks = {}
     for depth in ((1, 1), (2, 1), (1, 2)):
         for net in (student, teacher, trl_model):
@@ -300,7 +312,8 @@ def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("s
     for net in (student, teacher, trl_model):
         keep_layers(net, 2, 2)
         net.zero_grad(set_to_none=True)
-    clocks = {id(net): PartClock(net) for net in (student, trl_model)}  # the teacher runs unhooked (SWD's rest)
+    clocks = {id(net): PartClock(net) for net in (student, teacher, trl_model)}
+    teacher_clock = clocks[id(teacher)]
     times = {name: [] for name in steps}
     for index in range(max(repeats, trl_repeats or 0)):
         for name, (net, step) in steps.items():
@@ -308,18 +321,22 @@ def measure_steps(models, row, dtype, repeats: int, with_memory: bool, attns=("s
                 continue
             clock = clocks[id(net)]
             clock.reset()
+            teacher_clock.reset()
             net.zero_grad(set_to_none=True)
             total = timed(step)
-            times[name].append((total, clock.seconds["text"] / 2, clock.seconds["vision"] / 2))
+            # SWD: the frozen teacher's forward through its layers scales with depth too (it is 0 elsewhere)
+            both = {kind: clock.seconds[kind] + teacher_clock.seconds[kind] for kind in PartClock.KINDS}
+            times[name].append((total, both["text"] / 2, both["vision"] / 2, both["attention"] / 2, both["mlp"] / 2))
     for clock in clocks.values():
         clock.remove()
     results = {}
     for name, runs in times.items():
-        total, layer, block = (statistics.median(run[i] for run in runs) for i in range(3))
+        total, layer, block, attention, mlp = (statistics.median(run[i] for run in runs) for i in range(5))
         m11, m21, m12 = (peaks[(name, *depth)] for depth in ((1, 1), (2, 1), (1, 2)))
         results[name] = {"total_2_layers_2_blocks": total, "text_layer": layer, "vision_block": block,
-                         "rest": total - 2 * layer - 2 * block, "peak_1_1": m11, "layer_bytes": m21 - m11,
-                         "block_bytes": m12 - m11, "runs": len(runs)}
+                         "attention": attention, "mlp": mlp,
+                         "rest": total - 2 * layer - 2 * block, "peak_1_1": m11, "peak_2_1": m21,
+                         "layer_bytes": m21 - m11, "block_bytes": m12 - m11, "runs": len(runs)}
     for net in (student, teacher, trl_model):
         net.zero_grad(set_to_none=True)
     return results
@@ -365,6 +382,9 @@ def main(argv=None):
                         help="timed runs of the AR SFT (TRL) step (default --repeats; on CPU it is the slowest)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-backends", action="store_true", help="only the training-step table")
+    parser.add_argument("--only", nargs="+", choices=sorted(STEP_KEYS), default=None,
+                        help="measure only these steps (ratios then refer to the first one present)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs (time only)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="tiny width, short rows: checks the script runs")
     cli = parser.parse_args(argv)
@@ -400,25 +420,30 @@ def main(argv=None):
         P, R = (int(x) for x in spec.split(":"))
         row = make_row(student.config, P, R, cli.image_side, device=cli.device)
         collate_s = statistics.median(timed(functools.partial(collate, row)) for _ in range(3))
-        results = measure_steps((student, teacher, trl_model), row, dtype, cli.repeats, with_memory=True,
-                                attns=cli.attn, device=cli.device, trl_repeats=cli.trl_repeats)
+        results = measure_steps((student, teacher, trl_model), row, dtype, cli.repeats, with_memory=not cli.no_memory,
+                                attns=cli.attn, device=cli.device, trl_repeats=cli.trl_repeats, only=cli.only)
         projected = {name: project(part, text_depth, vision_depth) for name, part in results.items()}
-        ar_trl, ar_head = projected["AR SFT (TRL)"], projected["AR SFT (response head)"]
+        fallback = next(iter(projected.values()))
+        ar_trl = projected.get("AR SFT (TRL)", fallback)
+        ar_head = projected.get("AR SFT (response head)", fallback)
         print(f"### P:R = {P}:{R} (AR row {P + R} tokens, packed row {P + 2 * R}; "
               f"{int(row['noise'].corrupted.sum())} corrupted; collate {collate_s * 1e3:.1f} ms)\n")
-        print("| step | runs | measured s (2 layers, 2 blocks) | full depth s (projection) | peak GB (projection) "
-              "| time / AR TRL | time / AR head | memory / AR TRL | memory / AR head |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| step | runs | measured s (2 layers, 2 blocks) | measured peak GB (2 layers, 1 block) | full depth s "
+              "(projection) | peak GB (projection) | time / AR TRL | time / AR head | memory / AR TRL "
+              "| memory / AR head |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, (seconds, memory) in projected.items():
             part = results[name]
-            print(f"| {name} | {part['runs']} | {part['total_2_layers_2_blocks']:.1f} | {seconds:.1f} "
-                  f"| {memory / 2**30:.2f} | {seconds / ar_trl[0]:.2f} | {seconds / ar_head[0]:.2f} "
-                  f"| {memory / ar_trl[1]:.2f} | {memory / ar_head[1]:.2f} |")
-        print(f"\n| step | per text layer s | x {text_depth} s | per vision block s | x {vision_depth} s | rest "
-              "(embedding, LM head, loss; SWD: + teacher) s | text layer MB | vision block MB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            print(f"| {name} | {part['runs']} | {part['total_2_layers_2_blocks']:.1f} | {part['peak_2_1'] / 2**30:.2f} "
+                  f"| {seconds:.1f} | {memory / 2**30:.2f} | {seconds / ar_trl[0]:.2f} | {seconds / ar_head[0]:.2f} "
+                  f"| {memory / max(ar_trl[1], 1):.2f} | {memory / max(ar_head[1], 1):.2f} |")
+        print(f"\n| step | per text layer s (SWD: + teacher's) | of it attention s | of it MLP s | x {text_depth} s "
+              f"| per vision block s | x {vision_depth} s | rest (embedding, LM head, loss) s | text layer MB "
+              "| vision block MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, part in results.items():
-            print(f"| {name} | {part['text_layer']:.2f} | {part['text_layer'] * text_depth:.1f} "
+            print(f"| {name} | {part['text_layer']:.2f} | {part['attention']:.2f} | {part['mlp']:.2f} "
+                  f"| {part['text_layer'] * text_depth:.1f} "
                   f"| {part['vision_block']:.3f} | {part['vision_block'] * vision_depth:.1f} | {part['rest']:.2f} "
                   f"| {part['layer_bytes'] / 2**20:.0f} | {part['block_bytes'] / 2**20:.0f} |")
         print()

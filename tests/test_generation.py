@@ -107,9 +107,10 @@ def reference_mask(segments, blocks, prompt_attention):
     return mask[None, None]
 
 
-def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edit_threshold, eos=None):
-    """One step of DESIGN 4.2 on one row, greedy, then EOS fill (DESIGN 4.4) when `eos` is given: returns the new
-    block (a list)."""
+def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edit_threshold, eos=None,
+                     eos_fill=True, eos_tail=True):
+    """One step of DESIGN 4.2 on one row, greedy, then (when `eos` is given) the predicted-EOS tail fill
+    (`eos_tail`, `reference_eos_tail`) and EOS fill (DESIGN 4.4): returns the new block (a list)."""
     logits = logits.float().clone()
     logits[:, MASK] = -float("inf")
     confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
@@ -126,7 +127,9 @@ def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edi
         for j in range(B):
             if j not in masked and int(tokens[j]) != block[j] and confidence[j] > edit_threshold:
                 new[j] = int(tokens[j])
-    if eos is not None and eos in new:
+    if eos is not None and eos_tail:
+        new = reference_eos_tail(new, [int(t) for t in tokens], MASK, (eos,))
+    if eos is not None and eos_fill and eos in new:
         first = new.index(eos)
         new = new[: first + 1] + [eos] * (B - first - 1)
     return new
@@ -134,7 +137,7 @@ def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edi
 
 @torch.no_grad()
 def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="threshold", threshold=0.9,
-                     edit_threshold=None, eos=None, eos_fill=True):
+                     edit_threshold=None, eos=None, eos_fill=True, eos_tail_fill=True):
     """Tokens of one prompt decoded without a cache, and the number of denoising steps of each block. Under
     `prediction_shift` (DESIGN 4.1) block position j takes the logits of the sequence position before it: the last
     prompt or committed token for j = 0, the block's position j - 1 otherwise."""
@@ -163,7 +166,7 @@ def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="th
             logits = logits[-B - 1: -1] if model.config.prediction_shift else logits[-B:]
             block = reference_select(block, logits, step, B=B, steps=steps, unmasking=unmasking,
                                      threshold=threshold, edit_threshold=edit_threshold,
-                                     eos=eos if eos_fill else None)
+                                     eos=eos, eos_fill=eos_fill, eos_tail=eos_tail_fill)
             step += 1
         block_steps.append(step)
         kept = block[: max_new_tokens - b * B]
@@ -407,7 +410,7 @@ def test_eos_fill_fills_after_the_first_eos_and_ends_the_block(monkeypatch):
     assert [e["eos_filled"] for e in events] == [[3, 4, 5, 6, 7], [], []]
     assert [e["unmasked"][0][:2] for e in events] == [[2, EOS], [0, 5], [1, 6]]
     asked.clear()
-    unfilled = model.generate(ids, eos_fill=False, **options)
+    unfilled = model.generate(ids, eos_fill=False, eos_tail_fill=False, **options)
     assert generated(unfilled, 5) == [5, 6, EOS] and unfilled.num_forwards.tolist() == [7]
 
 
@@ -447,7 +450,7 @@ def test_eos_tail_fill_matches_loops():
 def test_eos_tail_fill_ends_a_short_answer_in_one_step(monkeypatch):
     """B = 8, one token per step (tau = 1), the far padding the most confident: plain EOS fill commits position 7
     first (nothing after it to fill) and needs 7 forwards after the prompt's; with `eos_tail_fill` the proposed EOS
-    tail 2..7 is filled in the prefill step, and positions 0 and 1 take one step each."""
+    tail 2..7 is filled in the prefill step (the default), and positions 0 and 1 take one step each."""
     model = make_model(8, scale=1.0)
     vocab = model.config.text_config.vocab_size
     EOS = 9
@@ -455,10 +458,10 @@ def test_eos_tail_fill_ends_a_short_answer_in_one_step(monkeypatch):
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True)
     asked = scripted_forward(model, monkeypatch, [step] * 8, 8)
-    plain = model.generate(ids, **options)
+    plain = model.generate(ids, eos_tail_fill=False, **options)
     assert generated(plain, 5) == [5, 6, EOS] and plain.num_forwards.tolist() == [7]
     asked.clear()
-    tail = model.generate(ids, eos_tail_fill=True, output_trace=True, **options)
+    tail = model.generate(ids, output_trace=True, **options)  # eos_tail_fill is on by default
     assert generated(tail, 5) == [5, 6, EOS] and tail.num_forwards.tolist() == [2]
     assert asked == [list(range(8)), [0, 1], [1]]
     assert tail.trace[0][0]["eos_filled"] == [2, 3, 4, 5, 6]  # 7 was unmasked by the step itself
@@ -915,7 +918,7 @@ def test_eos_fill_leaves_the_output_of_a_trained_model_unchanged(tmp_path):
         inputs = processor(images=row["images"], text=[text], return_tensors="pt")
         for threshold in (1.0, 0.9):
             out = {fill: model.generate(**inputs, max_new_tokens=48, threshold=threshold, eos_fill=fill,
-                                        return_dict_in_generate=True) for fill in (True, False)}
+                                        eos_tail_fill=False, return_dict_in_generate=True) for fill in (True, False)}
             assert torch.equal(out[True].sequences, out[False].sequences), row["question_type"]
             for fill in out:
                 forwards[fill] += int(out[fill].num_forwards[0])

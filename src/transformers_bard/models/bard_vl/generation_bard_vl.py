@@ -176,13 +176,16 @@ class BardVLGenerationConfig(GenerationConfig):
         way the tokens are the ones of `eos_fill=False` (the filled positions are what the model would decode
         there); on a model that was not, the earlier positions may come out differently. No effect without
         `eos_token_id`.
-    eos_tail_fill (`bool`, defaults to `False`):
+    eos_tail_fill (`bool`, defaults to `True`):
         Also act on *predicted* EOS (DESIGN 4, step 4): when the model's current choice at every undecided position
         from some position j to the end of the block is an EOS (decided positions there already being EOS), those
         positions become EOS at once, however confident. A trained model is most sure of the far EOS padding, so at
         `threshold=1.0` plain EOS fill commits the last position first and saves little; this rule ends a short
-        answer's padding in one step. Not exact: it changes the output where a later forward would have decoded a
-        token there. See the README ("Short answers at tau 1.0") for the measurement behind its default.
+        answer's padding in one step. Not exact in general: it changes the output where a later forward would have
+        decoded a token there. On by default because both conditions of its measurement held on the demo's final
+        B = 32 models at tau 1.0 (400 test rows; README, "Short answers at tau 1.0"): one-digit answers take 1.00
+        forward after the prompt's instead of 1.06 (PBM+SWD) and 2.71 (PBM), and exact match is unchanged (1.000
+        both ways, paired difference +0.000 [-0.010, +0.010]). No effect without `eos_token_id`.
     prefill_step (`bool`, defaults to `True`):
         Take the first denoising step of block 0 inside the prompt's forward (DESIGN 4.4): the B mask tokens are
         appended to the prompt, their logits taken and their keys/values cropped again. Exact (prompt queries never
@@ -210,7 +213,7 @@ class BardVLGenerationConfig(GenerationConfig):
         self.edit_threshold = kwargs.pop("edit_threshold", None)
         self.fuse_commit = kwargs.pop("fuse_commit", True)
         self.eos_fill = kwargs.pop("eos_fill", True)
-        self.eos_tail_fill = kwargs.pop("eos_tail_fill", False)
+        self.eos_tail_fill = kwargs.pop("eos_tail_fill", True)
         self.prefill_step = kwargs.pop("prefill_step", True)
         self.output_trace = kwargs.pop("output_trace", False)
         kwargs.setdefault("temperature", 0.0)
