@@ -352,7 +352,8 @@ def _one_forward_times(args, layers: int, batch: int) -> dict:
         all_masked = torch.ones(batch, B, dtype=torch.bool, device=device)
         calls[("denoise", B)] = functools.partial(forward, noisy, seg_n, blk_n, key_seg, key_blk, all_masked)
         calls[("fused", B)] = functools.partial(
-            forward, torch.cat([prompt[:, :B], noisy], 1), torch.cat([seg_c, seg_n], 1), torch.cat([blk_c, blk_n], 1),
+            forward, torch.cat([prompt[:, -1:].expand(batch, B), noisy], 1), torch.cat([seg_c, seg_n], 1),
+            torch.cat([blk_c, blk_n], 1),
             key_seg, key_blk, torch.cat([torch.zeros_like(all_masked), all_masked], 1))
     times = {name: [] for name in calls}
     for call in calls.values():  # warm-up
