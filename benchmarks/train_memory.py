@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from trl.trainer.utils import add_fused_lm_head
 
 from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
@@ -40,6 +41,9 @@ from transformers_bard.models.bard_vl.masking_bard_vl import packed_segment_ids
 from transformers_bard.noise import MixedNoiseScheduler
 from transformers_bard.trainer.block_merge_trainer import fused_lm_head_inputs
 from transformers_bard.trainer.losses import block_merge_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import peak_memory  # noqa: E402  (the sibling benchmark: one memory probe for both)
 
 QWEN_VOCAB = 151_936
 MASK_ID = 151_671
@@ -179,14 +183,7 @@ def ar_step(model, prompt, x0, response_head_only=False):
 def peak_step_memory(model, step) -> int:
     """Peak bytes of live allocations during `step()` (allocations before it, e.g. the weights, excluded)."""
     model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return peak_memory(step)
 
 
 def step_time(model, step, repeats: int) -> float:

@@ -216,7 +216,7 @@ def keep_layers(model, layers: int, vision_blocks: int):
     text.config.num_hidden_layers = layers
     vision.blocks = torch.nn.ModuleList(list(vision._all_blocks)[:vision_blocks])
     vision.config.depth = vision_blocks
-    vision.deepstack_visual_indexes = [i for i in range(vision_blocks)][-1:]
+    vision.deepstack_visual_indexes = [vision_blocks - 1]  # one DeepStack tap at any depth
     vision.config.deepstack_visual_indexes = vision.deepstack_visual_indexes
 
 

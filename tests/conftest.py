@@ -5,6 +5,18 @@ import pytest
 from transformers_bard.testing import build_tiny_qwen3_vl
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and two threads on two shared cores slow them down a lot. A
+    module uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_compile():
     """Reset torch.compile's caches around a FlexAttention test. After earlier compilations at other shapes dynamo

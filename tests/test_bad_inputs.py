@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoTokenizer
@@ -23,13 +22,7 @@ from transformers_bard.trainer.collator import SAMPLE_INDEX_COLUMN, BlockDiffusi
 from transformers_bard.trainer.diffusion_distill_config import DiffusionDistillConfig
 from transformers_bard.trainer.diffusion_distill_trainer import DiffusionDistillTrainer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- building bad inputs

@@ -24,12 +24,7 @@ LM_PARAM = "model.language_model.layers.0.self_attn.q_proj.weight"
 BAD_STEP = 3  # the optimizer step whose loss or gradient is made NaN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

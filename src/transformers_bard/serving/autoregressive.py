@@ -7,14 +7,11 @@ cannot load a stock Qwen3-VL processor without torchvision, so it cannot serve t
 
 from __future__ import annotations
 
-import collections
-import threading
-
 import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from .scheduler import DONE, ERROR, TOKENS, DecodeRequest
+from .scheduler import DONE, ERROR, TOKENS, DecodeRequest, ModelThread
 
 
 class _Cancelled(Exception):
@@ -41,15 +38,13 @@ class _SinkStreamer(BaseStreamer):
         pass
 
 
-class SequentialGenerateEngine:
+class SequentialGenerateEngine(ModelThread):
     """Runs `model.generate` for one request at a time in its own thread (greedy when `temperature` is 0)."""
 
+    thread_name = "ar-generate"
+
     def __init__(self, model):
-        self.model = model
-        self._pending: collections.deque[DecodeRequest] = collections.deque()
-        self._condition = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
+        super().__init__(model)
         self.peak_batch_size = 1
 
     def prepare(self, request: DecodeRequest) -> DecodeRequest:
@@ -68,26 +63,6 @@ class SequentialGenerateEngine:
             raise ValueError(f"Unsupported options {sorted(options)}.")
         request.plan = config
         return request
-
-    def submit(self, request: DecodeRequest) -> None:
-        if request.plan is None:
-            self.prepare(request)
-        with self._condition:
-            if self._closing:
-                raise RuntimeError("The engine is closed.")
-            self._pending.append(request)
-            self._condition.notify()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="ar-generate", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with self._condition:
-            self._closing = True
-            self._condition.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:

@@ -204,7 +204,49 @@ class _Batch:
         self.cache = self.rows = self.step_mask = None
 
 
-class BlockDiffusionScheduler:
+class ModelThread:
+    """A model owned by one worker thread, fed through a queue of `DecodeRequest`s: `submit` from any thread,
+    `start`, `close`. Subclasses define `prepare` (checks a request, no forward) and `_run` (the worker's loop, which
+    waits on `_condition` for `_pending` requests until `_closing`)."""
+
+    thread_name = "model"
+
+    def __init__(self, model):
+        self.model = model
+        self._pending: collections.deque[DecodeRequest] = collections.deque()
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def prepare(self, request: DecodeRequest) -> DecodeRequest:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, request: DecodeRequest) -> None:
+        """Queue a request (prepared here if it was not); the worker takes it at its next iteration."""
+        if request.plan is None:
+            self.prepare(request)
+        with self._condition:
+            if self._closing:
+                raise RuntimeError(f"The {type(self).__name__} is closed.")
+            self._pending.append(request)
+            self._condition.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+class BlockDiffusionScheduler(ModelThread):
     """Owns a BARD-VL model in one thread and decodes every submitted request in continuously batched forwards.
 
     Args:
@@ -212,16 +254,14 @@ class BlockDiffusionScheduler:
         max_batch_size: rows decoded together at most (over all settings); later requests wait for a free row.
     """
 
+    thread_name = "bard-scheduler"
+
     def __init__(self, model, max_batch_size: int = 32):
         if max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be >= 1, got {max_batch_size}.")
-        self.model = model
+        super().__init__(model)
         self.max_batch_size = max_batch_size
-        self._pending: collections.deque[DecodeRequest] = collections.deque()
         self._batches: dict[tuple, _Batch] = {}
-        self._condition = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
         self.peak_batch_size = 0  # most rows decoded in one iteration so far (a measure that joining happened)
 
     # ------------------------------------------------------------------ called from any thread
@@ -247,27 +287,6 @@ class BlockDiffusionScheduler:
         request.model_kwargs = model_kwargs
         request.key = _settings_key(config, request.plan)
         return request
-
-    def submit(self, request: DecodeRequest) -> None:
-        """Queue a prepared request; it joins the running batch at the next iteration."""
-        if request.plan is None:
-            self.prepare(request)
-        with self._condition:
-            if self._closing:
-                raise RuntimeError("The scheduler is closed.")
-            self._pending.append(request)
-            self._condition.notify()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bard-scheduler", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with self._condition:
-            self._closing = True
-            self._condition.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
     @property
     def running(self) -> int:
