@@ -221,7 +221,14 @@ def main(argv=None):
     print(f"[gpu_check] device {results['device']}, torch {torch.__version__}", flush=True)
 
     def wanted(name):
-        return name not in cli.skip
+        if name in cli.skip:
+            return False
+        save()  # the sections done so far are on disk before the next starts: a run cut short keeps them
+        return True
+
+    def save():
+        Path(cli.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cli.out).write_text(json.dumps(results, indent=1, default=str))
 
     if wanted("flex_equals_sdpa"):
         section(results, "flex_equals_sdpa", deadline)(lambda: flex_equals_sdpa(device))
@@ -255,8 +262,7 @@ def main(argv=None):
                 return fsdp2_trainers(device, cli.quick, Path(tmp))
         section(results, "fsdp2", deadline)(sharded)
 
-    Path(cli.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cli.out).write_text(json.dumps(results, indent=1, default=str))
+    save()
     print(f"[gpu_check] wrote {cli.out}")
     return results
 

@@ -44,7 +44,8 @@ def parse_args():
                         help="AR Qwen3-VL checkpoint (default: the checkpoint's `source_model`).")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="Per request (default 64; 96 with --prompts digits: the longest answer is 77 tokens).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server process (default 1).")
     parser.add_argument("--max-batch-size", type=int, default=16, help="of the BARD server (default 16).")
     parser.add_argument("--quick", action="store_true",
@@ -54,6 +55,8 @@ def parse_args():
                         help="generic: short questions, every other with a random image; digits: the digits task's "
                              "test questions with their grids (for the demo's models), and exact match reported")
     args = parser.parse_args()
+    if args.max_tokens is None:
+        args.max_tokens = 96 if args.prompts == "digits" else 64
     if args.quick:
         args.requests_per_client, args.max_tokens = 1, 16
     elif args.model is None:

@@ -58,8 +58,13 @@ def build(size: str, layers: int, vision_depth: int, dtype: torch.dtype, attn: s
           device: str = "cpu"):
     """A random BARD-VL model at `size` width (or the tiny test config for "tiny") with `layers` text layers."""
     if size == "tiny":
-        base = tiny_qwen3_vl_config(vocab_size=MASK_ID + 1, text_config={"num_hidden_layers": layers},
-                                    vision_config={"depth": vision_depth, "deepstack_visual_indexes": [0]})
+        # head dim 16 in both towers: CUDA's flex kernels refuse a head dim under 16 (the tiny test config has 8)
+        text = {"num_hidden_layers": layers, "head_dim": 16,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2],
+                                    "mrope_interleaved": True}}
+        base = tiny_qwen3_vl_config(vocab_size=MASK_ID + 1, text_config=text,
+                                    vision_config={"depth": vision_depth, "deepstack_visual_indexes": [0],
+                                                   "num_heads": 2})
     else:
         base = published_qwen3_vl_config(size, text_layers=layers, vision_depth=vision_depth)
     fields = base.to_dict()
@@ -171,8 +176,8 @@ def swd_step(model, teacher, row, dtype):
 
 def collate(row):
     """The per-row work of the collator that does not depend on the tokenizer: noise and the packed labels."""
-    gen = torch.Generator().manual_seed(1)
     x0 = row["x0"][None]
+    gen = torch.Generator(device=x0.device).manual_seed(1)
     MixedNoiseScheduler().add_noise(x0, torch.ones_like(x0, dtype=torch.bool), STUDENT_B, MASK_ID, generator=gen)
     packed_inputs(row, torch.float32)
 

@@ -331,3 +331,75 @@ def test_train_digits_ar_script_end_to_end(tmp_path):
     for kind in QUESTION_TYPES:
         assert info[f"test_{kind}"]["num_samples"] == 1 and 0.0 <= info[f"test_{kind}"]["accuracy"] <= 1.0
     assert (out / "model.safetensors").is_file() and (out / "chat_template.json").is_file()
+
+
+# ------------------------------------------------------------------------------------- the choice task (--task choice)
+def _reference_choices(kind, grid):
+    # Written from the task's definition, independently of `accepted_answers`: "row i : d d d d" (from 1), every
+    # column likewise, and every ordered pair of two different rows joined by " | ".
+    rows = [f"row {i + 1} : " + " ".join(map(str, grid[i])) for i in range(grid.shape[0])]
+    cols = [f"column {j + 1} : " + " ".join(map(str, grid[:, j])) for j in range(grid.shape[1])]
+    pairs = [a + " | " + b for a in rows for b in rows if a != b]
+    return {"any_row": rows, "any_column": cols, "two_rows": pairs}[kind]
+
+
+def test_choice_answers_hand_checked():
+    assert digits.accepted_answers("any_row", GRID)[1] == "row 2 : 5 9 2 6"
+    assert digits.accepted_answers("any_column", GRID)[2] == "column 3 : " + COLUMNS[3]
+    pairs = digits.accepted_answers("two_rows", GRID)
+    assert len(pairs) == 12 and "row 4 : 9 7 9 3 | row 1 : 3 1 4 1" in pairs
+    assert "row 2 : 5 9 2 6 | row 2 : 5 9 2 6" not in pairs
+    for kind in digits.CHOICE_QUESTION_TYPES:
+        assert sorted(digits.accepted_answers(kind, GRID)) == sorted(_reference_choices(kind, GRID))
+    with pytest.raises(ValueError, match="question_type"):
+        digits.accepted_answers("read", GRID)
+
+
+def test_choice_rows_accept_every_choice_and_draw_them_uniformly():
+    dataset = build_digits_dataset("train", 300, seed=2, question_weights=list(digits.CHOICE_QUESTION_TYPES))
+    chosen = {kind: [] for kind in digits.CHOICE_QUESTION_TYPES}
+    for row in dataset:
+        grid = np.asarray(row["digits"]).reshape(4, 4)
+        kind, answer = row["question_type"], _answer(row)
+        assert sorted(row["accepted"]) == sorted(_reference_choices(kind, grid))
+        assert answer in row["accepted"]
+        chosen[kind].append(int(answer.split(" ")[1]))  # the (first) row or column the answer names
+    for kind, picks in chosen.items():
+        counts = np.bincount(picks, minlength=5)[1:]
+        assert counts.min() >= len(picks) / 4 * 0.5, (kind, counts)  # every choice is drawn, none dominates
+    # the digits task's rows accept exactly their reference
+    plain = build_digits_dataset("train", 8, seed=2)
+    assert all(row["accepted"] == [_answer(row)] for row in plain)
+
+
+def test_evaluate_scores_a_choice_answer_against_every_accepted_one(shipped, monkeypatch):
+    # The AR source of the digits task answers a choice question with something; replace the decoded text by a
+    # right answer other than the reference, then by a row number that does not match its digits.
+    model, processor = shipped
+    dataset = build_digits_dataset("test", 2, seed=9, question_weights=["any_row"])
+    grids = [np.asarray(row["digits"]).reshape(4, 4) for row in dataset]
+    others = [next(a for a in row["accepted"] if a != _answer(row)) for row in dataset]
+    decoded = iter(others + ["row 1 : " + " ".join(map(str, grids[0][1])), _answer(dataset[1])])
+    monkeypatch.setattr(processor.tokenizer, "decode", lambda *args, **kwargs: next(decoded))
+    assert evaluate(model, processor, dataset, batch_size=2, max_new_tokens=2)["correct"] == [True, True]
+    wrong = evaluate(model, processor, dataset, batch_size=2, max_new_tokens=2)
+    assert wrong["correct"] == [grids[0][0].tolist() == grids[0][1].tolist(), True]
+    assert wrong["per_type"] == {"any_row": wrong["accuracy"]}
+
+
+def test_choice_task_shipped_source_and_config():
+    from transformers_bard.demo.pipeline import PipelineConfig
+
+    path = load_digits_ar_path("choice")
+    info = json.loads((path / "training_info.json").read_text())
+    for kind in digits.CHOICE_QUESTION_TYPES:  # the task's bar for its AR source
+        assert info[f"test_{kind}"]["accuracy"] >= 0.98, (kind, info[f"test_{kind}"])
+    config = PipelineConfig(task="choice")
+    assert config.question_types == digits.CHOICE_QUESTION_TYPES
+    assert set(config.question_weights) == set(digits.CHOICE_QUESTION_TYPES)
+    with pytest.raises(ValueError, match="question_weights.*choice"):
+        PipelineConfig(task="choice", question_weights={"read": 1.0})
+    with pytest.raises(ValueError, match="task"):
+        PipelineConfig(task="arithmetic")
+    with pytest.raises(ValueError, match="task"):
+        load_digits_ar_path("arithmetic")

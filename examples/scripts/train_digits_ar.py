@@ -17,6 +17,14 @@ The output folder has the Hub layout of `Qwen/Qwen3-VL-*-Instruct` (config, safe
 time, test-split accuracies with greedy AR decoding).
 
     python examples/scripts/train_digits_ar.py --output_dir src/transformers_bard/demo/data/digits_ar --overwrite
+
+`--init_from DIR` continues from a trained source instead (no curriculum: every grid is 4 x 4; its tokenizer and
+processor files are reused). The choice task's source is the shipped digits model taught the choice questions
+(`transformers_bard.demo.digits.CHOICE_QUESTION_TYPES`) with the digits questions kept in the mix:
+
+    python examples/scripts/train_digits_ar.py --output_dir src/transformers_bard/demo/data/digits_choice_ar \
+        --overwrite --init_from src/transformers_bard/demo/data/digits_ar --max_steps 400 --learning_rate 3e-4 \
+        --question_weights any_row:2,any_column:2,two_rows:2,position:1,column:1,read:1,read_twice:1
 """
 
 import os
@@ -40,7 +48,7 @@ from datasets import concatenate_datasets
 from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 from trl import SFTConfig, SFTTrainer
 
-from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, evaluate
+from transformers_bard.demo.digits import build_digits_dataset, evaluate
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.testing import (
     QWEN3_VL_CHAT_TEMPLATE,
@@ -57,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data and the trainer.")
     parser.add_argument("--max_steps", type=int, default=2000, help="Optimizer steps (one pass over fresh grids).")
     parser.add_argument("--curriculum_steps", type=int, default=50, help="Steps per grid-size stage.")
+    parser.add_argument("--init_from", default=None,
+                        help="Continue from this trained Qwen3-VL folder (4 x 4 grids only, no curriculum).")
     parser.add_argument("--no_augment", action="store_true", help="Train on unshifted digits.")
     parser.add_argument(
         "--question_weights",
@@ -132,7 +142,10 @@ def curriculum_plan(num_steps, batch_size, steps_per_stage, seed):
 
 def build_train_dataset(args, weights):
     """The training grids in curriculum order: one dataset per grid size, interleaved by `curriculum_plan`."""
-    plan = curriculum_plan(args.max_steps, args.batch_size, args.curriculum_steps, args.seed)
+    if args.init_from:  # a trained source reads 4 x 4 grids already: no curriculum
+        plan = [len(CURRICULUM) - 1] * (args.max_steps * args.batch_size)
+    else:
+        plan = curriculum_plan(args.max_steps, args.batch_size, args.curriculum_steps, args.seed)
     parts, offsets, offset = [], [], 0
     for stage, (rows, cols) in enumerate(CURRICULUM):
         count = plan.count(stage)
@@ -163,7 +176,7 @@ def to_prompt_completion(dataset):
     return dataset.map(
         lambda messages: {"prompt": messages[:-1], "completion": messages[-1:]},
         input_columns=["messages"],
-        remove_columns=["messages", "question_type", "digits", "digit_ids"],
+        remove_columns=["messages", "question_type", "accepted", "digits", "digit_ids"],
     )
 
 
@@ -179,20 +192,33 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="train_digits_ar."))
     try:
         # 1. Tokenizer and processor files, as build_tiny_qwen3_vl writes them, for 128 x 128 images (16 tokens).
-        tokenizer = build_tiny_tokenizer()
-        tokenizer.save_pretrained(staging)
-        image_json, video_json = _image_processor_files(image_size=128)
-        for name, payload in (
-            ("chat_template.json", {"chat_template": QWEN3_VL_CHAT_TEMPLATE}),
-            ("preprocessor_config.json", image_json),
-            ("video_preprocessor_config.json", video_json),
-        ):
-            (staging / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        processor = BardVLProcessor.from_pretrained(staging)
+        if args.init_from:  # the source's tokenizer, chat template and processor files, as they are
+            weights_and_run = {"config.json", "generation_config.json", "training_info.json"}
+            for path in Path(args.init_from).iterdir():
+                if path.suffix in (".json", ".jinja", ".txt") and path.name not in weights_and_run and (
+                    not path.name.startswith("model.safetensors")
+                ):
+                    shutil.copyfile(path, staging / path.name)
+            processor = BardVLProcessor.from_pretrained(staging)
+            tokenizer = processor.tokenizer
+        else:
+            tokenizer = build_tiny_tokenizer()
+            tokenizer.save_pretrained(staging)
+            image_json, video_json = _image_processor_files(image_size=128)
+            for name, payload in (
+                ("chat_template.json", {"chat_template": QWEN3_VL_CHAT_TEMPLATE}),
+                ("preprocessor_config.json", image_json),
+                ("video_preprocessor_config.json", video_json),
+            ):
+                (staging / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            processor = BardVLProcessor.from_pretrained(staging)
 
-        # 2. A randomly initialised stock Qwen3-VL.
+        # 2. A randomly initialised stock Qwen3-VL, or the source to continue from.
         torch.manual_seed(args.seed)
-        model = Qwen3VLForConditionalGeneration(model_config(args, tokenizer))
+        if args.init_from:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        else:
+            model = Qwen3VLForConditionalGeneration(model_config(args, tokenizer))
         num_params = sum(parameter.numel() for parameter in model.parameters())
         print(f"parameters: {num_params / 1e6:.2f}M")
 
@@ -266,7 +292,7 @@ def main(argv=None):
             "torch_threads": torch.get_num_threads(),
         }
         if args.eval_samples > 0:
-            for question_type in QUESTION_TYPES:
+            for question_type in weights:
                 test = build_digits_dataset("test", args.eval_samples, seed=1, question_weights=[question_type])
                 began = time.time()
                 scores = evaluate(model, processor, test, max_new_tokens=96, batch_size=args.eval_batch_size)

@@ -105,6 +105,11 @@ def _add_demo(sub) -> None:
         "claims (offline, CPU).",
     )
     p.add_argument("--output-dir", default="demo_output", help="Where checkpoints and results are written.")
+    p.add_argument(
+        "--task", choices=("digits", "choice"), default="digits",
+        help="digits (default): read digits off a grid; choice: the harder task, read a row/column of the model's "
+        "choice and name it (the answer's tokens depend on each other).",
+    )
     p.add_argument("--quick", action="store_true", help="A few-minute run with fewer steps and test samples.")
     p.add_argument(
         "--ablations", default="",
@@ -143,7 +148,8 @@ def _run_demo(args) -> int:
     from .demo.pipeline import ABLATIONS, PipelineConfig, run_pipeline
 
     ablations = ABLATIONS if args.ablations == "all" else tuple(a for a in args.ablations.split(",") if a)
-    overrides = dict(output_dir=args.output_dir, ablations=ablations, threads=args.threads, seed=args.seed)
+    overrides = dict(output_dir=args.output_dir, task=args.task, ablations=ablations, threads=args.threads,
+                     seed=args.seed)
     for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every", "swd_loss_normalization"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)

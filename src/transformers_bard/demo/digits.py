@@ -41,9 +41,13 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "ALL_QUESTION_TYPES",
     "CELL_SIZE",
+    "CHOICE_QUESTION_TYPES",
     "DIGITS_FILE",
     "QUESTION_TYPES",
+    "TASKS",
+    "accepted_answers",
     "SPLITS",
     "build_digits_dataset",
     "digit_indices",
@@ -60,6 +64,7 @@ __all__ = [
 _DATA_DIR = Path(__file__).resolve().parent / "data"
 DIGITS_FILE = _DATA_DIR / "uci_digits.npz"
 _DIGITS_AR_DIR = _DATA_DIR / "digits_ar"
+_AR_DIRS = {"digits": _DIGITS_AR_DIR, "choice": _DATA_DIR / "digits_choice_ar"}
 
 SPLITS = ("train", "validation", "test")
 # Fractions of every label's images per split (the rest goes to test). Fixed, independent of any dataset seed, so the
@@ -68,6 +73,12 @@ _SPLIT_FRACTIONS = {"train": 0.75, "validation": 0.10}
 _SPLIT_SEED = 0
 
 QUESTION_TYPES = ("position", "column", "read", "read_twice")
+# The harder task (`--task choice`): the answer names what it chose, so its tokens depend on each other. Reading one
+# row is easy; reading *a* row of the model's choice is not for parallel decoding: the row number and the digits
+# after it must agree, and each position's marginal mixes the rows.
+CHOICE_QUESTION_TYPES = ("any_row", "any_column", "two_rows")
+TASKS = {"digits": QUESTION_TYPES, "choice": CHOICE_QUESTION_TYPES}
+ALL_QUESTION_TYPES = QUESTION_TYPES + CHOICE_QUESTION_TYPES
 
 # Side of one digit cell in pixels: patch 16 x spatial merge 2, so one digit is one merged image token.
 CELL_SIZE = 32
@@ -79,6 +90,9 @@ _MAX_SHIFT = 3
 
 READ_QUESTION = "Read all digits row by row."
 READ_TWICE_QUESTION = "Read all digits row by row, then column by column."
+ANY_ROW_QUESTION = "Read one row of your choice and say which."
+ANY_COLUMN_QUESTION = "Read one column of your choice and say which."
+TWO_ROWS_QUESTION = "Read two different rows of your choice and say which."
 _ROW_SEPARATOR = " | "
 _TWICE_SEPARATOR = " ; "
 
@@ -188,10 +202,35 @@ def _read_rows(digits: np.ndarray) -> str:
     return _ROW_SEPARATOR.join(" ".join(str(int(d)) for d in row) for row in digits)
 
 
+def _named_line(kind: str, index: int, digits) -> str:
+    # "row 3 : 5 9 2 6" (index counted from 1)
+    return f"{kind} {index} : " + " ".join(str(int(d)) for d in digits)
+
+
+def accepted_answers(question_type: str, digits: np.ndarray) -> list[str]:
+    """Every right answer of a choice question (`CHOICE_QUESTION_TYPES`) about the grid `digits` `[rows, cols]`.
+
+    One per choice: `any_row` accepts "row i : ..." for every row i, `any_column` every column, `two_rows` every
+    ordered pair of different rows ("row i : ... | row j : ...").
+    """
+    digits = np.asarray(digits)
+    if question_type == "any_row":
+        return [_named_line("row", i + 1, row) for i, row in enumerate(digits)]
+    if question_type == "any_column":
+        return [_named_line("column", j + 1, col) for j, col in enumerate(digits.T)]
+    if question_type == "two_rows":
+        return [
+            _named_line("row", i + 1, digits[i]) + _ROW_SEPARATOR + _named_line("row", j + 1, digits[j])
+            for i in range(len(digits)) for j in range(len(digits)) if i != j
+        ]
+    raise ValueError(f"`question_type` must be one of {CHOICE_QUESTION_TYPES}, got {question_type!r}.")
+
+
 def make_question(question_type: str, digits: np.ndarray, rng: np.random.Generator) -> tuple[str, str]:
     """(question, answer) of `question_type` about a grid of digit labels `[rows, cols]`.
 
-    Rows and columns are counted from 1. The random choice of the cell or column comes from `rng`.
+    Rows and columns are counted from 1. The random choice of the cell or column (and, for the choice types, the
+    row(s) or column the answer reads, uniformly) comes from `rng`.
     """
     digits = np.asarray(digits)
     rows, cols = digits.shape
@@ -206,7 +245,16 @@ def make_question(question_type: str, digits: np.ndarray, rng: np.random.Generat
     if question_type == "read_twice":
         # Row-major, then column-major (the transposed grid read row by row).
         return READ_TWICE_QUESTION, _read_rows(digits) + _TWICE_SEPARATOR + _read_rows(digits.T)
-    raise ValueError(f"`question_type` must be one of {QUESTION_TYPES}, got {question_type!r}.")
+    if question_type == "any_row":
+        return ANY_ROW_QUESTION, accepted_answers(question_type, digits)[int(rng.integers(rows))]
+    if question_type == "any_column":
+        return ANY_COLUMN_QUESTION, accepted_answers(question_type, digits)[int(rng.integers(cols))]
+    if question_type == "two_rows":
+        if rows < 2:
+            raise ValueError("`two_rows` needs a grid of at least 2 rows.")
+        pairs = accepted_answers(question_type, digits)
+        return TWO_ROWS_QUESTION, pairs[int(rng.integers(len(pairs)))]
+    raise ValueError(f"`question_type` must be one of {ALL_QUESTION_TYPES}, got {question_type!r}.")
 
 
 def _question_weights(question_weights) -> tuple[list[str], np.ndarray]:
@@ -220,10 +268,10 @@ def _question_weights(question_weights) -> tuple[list[str], np.ndarray]:
         weights = [question_weights[name] for name in names]
     else:
         names, weights = list(question_weights), [1.0] * len(question_weights)
-    unknown = [name for name in names if name not in QUESTION_TYPES]
+    unknown = [name for name in names if name not in ALL_QUESTION_TYPES]
     if not names or unknown or len(set(names)) != len(names):
         raise ValueError(
-            f"`question_weights` must name distinct types among {QUESTION_TYPES} (a mapping type -> weight, or a "
+            f"`question_weights` must name distinct types among {ALL_QUESTION_TYPES} (a mapping type -> weight, or a "
             f"sequence of types drawn uniformly), got {question_weights!r}."
         )
     if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0 for w in weights) or (
@@ -252,7 +300,8 @@ def build_digits_dataset(
     - `messages`: user `[{"type": "image"}, {"type": "text", "text": question}]`, assistant
       `[{"type": "text", "text": answer}]` (the image block's `text` is None, as in Hub vision data sets);
     - `images`: a list with one RGB `PIL.Image` (`cols * 32` x `rows * 32` pixels);
-    - `question_type`: one of `QUESTION_TYPES`;
+    - `question_type`: one of `QUESTION_TYPES` (the default task) or `CHOICE_QUESTION_TYPES` (`TASKS["choice"]`);
+    - `accepted`: every right answer (the reference alone, except for the choice types: one per choice);
     - `digits`: the grid's labels, row by row (`rows * cols` ints);
     - `digit_ids`: the grid's digit images as indices into `load_digits_arrays()`, row by row.
 
@@ -262,7 +311,8 @@ def build_digits_dataset(
         seed: the same (split, seed) gives the same rows; different splits use independent random streams.
         question_weights: which question types to draw and how often: a mapping type -> weight (e.g.
             `{"position": 3, "column": 2, "read": 1, "read_twice": 1}`: half of the rows ask for one cell), a sequence
-            of types drawn uniformly, or None (every type of `QUESTION_TYPES`, uniformly).
+            of types drawn uniformly, or None (every type of `QUESTION_TYPES`, uniformly). The choice types
+            (`CHOICE_QUESTION_TYPES`) can be named too.
         rows, cols: grid shape, 1..8 each. The default 4 x 4 gives 16 image tokens and 37-token `read` answers.
         augment: move every digit by a random offset of up to 3 pixels each way inside its cell (training
             augmentation; the answers do not change). Off by default: evaluation grids are never shifted.
@@ -289,7 +339,7 @@ def build_digits_dataset(
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     # Its own stream, so `augment` changes the pixels only, never which digits and questions are drawn.
     shift_rng = np.random.default_rng([seed, SPLITS.index(split), 1])
-    columns = {"messages": [], "images": [], "question_type": [], "digits": [], "digit_ids": []}
+    columns = {"messages": [], "images": [], "question_type": [], "accepted": [], "digits": [], "digit_ids": []}
     for index in range(num_samples):
         ids = rng.choice(pool, size=(rows, cols))  # [rows, cols], with replacement
         question_type = names[index % len(names)] if balanced else names[int(rng.choice(len(names), p=weights))]
@@ -303,6 +353,9 @@ def build_digits_dataset(
         shifts = shift_rng.integers(-_MAX_SHIFT, _MAX_SHIFT + 1, size=(rows, cols, 2)) if augment else None
         columns["images"].append([render_grid(images[ids], shifts)])
         columns["question_type"].append(question_type)
+        columns["accepted"].append(
+            accepted_answers(question_type, labels[ids]) if question_type in CHOICE_QUESTION_TYPES else [answer]
+        )
         columns["digits"].append(labels[ids].reshape(-1).tolist())
         columns["digit_ids"].append(ids.reshape(-1).tolist())
     content = List({"type": Value("string"), "text": Value("string")})
@@ -311,6 +364,7 @@ def build_digits_dataset(
             "messages": List({"role": Value("string"), "content": content}),
             "images": List(ImageFeature()),
             "question_type": Value("string"),
+            "accepted": List(Value("string")),
             "digits": List(Value("int32")),
             "digit_ids": List(Value("int32")),
         }
@@ -323,18 +377,22 @@ def score_answer(prediction: str, reference: str) -> bool:
     return " ".join(prediction.split()) == " ".join(reference.split())
 
 
-def load_digits_ar_path() -> Path:
-    """Folder of the shipped autoregressive source model for the digits task (stock Qwen3-VL, Hub layout).
+def load_digits_ar_path(task: str = "digits") -> Path:
+    """Folder of the shipped autoregressive source model of `task` (stock Qwen3-VL, Hub layout).
 
-    Trained from scratch by `examples/scripts/train_digits_ar.py`; load it with
+    "digits": trained from scratch by `examples/scripts/train_digits_ar.py`; "choice": that model taught the choice
+    questions by the same script (`--init_from`, see its docstring). Load it with
     `Qwen3VLForConditionalGeneration.from_pretrained` and `BardVLProcessor.from_pretrained`.
     """
-    if not (_DIGITS_AR_DIR / "config.json").is_file():
+    if task not in _AR_DIRS:
+        raise ValueError(f"`task` must be one of {tuple(_AR_DIRS)}, got {task!r}.")
+    folder = _AR_DIRS[task]
+    if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"The digits AR checkpoint is missing from {str(_DIGITS_AR_DIR)!r}; reinstall the package or retrain it "
-            "with `python examples/scripts/train_digits_ar.py --output_dir <folder>`."
+            f"The {task} AR checkpoint is missing from {str(folder)!r}; reinstall the package or retrain it "
+            "with `python examples/scripts/train_digits_ar.py --output_dir <folder>` (its docstring has the command)."
         )
-    return _DIGITS_AR_DIR
+    return folder
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:
@@ -402,7 +460,9 @@ def evaluate(
     (everything before the last assistant turn): stock autoregressive decoding for a Qwen3-VL model, block-diffusion
     decoding (DESIGN 4) for a BARD-VL model, whose extra settings (`threshold`, `edit_threshold`, ...) come in
     `generate_kwargs`. Every answer is cut after its first EOS, decoded and compared with the reference
-    (`score_answer`). Batched decoding is for accuracy; time with `time_decoding` (batch 1).
+    (`score_answer`), or with each of the row's `accepted` answers where the dataset has that column (a choice
+    question is right when it matches any of them). Batched decoding is for accuracy; time with `time_decoding`
+    (batch 1).
 
     Args:
         model: a `Qwen3VLForConditionalGeneration` or `BardVLForConditionalGeneration`, in eval mode.
@@ -438,18 +498,19 @@ def evaluate(
             output = model.generate(**inputs, **kwargs)
         seconds += time.perf_counter() - began
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()  # [batch, new]
-        for tokens, messages, question_type in zip(new_tokens, rows["messages"], rows["question_type"]):
+        references = rows.get("accepted") or [[messages[-1]["content"][-1]["text"]] for messages in rows["messages"]]
+        for tokens, accepted, question_type in zip(new_tokens, references, rows["question_type"]):
             kept = _answer_tokens(tokens, eos_ids)
             generated += len(kept)
             text = tokenizer.decode(kept, skip_special_tokens=True)
             predictions.append(text)
-            correct.append(score_answer(text, messages[-1]["content"][-1]["text"]))
+            correct.append(any(score_answer(text, reference) for reference in accepted))
             types.append(question_type)
         if getattr(output, "num_forwards", None) is not None:
             forwards += int(output.num_forwards.sum())
             bard_tokens += int(output.num_generated_tokens.sum())
     per_type, counts = {}, {}
-    for question_type in [kind for kind in QUESTION_TYPES if kind in types]:
+    for question_type in [kind for kind in ALL_QUESTION_TYPES if kind in types]:
         hits = [hit for hit, kind in zip(correct, types) if kind == question_type]
         per_type[question_type], counts[question_type] = sum(hits) / len(hits), len(hits)
     return {

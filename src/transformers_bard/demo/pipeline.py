@@ -39,13 +39,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .claims import paired_difference_interval, verdict, wilson_interval
-from .digits import QUESTION_TYPES
+from .digits import ALL_QUESTION_TYPES, TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,13 @@ SHIFT_TARGET = 0.98  # ablation `shift`: steps until the B = 4 stage reaches thi
 AR_NAME = "AR (source, greedy)"
 
 
-def _default_weights() -> dict[str, float]:
-    # Measured (README, demo section): one-token answers get ~1/37 of the supervised tokens of a `read` row, and the
-    # converted model must re-learn them (its head predicts the token at its own position, DESIGN 2), so `position`
-    # is drawn 3x and `column` 2x as often as the long reads.
-    return {"position": 3.0, "column": 2.0, "read": 1.0, "read_twice": 1.0}
+# Training mix of question types per task. digits, measured (README, demo section): one-token answers get ~1/37 of
+# the supervised tokens of a `read` row, and the converted model must re-learn them (its head predicts the token at
+# its own position, DESIGN 2), so `position` is drawn 3x and `column` 2x as often as the long reads. choice: uniform.
+DEFAULT_QUESTION_WEIGHTS = {
+    "digits": {"position": 3.0, "column": 2.0, "read": 1.0, "read_twice": 1.0},
+    "choice": {"any_row": 1.0, "any_column": 1.0, "two_rows": 1.0},
+}
 
 
 @dataclass
@@ -67,10 +69,12 @@ class PipelineConfig:
     """Every knob of the demo pipeline, with the defaults of the full run (`quick()` gives the short one)."""
 
     output_dir: str = "demo_output"
-    source: str | None = None  # the AR source checkpoint; None = the shipped digits model
+    task: str = "digits"  # "digits" (the shipped default) or "choice" (the harder task: the answer names its choice)
+    source: str | None = None  # the AR source checkpoint; None = the task's shipped model
     seed: int = 0  # data sampling (train and test rows), noise, trainer seed
     train_samples: int = 8000
-    question_weights: dict[str, float] = field(default_factory=_default_weights)  # training mix of question types
+    # training mix of question types (types of `task`); None = DEFAULT_QUESTION_WEIGHTS[task]
+    question_weights: dict[str, float] | None = None
     eval_samples: int = 400  # test rows, the same number per question type
     timing_samples: int = 20  # the first test rows of every type in turn, decoded at batch 1 for tokens/s
     block_sizes: tuple[int, ...] = (4, 8, 16, 32)
@@ -157,18 +161,28 @@ class PipelineConfig:
             raise ValueError(
                 f"`swd_loss_normalization` must be 'token' or 'sample', got {self.swd_loss_normalization!r}."
             )
-        unknown = [name for name in self.question_weights if name not in QUESTION_TYPES]
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {tuple(TASKS)}, got {self.task!r}.")
+        if self.question_weights is None:
+            self.question_weights = dict(DEFAULT_QUESTION_WEIGHTS[self.task])
+        types = self.question_types
+        unknown = [name for name in self.question_weights if name not in types]
         if unknown or not self.question_weights:
             raise ValueError(
-                f"`question_weights` must map question types among {QUESTION_TYPES} to weights, got "
+                f"`question_weights` must map question types of the {self.task} task {types} to weights, got "
                 f"{self.question_weights!r}."
             )
-        if self.eval_samples < len(QUESTION_TYPES):
-            raise ValueError(f"`eval_samples` must be at least {len(QUESTION_TYPES)} (one row per question type).")
+        if self.eval_samples < len(types):
+            raise ValueError(f"`eval_samples` must be at least {len(types)} (one row per question type).")
         self.ablations = tuple(self.ablations)
         unknown = set(self.ablations) - set(ABLATIONS)
         if unknown:
             raise ValueError(f"Unknown `ablations` {sorted(unknown)}; choose from {ABLATIONS}.")
+
+    @property
+    def question_types(self) -> tuple[str, ...]:
+        """The task's question types (the test rows hold each equally often)."""
+        return TASKS[self.task]
 
     def stage_steps(self) -> list[int]:
         """Optimizer steps of each PBM stage, one per block size."""
@@ -439,19 +453,20 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         eval_runs += len(cfg.thresholds) + 2 * (2 + stage_steps[0] // cfg.shift_eval_every)
     progress = _Progress(report, train_steps, eval_runs)
     report(
-        f"digits demo: {train_steps} optimizer steps, {eval_runs} evaluations of {cfg.eval_samples} test rows; "
+        f"{cfg.task} demo: {train_steps} optimizer steps, {eval_runs} evaluations of {cfg.eval_samples} test rows; "
         f"writing to {out.resolve()}"
     )
 
     train = build_digits_dataset("train", cfg.train_samples, seed=cfg.seed, question_weights=cfg.question_weights)
     # Balanced (every type equally often), then grouped by type so a batch holds answers of similar length.
-    test = build_digits_dataset("test", cfg.eval_samples, seed=cfg.seed, balanced=True)
-    test = test.select(sorted(range(len(test)), key=lambda i: (QUESTION_TYPES.index(test[i]["question_type"]), i)))
+    types = cfg.question_types
+    test = build_digits_dataset("test", cfg.eval_samples, seed=cfg.seed, question_weights=types, balanced=True)
+    test = test.select(sorted(range(len(test)), key=lambda i: (types.index(test[i]["question_type"]), i)))
     # Timing rows: the first rows of every type in turn (position, column, read, read_twice, position, ...).
-    groups = [[i for i, kind in enumerate(test["question_type"]) if kind == name] for name in QUESTION_TYPES]
+    groups = [[i for i, kind in enumerate(test["question_type"]) if kind == name] for name in types]
     interleaved = [group[j] for j in range(max(map(len, groups))) for group in groups if j < len(group)]
     timing = test.select(interleaved[: cfg.timing_samples])
-    ar_dir = Path(cfg.source) if cfg.source else load_digits_ar_path()
+    ar_dir = Path(cfg.source) if cfg.source else load_digits_ar_path(cfg.task)
     processor = BardVLProcessor.from_pretrained(ar_dir)
 
     converted = out / "bard-b4"
@@ -607,7 +622,8 @@ def shift_study(cfg: PipelineConfig, ar_accuracy: float, runs: dict, processor, 
 
 def shift_markdown(shift: dict) -> str:
     """The `shift` ablation as Markdown: after conversion per question type, and the B = 4 stage's steps to target."""
-    types = [kind for kind in QUESTION_TYPES if kind in next(iter(shift["settings"].values()))["converted"]["per_type"]]
+    first = next(iter(shift["settings"].values()))["converted"]["per_type"]
+    types = [kind for kind in ALL_QUESTION_TYPES if kind in first]
     lines = [
         f"Shifted prediction (B = {shift['block_size']}, tau = {shift['threshold']}; target = "
         f"{SHIFT_TARGET:.0%} of AR = {shift['target']:.3f}):",
@@ -650,7 +666,7 @@ def _comparison_line(c: dict) -> str:
 
 def results_markdown(results: dict) -> str:
     """The accuracy table (with Wilson 95% intervals) and the claims table, as Markdown."""
-    types = [kind for kind in QUESTION_TYPES if any(kind in r["per_type"] for r in results["rows"])]
+    types = [kind for kind in ALL_QUESTION_TYPES if any(kind in r["per_type"] for r in results["rows"])]
     lines = [
         "| model | B | tau | exact match [95% CI] | " + " | ".join(types) + " | tokens/forward | tokens/s | vs AR |",
         "|---|---:|---:|---|" + "---:|" * len(types) + "---:|---:|---:|",
