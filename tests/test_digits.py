@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from transformers_bard.demo import digits
 from transformers_bard.demo.digits import (
@@ -331,6 +332,23 @@ def test_train_digits_ar_script_end_to_end(tmp_path):
     for kind in QUESTION_TYPES:
         assert info[f"test_{kind}"]["num_samples"] == 1 and 0.0 <= info[f"test_{kind}"]["accuracy"] <= 1.0
     assert (out / "model.safetensors").is_file() and (out / "chat_template.json").is_file()
+
+    # --init_from: continue from that checkpoint on the choice questions (how the choice task's source is made)
+    more = tmp_path / "choice"
+    module.main([
+        "--output_dir", str(more), "--init_from", str(out), "--max_steps", "1", "--batch_size", "2",
+        "--learning_rate", "0", "--question_weights", "any_row:1,two_rows:1", "--num_threads", "1",
+        "--eval_samples", "1", "--eval_batch_size", "1", "--logging_steps", "1",
+    ])
+    info = json.loads((more / "training_info.json").read_text())
+    assert {key for key in info if key.startswith("test_")} == {"test_any_row", "test_two_rows"}
+    assert json.loads((more / "config.json").read_text())["text_config"]["hidden_size"] == 64  # not the default 192
+    assert (more / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    from safetensors.torch import load_file
+
+    before, after = load_file(out / "model.safetensors"), load_file(more / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # learning rate 0: the weights it started from
 
 
 # ------------------------------------------------------------------------------------- the choice task (--task choice)
