@@ -20,11 +20,12 @@ time, test-split accuracies with greedy AR decoding).
 
 `--init_from DIR` continues from a trained source instead (no curriculum: every grid is 4 x 4; its tokenizer and
 processor files are reused). The choice task's source is the shipped digits model taught the choice questions
-(`transformers_bard.demo.digits.CHOICE_QUESTION_TYPES`) with the digits questions kept in the mix:
+(`transformers_bard.demo.digits.CHOICE_QUESTION_TYPES`) with `read` kept in the mix (the command that made it; its
+`training_info.json` records it too):
 
     python examples/scripts/train_digits_ar.py --output_dir src/transformers_bard/demo/data/digits_choice_ar \
-        --overwrite --init_from src/transformers_bard/demo/data/digits_ar --max_steps 400 --learning_rate 3e-4 \
-        --question_weights any_row:2,any_column:2,two_rows:2,position:1,column:1,read:1,read_twice:1
+        --overwrite --init_from src/transformers_bard/demo/data/digits_ar --max_steps 400 --batch_size 16 \
+        --learning_rate 3e-4 --question_weights any_row:2,any_column:2,two_rows:2,read:1 --eval_samples 200
 """
 
 import os
