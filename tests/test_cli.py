@@ -48,3 +48,19 @@ def test_bad_arguments_exit_with_message(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_demo_arguments_reach_the_pipeline(monkeypatch, capsys):
+    from transformers_bard.demo import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", seen.append)
+    assert main(["demo", "--task", "choice", "--noise-prior", "mix", "--ablations", "all", "--seed", "3"]) == 0
+    cfg = seen[-1]
+    assert (cfg.task, cfg.noise_prior, cfg.seed) == ("choice", "mix", 3)
+    # under mix every model is mixed already: `all` leaves out the prior comparison, and keeps the rest in order
+    assert cfg.ablations == tuple(a for a in pipeline.ABLATIONS if a != "mix")
+    assert main(["demo", "--ablations", "all"]) == 0
+    assert seen[-1].noise_prior == "mask" and seen[-1].ablations == pipeline.ABLATIONS
+    assert main(["demo", "--noise-prior", "mix", "--ablations", "direct,mix"]) == 2
+    assert "Drop `mix` from `ablations`" in capsys.readouterr().err

@@ -83,6 +83,38 @@ def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
     assert (noise["min_rate"], noise["max_rate"]) == (0.001, 1.0)  # the setting asked for was trained
 
 
+@pytest.mark.slow
+def test_pipeline_under_the_mix_prior(tiny_qwen3_vl_dir, tmp_path, monkeypatch):
+    # --noise-prior mix: every trained model (PBM, SWD, direct) under mixed noise, every BARD decode with revision.
+    from transformers_bard.demo import digits
+
+    seen = []
+    real = digits.evaluate
+
+    def recording(model, processor, test, generate_kwargs=None, **kwargs):
+        seen.append((type(model).__name__, dict(generate_kwargs or {})))
+        return real(model, processor, test, generate_kwargs=generate_kwargs, **kwargs)
+
+    monkeypatch.setattr(digits, "evaluate", recording)
+    cfg = _tiny_config(tmp_path, tiny_qwen3_vl_dir, noise_prior="mix", ablations=("direct",), edit_threshold=0.8)
+    results = run_pipeline(cfg, report=lambda line: None)
+    assert [(r["model"], r["threshold"]) for r in results["rows"]] == [
+        ("AR (source, greedy)", None), ("PBM(mix) B=4", 1.0), ("PBM(mix) B=8", 1.0), ("PBM(mix) B=8", 0.5),
+        ("PBM(mix)+SWD B=8", 1.0), ("PBM(mix)+SWD B=8", 0.5), ("direct(mix) B=8", 1.0), ("direct(mix) B=8", 0.5),
+    ]
+    for stage in ("pbm/stage-b4", "pbm/stage-b8", "swd-b8/stage-b8", "direct/stage-b8"):
+        noise = json.loads((tmp_path / stage / "noise_scheduler_config.json").read_text())
+        assert noise["prior"] == "mix", stage
+    bard = [kwargs for name, kwargs in seen if name.startswith("Bard")]
+    assert len(bard) == 7 and all(kwargs["edit_threshold"] == 0.8 for kwargs in bard)
+    assert [kwargs for name, kwargs in seen if not name.startswith("Bard")] == [{}]  # the AR source: plain greedy
+    claims = {c["claim"]: c for c in results["claims"]}
+    assert claims["b"]["compared"][1]["model"] == "direct(mix) B=8" and claims["e"]["verdict"] == "not run"
+    assert (tmp_path / "results.md").read_text().startswith(
+        "Every BARD model trained with the mix noise prior and decoded with revision (edit threshold 0.8)."
+    )
+
+
 def _eval(correct, tokens_per_forward):
     return {"correct": correct, "accuracy": sum(correct) / len(correct), "tokens_per_forward": tokens_per_forward}
 
@@ -175,5 +207,9 @@ def test_bad_pipeline_settings():
         PipelineConfig(question_weights={"count": 1.0})
     with pytest.raises(ValueError, match="ablations"):
         PipelineConfig(ablations=("nope",))
+    with pytest.raises(ValueError, match="noise_prior"):
+        PipelineConfig(noise_prior="uniform")
+    with pytest.raises(ValueError, match="Drop `mix` from `ablations`"):
+        PipelineConfig(noise_prior="mix", ablations=("direct", "mix"))
     assert PipelineConfig(pbm_steps=300).stage_steps() == [300, 300, 300, 300]
     assert PipelineConfig().stage_steps() == [500, 100, 450, 450]

@@ -71,8 +71,11 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             `"token"` (DESIGN 3.6, the reference): a mean over the step's masked positions, so every masked token
             weighs the same and long answers dominate the step. `"sample"`: a mean over each sample's masked
             positions, then a mean over the step's samples (those with at least one masked position), so a
-            one-token answer weighs as much as a 77-token one. Chosen by measurement (README, the demo's `norm`
-            ablation).
+            one-token answer weighs as much as a 77-token one. `"token"` stays the default by measurement: the
+            demo's `sample_norm` ablation found no difference four times (same B = 32 student and anchor, 400 test
+            rows, paired 95% intervals): digits 0.000 [-0.010, +0.010] at today's defaults and -0.005 [-0.017,
+            +0.005] at the old ones, choice +0.005 [-0.005, +0.018] (mask-only noise) and under mixed noise
+            (docs/demo_results/README.md).
 
         > Schedule and noise
 
@@ -80,7 +83,15 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             Leave unset: SWD trains one block size, the student's `config.block_size`. When set it must be `[B_s]`
             and is checked against the student. The trainer never writes it (see `DiffusionDistillTrainer.block_sizes`).
         noise_min_rate (`float`, *optional*, defaults to `0.1`) / noise_max_rate (`float`, *optional*, defaults to `0.5`):
-            Clamp of the per-block uniform draw (the reference SWD mask rates).
+            Clamp of the per-block uniform draw (the reference SWD configuration; its code effectively trained with
+            [0.001, 1.0]). Kept by measurement: the demo's `wide_mask_rates` ablation ([0.001, 1.0] on the same
+            student and anchor) found no difference each time: digits 0.000 [-0.010, +0.010] at today's defaults,
+            -0.002 [-0.017, +0.011] and +0.003 [-0.016, +0.021] before, choice -0.003 [-0.017, +0.011].
+        learning_rate (`float`, *optional*, defaults to `6e-6`):
+            The reference SWD runs' rate for 2B-8B students, kept for models of that size. The demo's 2.5M-parameter
+            model uses 3e-5 (`PipelineConfig.swd_learning_rate`), measured there: from an AR-level B = 32 student,
+            1e-4 cost 3 points even with a near-zero loss (AdamW moves every weight by about the learning rate per
+            step), 3e-5 kept it exact. Tune it with the student's size, and watch exact match, not the loss.
     """
 
     _VALID_DICT_FIELDS = BlockDiffusionConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
