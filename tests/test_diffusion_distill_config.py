@@ -22,7 +22,7 @@ def test_config_defaults_follow_the_reference_and_bad_values_are_named(tmp_path)
     assert (args.noise_prior, args.noise_min_rate, args.noise_max_rate) == ("mask", 0.1, 0.5)
     assert (args.teacher_type, args.teacher_block_size, args.teacher_topk, args.temperature) == ("diffusion", 4, 16, 1)
     assert (args.ce_weight, args.kd_weight, args.reverse_kd, args.loss_normalization) == (1.0, 0.5, False, "token")
-    assert args.kd_on_eos_padding is True  # DESIGN 3.6: every masked position
+    assert args.kd_on_eos_padding is False  # measured (the demo's kd_eos_padding ablation); DESIGN 3.6: True
     assert (args.adam_beta2, args.weight_decay, args.max_grad_norm) == (0.95, 0.0, 1.0)
     assert args.gradient_checkpointing and args.block_sizes is None
     assert DiffusionDistillConfig(str(tmp_path), use_cpu=True, block_sizes=[8]).block_sizes == [8]

@@ -69,7 +69,7 @@ def test_loss_equals_separate_teacher_and_student_forwards(
 ):
     """DESIGN 3.6 by loops over two full forwards of the same packed row: the student at B_s = 8, the teacher with its
     own B_t = 4 mask; positions = the masked xt tokens only (the `mix` prior also substitutes tokens, excluded)."""
-    args = make_args(tmp_path, noise_prior="mix", teacher_topk=5)
+    args = make_args(tmp_path, noise_prior="mix", teacher_topk=5, kd_on_eos_padding=True)  # KD everywhere first
     trainer = DiffusionDistillTrainer(
         str(tiny_bard_vl_b8_dir), str(tiny_bard_vl_teacher_dir), args=args, train_dataset=dataset
     )
@@ -178,7 +178,7 @@ def test_shifted_prediction_distills_each_target_from_its_source(
     differs from the student's is refused; the AR source (shifted by nature) teaches either."""
     student = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_b8_dir, prediction_shift=True)
     teacher = BardVLForConditionalGeneration.from_pretrained(tiny_bard_vl_teacher_dir, prediction_shift=True)
-    args = make_args(tmp_path, teacher_topk=5)
+    args = make_args(tmp_path, teacher_topk=5, kd_on_eos_padding=True)  # the reference below distils every position
     trainer = DiffusionDistillTrainer(student, teacher, args=args, train_dataset=dataset,
                                       processing_class=BardVLProcessor.from_pretrained(tiny_bard_vl_b8_dir))
     batch = trainer.data_collator(indexed_rows(3))

@@ -25,10 +25,16 @@ holds, for both settings, the exact match per question type right after conversi
 stage's exact match every `shift_eval_every` steps and the first step at >= 98% of the AR source's exact match;
 the final B = largest models join the main table.
 
-Two more ablations decide SWD's settings (issue 9, item 5), each distilling the same B = largest PBM student from the
+`noise_prior="mix"` (CLI `--noise-prior mix`) trains every model of the run with the mixed-noise prior (DESIGN 3.3)
+and decodes every BARD model with revision at `edit_threshold`; the model names carry "(mix)". On the choice task,
+where mask-only B = 32 models stay at the floor, this is how (b)-(d) are judged; (e), the prior comparison itself,
+needs a mask-only run.
+
+Three more ablations decide SWD's settings (issue 9, item 5), each distilling the same B = largest PBM student from the
 same anchor with one setting changed: `sample_norm` (the loss averaged per sample, then over the step's samples,
 instead of over the step's masked tokens) and `wide_mask_rates` (mask rates [0.001, 1.0], what the reference code
-effectively trained with, instead of the configured [0.1, 0.5]). `results["settings"]` compares each with the default
+effectively trained with, instead of the configured [0.1, 0.5]) and `kd_eos_padding` (the other value of
+`swd_kd_on_eos_padding`). `results["settings"]` compares each with the default
 SWD model over the same rows at `claim_threshold`, with the same paired interval and verdict as the claims.
 """
 
@@ -55,7 +61,7 @@ SHIFT_TARGET = 0.98  # ablation `shift`: steps until the B = 4 stage reaches thi
 AR_NAME = "AR (source, greedy)"
 
 
-# Training mix of question types per task. digits, measured (README, demo section): one-token answers get ~1/37 of
+# Training mix of question types per task. digits, measured (docs/demo_results/README.md): one-token answers get ~1/37 of
 # the supervised tokens of a `read` row, and the converted model must re-learn them (its head predicts the token at
 # its own position, DESIGN 2), so `position` is drawn 3x and `column` 2x as often as the long reads. choice: uniform.
 DEFAULT_QUESTION_WEIGHTS = {
@@ -78,29 +84,33 @@ class PipelineConfig:
     eval_samples: int = 400  # test rows, the same number per question type
     timing_samples: int = 20  # the first test rows of every type in turn, decoded at batch 1 for tokens/s
     block_sizes: tuple[int, ...] = (4, 8, 16, 32)
-    # Optimizer steps per PBM stage: one value for all, or one per block size. Measured (README, demo section): B = 4
+    # Optimizer steps per PBM stage: one value for all, or one per block size. Measured (docs/demo_results/README.md): B = 4
     # re-learns the AR skill under the diffusion objective (about 550 steps to exact training tokens); with 200 steps
     # at B = 16 and 32 the one-token `position` answers fall to 0.79 and 0.41, with 600 they stay at 0.99 and 1.00.
     # 500, 100, 450, 450 fit the 15-minute target on 2 idle cores (13.1 min measured) at PBM B = 32 = 1.000.
     pbm_steps: int | tuple[int, ...] = (500, 100, 450, 450)
     swd_steps: int = 120  # optimizer steps per SWD student
     # SWD mask rates (DESIGN 3.6): [0.1, 0.5] as configured upstream; [0.001, 1.0] is what the reference code trained.
-    # Measured twice on the same B = 32 student (README): no difference (+0.3 points [-1.6, +2.1]; -0.2 [-1.7, +1.1]
-    # in the --ablations all run); the paper's configuration stays the default.
+    # The ablation `wide_mask_rates` (same B = 32 student and anchor; docs/demo_results/README.md): no difference on
+    # the digits task (0.0 points [-1.0, +1.0] at today's defaults, -0.2 and +0.3 before) or the choice task under
+    # mask-only noise (-0.3); under mixed noise -9.0 points [-13.4, -4.6] for the wide rates at seed 0, 0.0 at seed 1:
+    # [0.1, 0.5] stays.
     swd_mask_rates: tuple[float, float] = (0.1, 0.5)
     # SWD loss normalisation (DiffusionDistillConfig.loss_normalization): "token" (DESIGN 3.6) or "sample"; the
-    # ablation `sample_norm` measures the other one: -0.5 points [-1.7, +0.5] for "sample", so "token" stays.
+    # ablation `sample_norm` found no difference in four runs (digits 0.0 and -0.5 points, choice +0.5 and -1.5), so
+    # "token" stays.
     swd_loss_normalization: str = "token"
-    # KD at the EOS padding past the real end (DiffusionDistillConfig.kd_on_eos_padding; DESIGN 3.6 includes it).
-    # Measured: a B = 32 row holds up to 31 EOS paddings, the B = 4 anchor was trained with at most 3, and its top-1
-    # there is right at 13% of them (100% elsewhere); with KD there SWD lost 13 points (0.870 at lr 3e-5), without it
-    # none. The ablation `kd_eos_padding` measures the other setting.
+    # KD at the EOS padding past the real end (DiffusionDistillConfig.kd_on_eos_padding, whose default this is too;
+    # DESIGN 3.6 includes it). A B = 32 row holds up to 31 EOS paddings, the B = 4 anchor was trained with at most 3,
+    # and its top-1 there is right at 13% of them (100% elsewhere). The ablation `kd_eos_padding` measures the other
+    # setting: -3.0 points [-5.2, -1.4] on the digits task at today's defaults (13 points in the earlier SWD study),
+    # no difference on the choice task under mixed noise.
     swd_kd_on_eos_padding: bool = False
     batch_size: int = 16
     learning_rate: float = 5e-4  # a few-million-parameter model adapts with larger steps than the paper's 2e-5
-    # Measured (README, "Settings decided by measurement"): from an AR-level PBM B = 32 model, 1e-4 costs 3 points of
-    # exact match even with a near-zero loss (AdamW moves every weight by about the learning rate per step); 3e-5 keeps
-    # it at 1.000.
+    # Measured (docs/demo_results/README.md, "Settings decided by measurement"): from an AR-level PBM B = 32 model,
+    # 1e-4 costs 3 points of exact match even with a near-zero loss (AdamW moves every weight by about the learning
+    # rate per step); 3e-5 keeps it at 1.000. The library's default (6e-6) is the reference's for 2B-8B students.
     swd_learning_rate: float = 3e-5
     vision_learning_rate: float = 5e-5
     thresholds: tuple[float, ...] = (0.9, 0.7, 0.5)  # the largest-B models and the ablations
@@ -596,7 +606,11 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     settings = judge_settings(cfg, evals, names)
     results = {
         "config": asdict(cfg),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {cfg.threads} training threads, "
+        # the CPU kernels torch dispatches to (AVX2, AVX512, ...) may round differently: training is bitwise
+        # repeatable on one machine, but the same seed and code have given different models in other sessions
+        # (docs/demo_results/README.md, "Training variance")
+        "machine": f"{os.cpu_count()} CPU cores ({torch.backends.cpu.get_cpu_capability()} kernels), torch "
+        f"{torch.__version__}, {cfg.threads} training threads, "
         f"{cfg.eval_threads} decoding thread(s)",
         "eval_samples": len(test),
         "eval_samples_per_type": evals[(AR_NAME, None)]["counts"],
@@ -749,7 +763,10 @@ def plot_results(results: dict, path: Path) -> None:
                     color=colors[index % len(colors)])
     ax.set_xlabel("tokens / s (batch 1, prefill included, one thread)")
     ax.set_ylabel("exact match on the test split (%, 95% CI)")
-    ax.set_title(f"Digits task ({results.get('eval_samples', '?')} test rows): accuracy against throughput")
+    config = results.get("config", {})
+    prior = "" if config.get("noise_prior", "mask") == "mask" else f", {config['noise_prior']} noise"
+    ax.set_title(f"{config.get('task', 'digits').capitalize()} task{prior} ({results.get('eval_samples', '?')} test "
+                 "rows): accuracy against throughput")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
