@@ -34,8 +34,8 @@ Three more ablations decide SWD's settings (issue 9, item 5), each distilling th
 same anchor with one setting changed: `sample_norm` (the loss averaged per sample, then over the step's samples,
 instead of over the step's masked tokens) and `wide_mask_rates` (mask rates [0.001, 1.0], what the reference code
 effectively trained with, instead of the configured [0.1, 0.5]) and `kd_eos_padding` (the other value of
-`swd_kd_on_eos_padding`). `results["settings"]` compares each with the default
-SWD model over the same rows at `claim_threshold`, with the same paired interval and verdict as the claims.
+`swd_kd_on_eos_padding`). `results["settings"]` compares each with the default SWD model over the same rows at
+`claim_threshold`, with the same paired interval and verdict as the claims.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ SHIFT_TARGET = 0.98  # ablation `shift`: steps until the B = 4 stage reaches thi
 AR_NAME = "AR (source, greedy)"
 
 
-# Training mix of question types per task. digits, measured (docs/demo_results/README.md): one-token answers get ~1/37 of
-# the supervised tokens of a `read` row, and the converted model must re-learn them (its head predicts the token at
-# its own position, DESIGN 2), so `position` is drawn 3x and `column` 2x as often as the long reads. choice: uniform.
+# Training mix of question types per task. digits, measured (docs/demo_results/README.md): one-token answers get
+# ~1/37 of the supervised tokens of a `read` row, and the converted model must re-learn them (its head predicts the
+# token at its own position, DESIGN 2), so `position` is drawn 3x and `column` 2x as often as the long reads. choice:
+# uniform.
 DEFAULT_QUESTION_WEIGHTS = {
     "digits": {"position": 3.0, "column": 2.0, "read": 1.0, "read_twice": 1.0},
     "choice": {"any_row": 1.0, "any_column": 1.0, "two_rows": 1.0},
@@ -84,9 +85,10 @@ class PipelineConfig:
     eval_samples: int = 400  # test rows, the same number per question type
     timing_samples: int = 20  # the first test rows of every type in turn, decoded at batch 1 for tokens/s
     block_sizes: tuple[int, ...] = (4, 8, 16, 32)
-    # Optimizer steps per PBM stage: one value for all, or one per block size. Measured (docs/demo_results/README.md): B = 4
-    # re-learns the AR skill under the diffusion objective (about 550 steps to exact training tokens); with 200 steps
-    # at B = 16 and 32 the one-token `position` answers fall to 0.79 and 0.41, with 600 they stay at 0.99 and 1.00.
+    # Optimizer steps per PBM stage: one value for all, or one per block size. Measured (docs/demo_results/README.md):
+    # B = 4 re-learns the AR skill under the diffusion objective (about 550 steps to exact training tokens); with 200
+    # steps at B = 16 and 32 the one-token `position` answers fall to 0.79 and 0.41, with 600 they stay at 0.99 and
+    # 1.00.
     # 500, 100, 450, 450 fit the 15-minute target on 2 idle cores (13.1 min measured) at PBM B = 32 = 1.000.
     pbm_steps: int | tuple[int, ...] = (500, 100, 450, 450)
     swd_steps: int = 120  # optimizer steps per SWD student
@@ -295,11 +297,11 @@ def _common_args(cfg: PipelineConfig, output_dir: Path) -> dict:
     )
 
 
-def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps, prior=None,
+def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps,
                     save_every: int | None = None):
-    """PBM (DESIGN 3.5): one BlockMergeTrainer run over `block_sizes`, `steps[i]` optimizer steps at `block_sizes[i]`;
-    returns {B: stage folder}. `prior`: the noise prior (default `cfg.noise_prior`). `save_every`: also keep the
-    model every that many steps (``checkpoints-b{B}``)."""
+    """PBM (DESIGN 3.5): one BlockMergeTrainer run over `block_sizes`, `steps[i]` optimizer steps at `block_sizes[i]`,
+    under `cfg.noise_prior`; returns {B: stage folder}. `save_every`: also keep the model every that many steps
+    (``checkpoints-b{B}``)."""
     from ..trainer.block_merge_config import BlockMergeConfig
     from ..trainer.block_merge_trainer import BlockMergeTrainer
 
@@ -308,7 +310,7 @@ def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, trai
         common.update(save_strategy="steps", save_steps=save_every, save_only_model=True)
     args = BlockMergeConfig(
         block_sizes=list(block_sizes), stage_steps=list(steps), learning_rate=cfg.learning_rate,
-        max_warmup_steps=max(1, min(steps) // 10), noise_prior=prior or cfg.noise_prior, **common,
+        max_warmup_steps=max(1, min(steps) // 10), noise_prior=cfg.noise_prior, **common,
     )
     trainer = BlockMergeTrainer(str(model_dir), args=args, train_dataset=train)
     trainer.train()
@@ -545,9 +547,10 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
             models[names[key]] = (path, cfg.thresholds, extra)
             progress.stage(f"ablation: {stage}", train_steps=cfg.swd_steps)
     if "mix" in cfg.ablations:
-        mixed = run_block_merge(cfg, converted, out / "pbm-mix", train, cfg.block_sizes, stage_steps, prior="mix")
+        mix_cfg = replace(cfg, noise_prior="mix", ablations=())  # the same run with the other prior
+        mixed = run_block_merge(mix_cfg, converted, out / "pbm-mix", train, cfg.block_sizes, stage_steps)
         names["mix"] = f"PBM(mix)+revision B={largest}"
-        models[names["mix"]] = (mixed[largest], cfg.thresholds, {"edit_threshold": cfg.edit_threshold})
+        models[names["mix"]] = (mixed[largest], cfg.thresholds, mix_cfg.decode_kwargs)
         progress.stage("ablation: mixed noise", train_steps=sum(stage_steps))
     if "shift" in cfg.ablations:
         # the same AR source, schedule, data and seeds; only the head's meaning differs (DESIGN 4.1)

@@ -70,8 +70,7 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             paired 95% intervals): on the digits task KD at the padding cost 3.0 points [-5.2, -1.4] at B = 32 and
             41% of the tokens per forward (24.8 against 41.7), and 13 points in the earlier SWD study; on the choice
             task it made no difference under mixed noise (-1.3 [-5.9, +3.4] at seed 0, +2.0 [-1.7, +5.7] at
-            seed 1) and +1.8 [+0.3, +3.7] between two mask-only models near zero (0.028 vs
-            0.010).
+            seed 1) and +1.8 [+0.3, +3.7] between two mask-only models near zero (0.028 vs 0.010).
         loss_normalization (`str`, *optional*, defaults to `"token"`):
             How `ce_weight * CE + kd_weight * KD` is averaged over an optimizer step (all micro-batches and ranks).
             `"token"` (DESIGN 3.6, the reference): a mean over the step's masked positions, so every masked token
@@ -93,8 +92,8 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             [0.001, 1.0]). Kept by measurement: the demo's `wide_mask_rates` ablation ([0.001, 1.0] on the same
             student and anchor) found no difference each time: digits 0.000 [-0.010, +0.010] at today's defaults,
             -0.002 [-0.017, +0.011] and +0.003 [-0.016, +0.021] before, choice -0.003 [-0.017, +0.011] under
-            mask-only noise; under mixed noise the wide rates cost 9 points at seed 0 (-0.090 [-0.134, -0.046]) and nothing at
-            seed 1 (0.000 [-0.032, +0.032]).
+            mask-only noise; under mixed noise the wide rates cost 9 points at seed 0 (-0.090 [-0.134, -0.046])
+            and nothing at seed 1 (0.000 [-0.032, +0.032]).
         learning_rate (`float`, *optional*, defaults to `6e-6`):
             The reference SWD runs' rate for 2B-8B students, kept for models of that size. The demo's 2.5M-parameter
             model uses 3e-5 (`PipelineConfig.swd_learning_rate`), measured there: from an AR-level B = 32 student,
