@@ -522,6 +522,109 @@ class _Rows:
             setattr(self, name, getattr(self, name)[keep])
 
 
+def resolve_decoding_plan(config: BardVLGenerationConfig, model_config, input_ids, stopping_criteria) -> _DecodingPlan:
+    """The scalars of one `generate` call (`_DecodingPlan`) from its generation config and the model config
+    (`block_size`, `mask_token_id`, `prediction_shift`); `input_ids` ``[batch, prompt]`` gives the device and, for
+    `max_length`, the prompt length. Also used by engine integrations, one request at a time."""
+    B = config.block_size if config.block_size is not None else model_config.block_size
+    steps = config.steps_per_block if config.steps_per_block is not None else B
+    if not 1 <= steps <= B:
+        raise ValueError(f"`steps_per_block`={steps} must be in [1, block_size={B}]: each step unmasks at least "
+                         "one token of the block.")
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None and config.max_length is not None:
+        max_new_tokens = config.max_length - input_ids.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_length`={config.max_length} leaves no room after the prompt of "
+                             f"{input_ids.shape[1]} tokens. Set `max_new_tokens` instead.")
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    eos = config.eos_token_id
+    eos_list = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos_list[0] if eos_list else None)
+    if pad is None and stopping_criteria and input_ids.shape[0] > 1:
+        raise ValueError("Rows stopped by `stopping_criteria` need padding, but neither `pad_token_id` nor "
+                         "`eos_token_id` is set. Pass pad_token_id=... .")
+    temperature = float(config.temperature or 0.0)
+    warpers = LogitsProcessorList()
+    if temperature > 0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+        if config.top_k:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+    return _DecodingPlan(
+        block_size=B,
+        steps_per_block=steps,
+        max_new_tokens=max_new_tokens,
+        num_blocks=math.ceil(max_new_tokens / B),
+        mask_token_id=model_config.mask_token_id,
+        eos_token_ids=torch.tensor(eos_list, device=input_ids.device) if eos_list else None,
+        pad_token_id=pad,
+        unmasking=config.unmasking,
+        threshold=float(config.threshold),
+        edit_threshold=None if config.edit_threshold is None else float(config.edit_threshold),
+        temperature=temperature,
+        warpers=warpers,
+        fuse_commit=config.fuse_commit,
+        eos_fill=config.eos_fill,
+        eos_tail_fill=config.eos_tail_fill,
+        prefill_step=config.prefill_step,
+        output_trace=config.output_trace,
+        prediction_shift=model_config.prediction_shift,
+    )
+
+
+def propose_tokens(logits, plan: _DecodingPlan, generator=None, process=None):
+    """A token and its confidence per decided position (DESIGN 4.2); both ``[N]``, from `logits` ``[N, vocab]``.
+
+    The mask token is never a candidate. `process` (``scores -> scores``, optional) applies logits processors and
+    the sampling warpers; `generate` passes its processors (`_scores_processor`), an engine without processors
+    passes `plan.warpers`. Greedy takes the argmax and its softmax probability, sampling draws from the
+    (processed) distribution and reports the drawn token's probability under it.
+    """
+    scores = logits.float()  # [N, vocab]
+    scores[:, plan.mask_token_id] = -float("inf")
+    if process is not None:
+        scores = process(scores)
+    if plan.temperature == 0:
+        # max softmax probability = exp(max - logsumexp): no second (N, vocab) tensor
+        best, tokens = scores.max(dim=-1)
+        confidence = torch.exp(best - torch.logsumexp(scores, dim=-1))
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, confidence
+
+
+def apply_block_step(block, decide, tokens, confidence, steps, plan: _DecodingPlan):
+    """One denoising step's decision on the blocks ``[m, B]`` (DESIGN 4.2, 4.4): the proposals `tokens` and
+    `confidence` ``[N]`` (row-major over the True entries of `decide` ``[m, B]``) are placed, `threshold`/`static`
+    unmasking with k_s of each row's step `steps` ``[m]`` (and revision) fills positions, then EOS fill.
+
+    The one step rule of `generate`, the continuous-batching server and engine integrations
+    (`transformers_bard.integrations.vllm`). Returns the new blocks, the blocks after unmasking (before EOS fill),
+    the EOS-filled positions ``[m, B]`` (None when no fill applies) and the confidence ``[m, B]`` (-inf where not
+    decided).
+    """
+    stepping = decide.any(-1)  # [m]
+    entry_row, entry_pos = decide.nonzero(as_tuple=True)
+    proposals = block.index_put((entry_row, entry_pos), tokens)  # [m, B]
+    full_confidence = torch.full(block.shape, -float("inf"), device=block.device).index_put(
+        (entry_row, entry_pos), confidence
+    )
+    mixin = BardVLGenerationMixin
+    chosen = mixin._unmask_tokens(block, proposals, full_confidence, stepping, plan.tokens_at_step(steps), plan)
+    updated, filled = chosen, None
+    if plan.eos_tail_fill and plan.eos_token_ids is not None:
+        updated, filled = mixin._fill_predicted_eos_tail(chosen, proposals, stepping, plan)
+    if plan.eos_fill and plan.eos_token_ids is not None:
+        updated, filled_after = mixin._fill_after_eos(updated, plan)
+        filled = filled_after if filled is None else filled | filled_after
+    return updated, chosen, filled, full_confidence
+
+
 class BardVLGenerationMixin:
     """Block-diffusion `generate` (DESIGN 4). Placed before `Qwen3VLForConditionalGeneration` in the model's bases, so
     its `generate` and `adjust_generation_fn` replace the autoregressive ones."""
@@ -752,53 +855,7 @@ class BardVLGenerationMixin:
                              "merged patches. Build the prompt and the pixels with the same processor call.")
 
     def _decoding_plan(self, config: BardVLGenerationConfig, input_ids, attention_mask, stopping_criteria):
-        B = config.block_size if config.block_size is not None else self.config.block_size
-        steps = config.steps_per_block if config.steps_per_block is not None else B
-        if not 1 <= steps <= B:
-            raise ValueError(f"`steps_per_block`={steps} must be in [1, block_size={B}]: each step unmasks at least "
-                             "one token of the block.")
-        max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None and config.max_length is not None:
-            max_new_tokens = config.max_length - input_ids.shape[1]
-            if max_new_tokens < 1:
-                raise ValueError(f"`max_length`={config.max_length} leaves no room after the prompt of "
-                                 f"{input_ids.shape[1]} tokens. Set `max_new_tokens` instead.")
-        if max_new_tokens is None:
-            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-        eos = config.eos_token_id
-        eos_list = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-        pad = config.pad_token_id if config.pad_token_id is not None else (eos_list[0] if eos_list else None)
-        if pad is None and stopping_criteria and input_ids.shape[0] > 1:
-            raise ValueError("Rows stopped by `stopping_criteria` need padding, but neither `pad_token_id` nor "
-                             "`eos_token_id` is set. Pass pad_token_id=... .")
-        temperature = float(config.temperature or 0.0)
-        warpers = LogitsProcessorList()
-        if temperature > 0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-            if config.top_k:
-                warpers.append(TopKLogitsWarper(config.top_k))
-            if config.top_p is not None and config.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(config.top_p))
-        return _DecodingPlan(
-            block_size=B,
-            steps_per_block=steps,
-            max_new_tokens=max_new_tokens,
-            num_blocks=math.ceil(max_new_tokens / B),
-            mask_token_id=self.config.mask_token_id,
-            eos_token_ids=torch.tensor(eos_list, device=input_ids.device) if eos_list else None,
-            pad_token_id=pad,
-            unmasking=config.unmasking,
-            threshold=float(config.threshold),
-            edit_threshold=None if config.edit_threshold is None else float(config.edit_threshold),
-            temperature=temperature,
-            warpers=warpers,
-            fuse_commit=config.fuse_commit,
-            eos_fill=config.eos_fill,
-            eos_tail_fill=config.eos_tail_fill,
-            prefill_step=config.prefill_step,
-            output_trace=config.output_trace,
-            prediction_shift=self.config.prediction_shift,
-        )
+        return resolve_decoding_plan(config, self.config, input_ids, stopping_criteria)
 
     # ------------------------------------------------------------------ 1. prefill
     def _prefill_prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
@@ -997,40 +1054,26 @@ class BardVLGenerationMixin:
         EOS-fill (DESIGN 4.4), record the trace and advance the rows' blocks."""
         stepping = decide.any(-1)  # [m]
         before = rows.block
-        chosen = filled = None
+        chosen = filled = confidence = None
         if logits is not None and bool(stepping.any()):
-            entry_row, entry_pos = decide.nonzero(as_tuple=True)  # [N]: row-major, the order of `logits`
-            tokens, confidence = self._propose_tokens(
-                logits, rows, entry_row, input_ids, generated, plan, logits_processor, generator
-            )
-            tokens = before.index_put((entry_row, entry_pos), tokens)  # [m, B]
-            confidence = torch.full(before.shape, -float("inf"), device=before.device).index_put(
-                (entry_row, entry_pos), confidence
-            )
-            chosen = self._unmask_tokens(before, tokens, confidence, stepping, plan.tokens_at_step(rows.steps), plan)
-            rows.block = chosen
-            if plan.eos_tail_fill and plan.eos_token_ids is not None:
-                rows.block, filled = self._fill_predicted_eos_tail(chosen, tokens, stepping, plan)
-            if plan.eos_fill and plan.eos_token_ids is not None:
-                rows.block, filled_after = self._fill_after_eos(rows.block, plan)
-                filled = filled_after if filled is None else filled | filled_after
+            entry_row = decide.nonzero(as_tuple=True)[0]  # [N]: row-major, the order of `logits`
+            process = self._scores_processor(rows, entry_row, input_ids, generated, plan, logits_processor)
+            tokens, confidence = propose_tokens(logits, plan, generator, process)
+            rows.block, chosen, filled, confidence = apply_block_step(before, decide, tokens, confidence, rows.steps,
+                                                                      plan)
         if trace is not None:
-            self._record_trace(trace, rows, kind, stepping, before, chosen, filled, confidence if chosen is not None
-                               else None, plan)
+            self._record_trace(trace, rows, kind, stepping, before, chosen, filled, confidence, plan)
         rows.steps = rows.steps + stepping.long()
 
-    def _propose_tokens(self, logits, rows: _Rows, entry_row, input_ids, generated, plan: _DecodingPlan,
-                        logits_processor, generator):
-        """A token and its confidence per decided position (DESIGN 4.2); both ``[N]``.
+    @staticmethod
+    def _scores_processor(rows: _Rows, entry_row, input_ids, generated, plan: _DecodingPlan, logits_processor):
+        """The `process` argument of `propose_tokens` for `generate`: logits processors, then the sampling warpers,
+        on ``(positions, vocab)`` scores with each position's row prompt and finished blocks as `input_ids` (one call
+        per group of rows at the same block, so `input_ids` is rectangular). None when there is nothing to apply."""
+        if not (logits_processor or plan.warpers):
+            return None
 
-        The mask token is never a candidate; logits processors see ``(positions, vocab)`` scores with each
-        position's row prompt and finished blocks as `input_ids` (one call per group of rows at the same block, so
-        `input_ids` is rectangular); greedy takes the argmax and its softmax probability, sampling draws from the
-        temperature/top-k/top-p distribution and reports the drawn token's probability under it.
-        """
-        scores = logits.float()  # [N, vocab]
-        scores[:, plan.mask_token_id] = -float("inf")
-        if logits_processor or plan.warpers:
+        def process(scores):
             B = plan.block_size
             block_of = rows.block_index[entry_row]  # [N]
             for index in block_of.unique().tolist():
@@ -1043,15 +1086,9 @@ class BardVLGenerationMixin:
                 if plan.temperature > 0:
                     part = plan.warpers(context, part)
                 scores[group] = part
-        if plan.temperature == 0:
-            # max softmax probability = exp(max - logsumexp): no second (N, vocab) tensor
-            best, tokens = scores.max(dim=-1)
-            confidence = torch.exp(best - torch.logsumexp(scores, dim=-1))
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-            confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, confidence
+            return scores
+
+        return process
 
     @staticmethod
     def _unmask_tokens(block, tokens, confidence, stepping, k, plan: _DecodingPlan):
