@@ -37,3 +37,24 @@ def test_gpu_check_runs_every_section_at_toy_size(tmp_path):
     assert generate["bard_b32_tokens_per_forward"] == pytest.approx(32.0, rel=0.05)  # one step per block of 32
     for script in ("block_merge", "diffusion_distill"):
         assert report["fsdp2"][script]["train_runtime"] > 0, report["fsdp2"]
+
+
+def test_vllm_check_runs_its_reference_without_vllm(tmp_path):
+    """`benchmarks/vllm_check.py` on a machine without vLLM: the probe says so, the reference still runs (the
+    tiny checkpoint built offline, unfused and default `generate`), so the script a GPU session runs cannot rot."""
+    out = tmp_path / "vllm_check.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vllm_check.py"), "--copies", "1",
+                             "--max-tokens", "8", "--out", str(out)],
+                            cwd=REPO, env={**offline_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["probe"]["ok"] and report["probe"]["versions"]["vllm"].startswith("missing")
+    assert "not installed" in report["vllm_skipped"] and "vllm_tiny" not in report
+    reference = report["reference_tiny"]
+    assert reference["ok"], reference.get("error")
+    for name in ("unfused", "default"):
+        assert len(reference[name]["answers"]) == 8 and reference[name]["tokens_per_s"] > 0
+    # the unfused forwards decode the same answers with more forwards: a commit forward per finished block
+    assert reference["unfused"]["answers"] == reference["default"]["answers"]
+    assert reference["unfused"]["tokens_per_forward"] < reference["default"]["tokens_per_forward"]

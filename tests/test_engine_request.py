@@ -217,11 +217,12 @@ def test_decoding_plan_follows_the_request_length_and_the_checkpoint(confident):
 
 
 # ---------------------------------------------------------------------------------------------- vLLM's contract
-def run_vllm_contract(model, inputs, slot) -> list[int]:
+def run_vllm_contract(model, inputs, slot, max_tokens: int, max_model_len: int, stop_ids) -> list[int]:
     """Drive a `CanvasSlot` the way vLLM 0.33's diffusion runner does (docs/serving/engines.md), with the
     transformers model as the engine: a causal prefill that returns no logits; then canvas forwards of B tokens after
-    the cache, bidirectional over cache and canvas, whose B logit rows go to the slot; the KV of the first k canvas
-    tokens stays where the slot emits k tokens, the rest is dropped. Returns the emitted tokens."""
+    the cache (fewer where the context ends), bidirectional over cache and canvas, whose logit rows go to the slot;
+    the KV of the first k canvas tokens stays where the slot emits k tokens, the rest is dropped; the request stops on
+    a token of `stop_ids`, at `max_tokens` or at `max_model_len` (vLLM's `check_stop`). Returns the emitted tokens."""
     from transformers import DynamicCache
 
     input_ids = inputs["input_ids"]
@@ -240,20 +241,23 @@ def run_vllm_contract(model, inputs, slot) -> list[int]:
               pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
               mm_token_type_ids=mm_types, logits_mask=torch.zeros_like(input_ids, dtype=torch.bool))
     canvas, emitted, cached = slot.finish_prefill(), [], P
-    while canvas is not None:
-        B = len(canvas)
-        positions = (response_start + cached - P + torch.arange(B))[None, None].expand(3, 1, -1)
-        everything = torch.ones(1, 1, B, cached + B, dtype=torch.bool)
+    while True:
+        width = min(slot.block_size, max_model_len - cached)
+        canvas = (canvas or [0] * slot.block_size)[:width]  # a finished slot's canvas is whatever is left
+        positions = (response_start + cached - P + torch.arange(width))[None, None].expand(3, 1, -1)
+        everything = torch.ones(1, 1, width, cached + width, dtype=torch.bool)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([canvas]), attention_mask=everything, position_ids=positions,
-                           cache=cache, use_cache=True).logits[0]  # [B, vocab]
+                           cache=cache, use_cache=True).logits[0]  # [width, vocab]
         emit, canvas = slot.step(logits)
-        kept = min(len(emit), B)
-        if B - kept:
-            cache.crop(-(B - kept))
-        cached += kept
-        emitted += emit
-    return emitted
+        assert len(emit) <= width
+        if width - len(emit):
+            cache.crop(-(width - len(emit)))
+        cached += len(emit)
+        for token in emit:
+            emitted.append(token)
+            if token in stop_ids or len(emitted) >= max_tokens or cached >= max_model_len:
+                return emitted  # vLLM trims anything after the stop
 
 
 @pytest.mark.parametrize("case", ["defaults", "static", "revision", "eos_tail_fill", "length_cut"])
@@ -273,8 +277,10 @@ def test_vllm_contract_answers_what_generate_answers_unfused(confident, case):
             config = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **options})
             slot = CanvasSlot(inputs["input_ids"].shape[1], decoding_plan(config, model.config),
                               max_model_len=4096, end_token=-1)
-            assert run_vllm_contract(model, inputs, slot) == expected, (text, case)
-            assert not slot.cut_by_context
+            got = run_vllm_contract(model, inputs, slot, options["max_new_tokens"], 4096,
+                                    model.generation_config.eos_token_id)
+            assert got == expected, (text, case)
+            assert not slot.cut_by_context and not slot.sent_end_token
     finally:
         model.config.prompt_attention = "block_causal"
 
@@ -295,12 +301,14 @@ def test_vllm_contract_limits_the_answer_to_blocks_that_fit_the_context(confiden
         config = model.generation_config.__class__.from_dict({**model.generation_config.to_dict(), **options})
         slot = CanvasSlot(P, decoding_plan(config, model.config), max_model_len=max_model_len, end_token=99)
         assert slot.cut_by_context
-        got = run_vllm_contract(model, inputs, slot)
+        got = run_vllm_contract(model, inputs, slot, 3 * B, max_model_len, [*model.generation_config.eos_token_id, 99])
         stopped_by_eos = expected[-1] in model.generation_config.eos_token_id
         assert got == (expected if stopped_by_eos else expected + [99])
+        assert slot.sent_end_token == (not stopped_by_eos)
         assert slot.request.finish_reason == ("stop" if stopped_by_eos else "length")
-        with pytest.raises(ValueError, match="no room for one block"):
-            CanvasSlot(P, decoding_plan(config, model.config), max_model_len=P + B - 1, end_token=99)
+        # no whole block fits: an empty answer, ended by the end token at the first canvas
+        slot = CanvasSlot(P, decoding_plan(config, model.config), max_model_len=P + B - 1, end_token=99)
+        assert run_vllm_contract(model, inputs, slot, 3 * B, P + B - 1, [99]) == [99]
     finally:
         model.config.prompt_attention = "block_causal"
 

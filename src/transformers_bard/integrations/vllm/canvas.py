@@ -61,29 +61,31 @@ class CanvasSlot:
 
     `plan` holds the checkpoint's decoding settings with the request's `max_tokens` as `max_new_tokens`. vLLM runs a
     canvas only while it fits in `max_model_len` and cuts the last one short, and a short canvas is not a BARD block,
-    so the answer is limited to whole blocks that fit. An answer that reaches that limit before `max_tokens` ends with
-    `end_token` (an EOS id), the only way to end a vLLM request early; its finish reason is then "stop", not
-    "length", and `cut_by_context` is True.
+    so the answer is limited to the whole blocks that fit (`cut_by_context`). vLLM ends a request on an EOS, at
+    `max_tokens` or at `max_model_len`; when the answer ends otherwise (at that limit, or on an EOS id vLLM does not
+    know), vLLM runs one more canvas, and the slot then emits `end_token` (an EOS id vLLM stops on), the only way
+    to end a vLLM request early.
     """
 
     def __init__(self, prompt_length: int, plan, max_model_len: int, end_token: int,
                  generator: torch.Generator | None = None):
         B = plan.block_size
         room = (max_model_len - prompt_length) // B * B
-        if room < 1:
-            raise ValueError(f"The prompt of {prompt_length} tokens leaves no room for one block of {B} tokens in "
-                             f"max_model_len={max_model_len}. Shorten the prompt or raise --max-model-len.")
+        # no whole block fits: the answer is empty, and the first canvas step ends the request
+        self.no_room = room < 1
         self.cut_by_context = plan.max_new_tokens > room
-        plan = replace(plan, fuse_commit=False, prefill_step=False, max_new_tokens=min(plan.max_new_tokens, room),
-                       num_blocks=math.ceil(min(plan.max_new_tokens, room) / B))
+        limit = max(min(plan.max_new_tokens, room), 1)
+        plan = replace(plan, fuse_commit=False, prefill_step=False, max_new_tokens=limit,
+                       num_blocks=math.ceil(limit / B))
         self.request = BardRequest(prompt_length, plan, "causal", generator=generator)
         self.block_size = B
         self.end_token = end_token
         self.emitted = 0
+        self.sent_end_token = False
 
     @property
     def finished(self) -> bool:
-        return self.request.finished
+        return self.no_room or self.request.finished
 
     def finish_prefill(self) -> list[int]:
         """The prompt is in the cache: returns the first canvas (B mask tokens)."""
@@ -95,7 +97,12 @@ class CanvasSlot:
 
     def step(self, logits: torch.Tensor) -> tuple[list[int], list[int] | None]:
         """The canvas forward ran; `logits` ``[B, vocab]`` are its rows. Returns the tokens to emit (their KV is kept)
-        and the next canvas, None when the request is finished."""
+        and the next canvas, None when the answer is complete."""
+        if self.finished:  # vLLM did not stop on the answer's end: end the request (class docstring)
+            if self.sent_end_token:
+                raise RuntimeError("vLLM ran a canvas for a finished request after its end token.")
+            self.sent_end_token = True
+            return [self.end_token], None
         forward = self.request.next_forward()
         if forward.kind == "prefill":
             raise RuntimeError("A canvas step before the prefill finished: call finish_prefill() first.")
@@ -108,8 +115,6 @@ class CanvasSlot:
         if forward.kind == "commit" or self.request.finished:
             emit = self.request.output_ids[self.emitted:]
             self.emitted += len(emit)
-        if not self.request.finished:
-            return emit, self.request.next_forward().new_tokens
-        if self.cut_by_context and self.request.finish_reason == "length":
-            emit = emit + [self.end_token]
-        return emit, None
+        if self.request.finished:
+            return emit, None
+        return emit, self.request.next_forward().new_tokens
