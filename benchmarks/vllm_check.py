@@ -8,6 +8,9 @@ It needs no network: the checkpoints are built offline (random weights, the tiny
 ``prompt_attention="causal"`` (the only prompt mask vLLM can give, `integrations/vllm/canvas.py`). Sections, each
 recorded as ``{"ok": ..., "seconds": ..., ...}`` (a failing one is recorded and the rest run):
 
+Prompts: eight text prompts as token ids and one image prompt (a 64 x 64 image through vLLM's own processor and
+vision tower), each sent ``--copies`` times.
+
 1. ``probe``: versions of torch, transformers, vllm, triton and flash_attn; the GPU. Without vLLM >= 0.33 the script
    records that and stops (exit 0): the sections below need it.
 2. ``reference``: per size, `model.generate(fuse_commit=False, prefill_step=False)` (the forwards vLLM's
@@ -50,6 +53,7 @@ PROMPTS = [
     "Count from one to five.",
     "Where is the circle?",
 ]
+IMAGE_PROMPT = "What color is this image?"
 
 
 def parse_args():
@@ -113,12 +117,27 @@ def build_checkpoint(size: str, block_size: int, folder: Path) -> Path:
     return target
 
 
-def prompt_ids(folder: Path) -> list[list[int]]:
+def requests(folder: Path) -> list[tuple[dict, dict]]:
+    """Each prompt as (`generate` inputs, `vllm.LLM.generate` prompt): token ids for the text prompts; the chat text
+    and the image for the image prompt (the last), so vLLM runs its own Qwen3-VL processor and vision tower."""
     from transformers import AutoProcessor
 
+    from transformers_bard.testing import make_image
+
     processor = AutoProcessor.from_pretrained(folder)
-    return [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                          add_generation_prompt=True, tokenize=True)[0] for text in PROMPTS]
+    pairs = []
+    for text in PROMPTS:
+        message = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        inputs = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        pairs.append((dict(inputs), {"prompt_token_ids": inputs["input_ids"][0].tolist()}))
+    image = make_image(3, (64, 64))
+    message = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": IMAGE_PROMPT}]}]
+    inputs = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    chat = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    pairs.append((dict(inputs), {"prompt": chat, "multi_modal_data": {"image": image}}))
+    return pairs
 
 
 def dtype_of(size: str):
@@ -129,21 +148,23 @@ def reference(size: str, folder: Path, args) -> dict:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(folder, dtype=dtype_of(size)).to(args.device).eval()
-    prompts = prompt_ids(folder)
+    pairs = requests(folder)
     rows = {}
     for name, options in (("unfused", {"fuse_commit": False, "prefill_step": False}), ("default", {})):
         answers, tokens, forwards = [], 0, 0
         _sync(args.device)
         start = time.perf_counter()
-        for ids in prompts * args.copies:
-            out = model.generate(torch.tensor([ids], device=args.device), max_new_tokens=args.max_tokens,
-                                 return_dict_in_generate=True, **options)
-            n = int(out.num_generated_tokens[0])
-            answers.append(out.sequences[0, len(ids): len(ids) + n].tolist())
+        for inputs, _ in pairs * args.copies:
+            inputs = {key: value.to(args.device) for key, value in inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype_of(size))
+            out = model.generate(**inputs, max_new_tokens=args.max_tokens, return_dict_in_generate=True, **options)
+            n, length = int(out.num_generated_tokens[0]), inputs["input_ids"].shape[1]
+            answers.append(out.sequences[0, length: length + n].tolist())
             tokens, forwards = tokens + n, forwards + int(out.num_forwards[0])
         _sync(args.device)
         seconds = time.perf_counter() - start
-        rows[name] = {"answers": answers[: len(prompts)], "tokens": tokens, "seconds": round(seconds, 3),
+        rows[name] = {"answers": answers[: len(pairs)], "tokens": tokens, "seconds": round(seconds, 3),
                       "tokens_per_s": round(tokens / seconds, 1), "tokens_per_forward": round(tokens / forwards, 2)}
     return rows
 
@@ -158,17 +179,19 @@ def run_vllm(size: str, folder: Path, args, expected: list[list[int]]) -> dict:
     llm = LLM(model=str(folder), dtype=dtype_of(size), enforce_eager=True, max_model_len=1024,
               gpu_memory_utilization=0.5, trust_remote_code=True, max_num_seqs=32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, detokenize=False)
-    prompts = prompt_ids(folder)
-    llm.generate([{"prompt_token_ids": prompts[0]}], params)  # warm-up
+    prompts = [prompt for _, prompt in requests(folder)]
+    llm.generate(prompts[:1], params)  # warm-up
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts * args.copies], params)
+    outputs = llm.generate(prompts * args.copies, params)
     seconds = time.perf_counter() - start
     answers = [list(out.outputs[0].token_ids) for out in outputs]
     tokens = sum(len(answer) for answer in answers)
     same = [answer == expected[i % len(expected)] for i, answer in enumerate(answers)]
     first_difference = next(({"prompt": i % len(expected), "vllm": answers[i], "generate": expected[i % len(expected)]}
                              for i, ok in enumerate(same) if not ok), None)
-    return {"equal": sum(same), "answers": len(same), "first_difference": first_difference, "tokens": tokens,
+    image_rows = [ok for i, ok in enumerate(same) if i % len(expected) == len(expected) - 1]
+    return {"equal": sum(same), "answers": len(same), "image_answers_equal": sum(image_rows),
+            "first_difference": first_difference, "tokens": tokens,
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
 
 

@@ -332,6 +332,19 @@ def test_stand_in_runner_answers_equal_generate(fake_vllm, causal_model, chunk):
     assert not runner.state.slots and not runner.state.slot_of  # finished requests leave no state
 
 
+def test_sampler_ignores_the_rows_of_vllms_dummy_runs(fake_vllm, causal_model):
+    """vLLM profiles and warms up the sampler with a dummy batch (`InputBatch.make_dummy`: one logit row per
+    request, request slots 0..n-1 that hold no request)."""
+    model, _, folder = causal_model
+    runner = StandInRunner(model, folder, max_model_len=256, chunk=8)
+    n = 3
+    dummy = SimpleNamespace(num_reqs=n, idx_mapping_np=np.arange(n), cu_num_logits_np=np.arange(n + 1),
+                            query_start_loc_np=np.arange(n + 1), num_scheduled_tokens=np.ones(n, dtype=np.int32),
+                            num_computed_prefill_tokens_np=np.zeros(n), prefill_len_np=np.zeros(n))
+    out = runner.sampler(torch.zeros(n, model.config.text_config.vocab_size), dummy)
+    assert out.num_sampled.tolist() == [0] * n and out.num_rejected.tolist() == [0] * n
+
+
 def test_stand_in_runner_ends_a_request_the_context_cuts(fake_vllm, causal_model):
     model, processor, folder = causal_model
     inputs = processor.apply_chat_template(

@@ -147,7 +147,9 @@ class BardVLSampler:
         num_rejected = np.zeros(num_reqs, dtype=np.int32)
         for i in range(num_reqs):
             slot_index = int(input_batch.idx_mapping_np[i])
-            slot = self.slots[slot_index]
+            slot = self.slots.get(slot_index)
+            if slot is None:  # vLLM's dummy runs (profiling, kernel warm-up) sample rows of no request
+                continue
             if logits_per_req[i] == 0:  # a prefill chunk: no logits; after the last one, the first canvas
                 prompt_done = (input_batch.num_computed_prefill_tokens_np[i] + input_batch.num_scheduled_tokens[i]
                                >= input_batch.prefill_len_np[i])
