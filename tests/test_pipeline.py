@@ -77,10 +77,37 @@ def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
         assert entry["compared"][1]["model"] == "PBM+SWD B=8" and entry["num_samples"] == 4
         assert entry["verdict"] in ("holds", "does not hold", "cannot tell")
     table = (tmp_path / "results.md").read_text()
-    assert "| SWD setting | compared (exact match) |" in table
+    assert "| setting | compared (exact match) |" in table
     assert "| SWD loss normalised per sample beats per token (B=8, tau=1.0) | PBM+SWD(sample norm) B=8 tau=1.0:" in table
     noise = json.loads((tmp_path / "swd-wide-rates-b8" / "stage-b8" / "noise_scheduler_config.json").read_text())
     assert (noise["min_rate"], noise["max_rate"]) == (0.001, 1.0)  # the setting asked for was trained
+
+
+@pytest.mark.slow
+def test_pipeline_causal_prompt_ablation(tiny_qwen3_vl_dir, tmp_path):
+    # PBM + SWD again from a conversion with a causal prompt (the mask vLLM serves), judged against the default SWD
+    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, ablations=("causal_prompt",)),
+                           report=lambda line: None)
+    names = [r["model"] for r in results["rows"]]
+    assert {"PBM(causal prompt) B=8", "PBM+SWD(causal prompt) B=8"} <= set(names)
+    for stage in ("pbm-causal/stage-b4", "pbm-causal/stage-b8", "swd-causal-b8/stage-b8"):
+        assert json.loads((tmp_path / stage / "config.json").read_text())["prompt_attention"] == "causal", stage
+    assert json.loads((tmp_path / "swd-b8" / "stage-b8" / "config.json").read_text())["prompt_attention"] == (
+        "block_causal")
+    (entry,) = results["settings"]
+    assert entry["claim"] == "causal_prompt" and entry["compared"][0]["model"] == "PBM+SWD(causal prompt) B=8"
+    assert entry["compared"][1]["model"] == "PBM+SWD B=8" and entry["num_samples"] == 4
+    assert "vLLM" in entry["statement"]
+    assert "ablation: causal prompt" in results["timings_s"]
+
+
+def test_causal_prompt_ablation_is_asked_for_by_name():
+    from transformers_bard.demo.pipeline import ABLATIONS, SERVING_ABLATIONS
+
+    assert "causal_prompt" in SERVING_ABLATIONS and "causal_prompt" not in ABLATIONS  # not part of `all`
+    assert PipelineConfig(ablations=("causal_prompt", "direct")).ablations == ("causal_prompt", "direct")
+    with pytest.raises(ValueError, match="causal_prompt"):  # the message lists it among the choices
+        PipelineConfig(ablations=("causal",))
 
 
 @pytest.mark.slow

@@ -114,7 +114,8 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--ablations", default="",
         help="Comma-separated ablations to add (direct, ar_teacher, mix, shift, sample_norm, wide_mask_rates, "
-        "kd_eos_padding), or 'all'.",
+        "kd_eos_padding), or 'all' (those seven); also causal_prompt (PBM + SWD with a causal prompt, the mask vLLM "
+        "can serve; not in 'all').",
     )
     p.add_argument(
         "--shift-eval-every", type=int, default=None,
