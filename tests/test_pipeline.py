@@ -94,10 +94,12 @@ def test_pipeline_causal_prompt_ablation(tiny_qwen3_vl_dir, tmp_path):
         assert json.loads((tmp_path / stage / "config.json").read_text())["prompt_attention"] == "causal", stage
     assert json.loads((tmp_path / "swd-b8" / "stage-b8" / "config.json").read_text())["prompt_attention"] == (
         "block_causal")
-    (entry,) = results["settings"]
+    entry, pbm_entry = results["settings"]
     assert entry["claim"] == "causal_prompt" and entry["compared"][0]["model"] == "PBM+SWD(causal prompt) B=8"
     assert entry["compared"][1]["model"] == "PBM+SWD B=8" and entry["num_samples"] == 4
-    assert "vLLM" in entry["statement"]
+    assert pbm_entry["claim"] == "causal_prompt_pbm" and pbm_entry["compared"][0]["model"] == "PBM(causal prompt) B=8"
+    assert pbm_entry["compared"][1]["model"] == "PBM B=8"
+    assert "vLLM" in entry["statement"] and "vLLM" in pbm_entry["statement"]
     assert "ablation: causal prompt" in results["timings_s"]
 
 

@@ -416,11 +416,16 @@ def judge_settings(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
         "causal_prompt": f"PBM+SWD with a causal prompt (servable by vLLM) beats the block-causal prompt "
         f"(B={largest}, tau={tau})",
     }
-    return [
+    settings = [
         _compare(key, statement, (names[key], tau), (names["swd"], tau), evals)
         for key, statement in statements.items()
         if key in names
     ]
+    if "causal_prompt_pbm" in names:  # PBM alone too: on the choice task SWD moves the final model by many points
+        statement = f"PBM with a causal prompt (servable by vLLM) beats the block-causal prompt (B={largest}, tau={tau})"
+        settings.append(_compare("causal_prompt_pbm", statement, (names["causal_prompt_pbm"], tau),
+                                 (names["pbm"], tau), evals))
+    return settings
 
 
 def judge_claims(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
