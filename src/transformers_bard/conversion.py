@@ -179,9 +179,10 @@ def convert_from_autoregressive(
         output_dir: where to write the BARD checkpoint. Must be empty or absent unless `overwrite=True`.
         block_size: the block size B written to the config (DESIGN 3.5 starts at 4).
         prompt_attention: `"block_causal"` (reference) or `"causal"` (DESIGN 3.2). `"causal"` is the only prompt mask
-            vLLM can serve (`transformers_bard.integrations.vllm`); the demo's `causal_prompt` ablation measured what
-            it costs at B = 32: 2.5 points [1.0, 4.5] on the digits task, nothing measurable on the choice task
-            (+2.0 [-3.2, +7.2]), so the reference's block-causal prompt stays the default.
+            vLLM can serve (`transformers_bard.integrations.vllm`); the demo's `causal_prompt` ablation found no
+            consistent difference at B = 32 (final model -2.5 and +0.2 points on the digits task at two seeds, +2.0
+            on the choice task; each interval about +-2 points), so the reference's block-causal prompt stays the
+            default.
         prediction_shift: `True` keeps the AR head's meaning (the hidden state at i predicts token i + 1, DESIGN
             4.1), `False` is the paper's (i predicts i). None (default): a BARD-VL source's own setting, else False.
             False stays the default for AR sources by measurement (the demo's `shift` ablation, 400 test rows): the
