@@ -100,6 +100,19 @@ def prompt_inputs(processor, text, image=None):
                                          tokenize=True, return_dict=True, return_tensors="pt")
 
 
+def prompt_rope(model, inputs):
+    """The prompt's token types (image 1, text 0), its M-RoPE positions ``[3, 1, P]`` from `get_rope_index` and the
+    M-RoPE position of response offset 0 (DESIGN 2)."""
+    input_ids = inputs["input_ids"]
+    mm_types = torch.zeros_like(input_ids, dtype=torch.int)
+    mm_types[input_ids == model.config.image_token_id] = 1
+    prompt_positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=mm_types, image_grid_thw=inputs.get("image_grid_thw"),
+        attention_mask=torch.ones_like(input_ids),
+    )
+    return mm_types, prompt_positions, int(prompt_positions.max()) + 1
+
+
 def run_engine(model, inputs, request: BardRequest) -> None:
     """Drive `request` to the end with the transformers model as a one-sequence engine: logical positions, the mask
     of `logical_visible`, M-RoPE positions (the prompt's from `get_rope_index`, then one per position on all three
@@ -108,13 +121,7 @@ def run_engine(model, inputs, request: BardRequest) -> None:
 
     input_ids = inputs["input_ids"]
     P = input_ids.shape[1]
-    mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-    mm_types[input_ids == model.config.image_token_id] = 1
-    prompt_positions, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids=mm_types, image_grid_thw=inputs.get("image_grid_thw"),
-        attention_mask=torch.ones_like(input_ids),
-    )  # [3, 1, P]
-    response_start = int(prompt_positions.max()) + 1
+    mm_types, prompt_positions, response_start = prompt_rope(model, inputs)
     cache = DynamicCache(config=model.config)
     B = request.plan.block_size
     while not request.finished:
@@ -227,13 +234,7 @@ def run_vllm_contract(model, inputs, slot, max_tokens: int, max_model_len: int, 
 
     input_ids = inputs["input_ids"]
     P = input_ids.shape[1]
-    mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-    mm_types[input_ids == model.config.image_token_id] = 1
-    prompt_positions, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids=mm_types, image_grid_thw=inputs.get("image_grid_thw"),
-        attention_mask=torch.ones_like(input_ids),
-    )
-    response_start = int(prompt_positions.max()) + 1
+    mm_types, prompt_positions, response_start = prompt_rope(model, inputs)
     cache = DynamicCache(config=model.config)
     causal = torch.ones(P, P, dtype=torch.bool).tril()[None, None]
     with torch.no_grad():

@@ -12,8 +12,8 @@ Who attends to whom is `visible` (DESIGN 3.2) on labels that follow from the log
 the prompt length P are PREFIX with block id ``i // B``, the others CLEAN with block id ``ceil(P / B) + (i - P) // B``.
 The tokens being denoised sit at their own positions, and the cache never holds a noisy block, so labelling them
 CLEAN gives exactly the noisy rule (`logical_visible`). With ``prompt_attention="causal"`` the prompt is
-token-causal. An engine attention backend that takes a ``mask_mod`` over logical positions (FlexAttention) can use
-`logical_mask_mod` as it is.
+token-causal. An engine attention backend that takes a ``mask_mod`` over logical positions and knows each request's
+prompt length can call `logical_visible` as it is.
 
 `BardRequest` is the state machine: `next_forward()` says what to run, `take_logits()` consumes the logits of the
 positions it asked for and applies `generate`'s own step rule (`propose_tokens`, `apply_block_step`), so an engine
@@ -61,16 +61,6 @@ def logical_visible(q_pos, kv_pos, prompt_length, block_size: int, prompt_attent
         kv_segment, logical_block_ids(kv_pos, prompt_length, block_size), kv_pos,
         prompt_attention,
     )
-
-
-def logical_mask_mod(prompt_lengths: torch.Tensor, block_size: int, prompt_attention: str = "block_causal"):
-    """A FlexAttention-style ``mask_mod(b, h, q_pos, kv_pos)`` over logical positions, request `b` having prompt
-    length ``prompt_lengths[b]``."""
-
-    def mask_mod(b, h, q_pos, kv_pos):
-        return logical_visible(q_pos, kv_pos, prompt_lengths[b], block_size, prompt_attention)
-
-    return mask_mod
 
 
 def decoding_plan(generation_config, model_config, max_new_tokens: int | None = None,
