@@ -21,11 +21,15 @@ def one_thread():
 def fresh_compile():
     """Reset torch.compile's caches around a FlexAttention test. After earlier compilations at other shapes dynamo
     recompiles with dynamic shapes, and torch 2.13's CPU flex-attention template then fails to build (an inductor
-    C++ codegen error, `cur_kvSplitSize0` undeclared); each test compiles its own static shapes instead."""
+    C++ codegen error, `cur_kvSplitSize0` undeclared); each test compiles static shapes only."""
     import torch
 
     torch._dynamo.reset()
-    yield
+    # and never switch to dynamic shapes: a decode's forwards have many lengths (prefill, steps, commits), and
+    # after a few of them dynamo would recompile dynamically, into the template that fails to build; past dynamo's
+    # recompile limit the rest run uncompiled (flex's eager path, with the same BlockMask)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield
     torch._dynamo.reset()
 
 

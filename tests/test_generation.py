@@ -108,17 +108,24 @@ def reference_mask(segments, blocks, prompt_attention):
 
 
 def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edit_threshold, eos=None,
-                     eos_fill=True, eos_tail=True):
-    """One step of DESIGN 4.2 on one row, greedy, then (when `eos` is given) the predicted-EOS tail fill
+                     eos_fill=True, eos_tail=True, unmask_order="left_to_right"):
+    """One step of DESIGN 4.2 on one row, greedy (`left_to_right`: the k_s leftmost masked positions and the
+    above-tau ones before the first masked one at or below tau; `confidence`: the k_s most confident and every
+    above-tau one), then (when `eos` is given) the predicted-EOS tail fill
     (`eos_tail`, `reference_eos_tail`) and EOS fill (DESIGN 4.4): returns the new block (a list)."""
     logits = logits.float().clone()
     logits[:, MASK] = -float("inf")
     confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
     masked = [j for j in range(B) if block[j] == MASK]
     k = B // steps + (1 if step < B % steps else 0)
-    ranked = sorted(masked, key=lambda j: (-float(confidence[j]), j))
+    ranked = masked if unmask_order == "left_to_right" else sorted(masked, key=lambda j: (-float(confidence[j]), j))
     chosen = set(ranked[:k])
-    if unmasking == "threshold":
+    if unmasking == "threshold" and unmask_order == "left_to_right":
+        for j in masked:  # the confident prefix: stop at the first masked position at or below tau
+            if confidence[j] <= threshold:
+                break
+            chosen.add(j)
+    elif unmasking == "threshold":
         chosen |= {j for j in masked if confidence[j] > threshold}
     new = list(block)
     for j in chosen:
@@ -137,7 +144,7 @@ def reference_select(block, logits, step, *, B, steps, unmasking, threshold, edi
 
 @torch.no_grad()
 def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="threshold", threshold=0.9,
-                     edit_threshold=None, eos=None, eos_fill=True, eos_tail_fill=True):
+                     edit_threshold=None, eos=None, eos_fill=True, eos_tail_fill=True, unmask_order="left_to_right"):
     """Tokens of one prompt decoded without a cache, and the number of denoising steps of each block. Under
     `prediction_shift` (DESIGN 4.1) block position j takes the logits of the sequence position before it: the last
     prompt or committed token for j = 0, the block's position j - 1 otherwise."""
@@ -166,7 +173,8 @@ def reference_decode(model, prompt, *, max_new_tokens, steps=None, unmasking="th
             logits = logits[-B - 1: -1] if model.config.prediction_shift else logits[-B:]
             block = reference_select(block, logits, step, B=B, steps=steps, unmasking=unmasking,
                                      threshold=threshold, edit_threshold=edit_threshold,
-                                     eos=eos, eos_fill=eos_fill, eos_tail=eos_tail_fill)
+                                     eos=eos, eos_fill=eos_fill, eos_tail=eos_tail_fill,
+                                     unmask_order=unmask_order)
             step += 1
         block_steps.append(step)
         kept = block[: max_new_tokens - b * B]
@@ -185,12 +193,14 @@ def generated(output, prompt_width, row=0):
 
 
 # ---------------------------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("unmask_order", ["left_to_right", "confidence"])
 @pytest.mark.parametrize("prediction_shift", [False, True])
 @pytest.mark.parametrize("with_image", [False, True])
 @pytest.mark.parametrize("prompt_attention", ["block_causal", "causal"])
 @pytest.mark.parametrize("unmasking", ["threshold", "static"])
 @pytest.mark.parametrize("block_size", [1, 4, 8])
-def test_generate_matches_reference(block_size, unmasking, prompt_attention, with_image, prediction_shift):
+def test_generate_matches_reference(block_size, unmasking, prompt_attention, with_image, prediction_shift,
+                                    unmask_order):
     model = make_model(block_size, prompt_attention, prediction_shift=prediction_shift)
     prompt = make_prompt(block_size, 7, with_image)
     # static: S = ceil(B / 3) steps (B = 8: 3, 3, 2 tokens); threshold: tau 0.6, at least one per step
@@ -198,9 +208,10 @@ def test_generate_matches_reference(block_size, unmasking, prompt_attention, wit
                if unmasking == "static" else dict(unmasking="threshold", threshold=0.6))
     ids, attention, pixels, grid = left_pad([prompt])
     out = model.generate(ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=10,
-                         return_dict_in_generate=True, **options)
+                         return_dict_in_generate=True, unmask_order=unmask_order, **options)
     expected, block_steps = reference_decode(model, prompt, max_new_tokens=10, steps=options.get("steps_per_block"),
-                                             unmasking=unmasking, threshold=options.get("threshold", 0.9))
+                                             unmasking=unmasking, threshold=options.get("threshold", 0.9),
+                                             unmask_order=unmask_order)
     assert generated(out, ids.shape[1]) == expected
     assert out.sequences.shape == (1, ids.shape[1] + 10)
     # fused commits: the forwards are exactly the denoising steps, less the one inside the prefill
@@ -401,7 +412,9 @@ def test_eos_fill_fills_after_the_first_eos_and_ends_the_block(monkeypatch):
     EOS = 9
     step = scripted_logits([(5, 0.5), (6, 0.4), (EOS, 0.9)] + [(EOS, 0.8)] * 5, vocab)
     ids = torch.tensor([[3, 4, 5, 6, 7]])
-    options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True)
+    # the most confident position goes first: EOS fill as seen by the confidence order
+    options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True,
+                   unmask_order="confidence")
     asked = scripted_forward(model, monkeypatch, [step] * 8, 8)
     out = model.generate(ids, output_trace=True, **options)
     assert generated(out, 5) == [5, 6, EOS] and out.num_forwards.tolist() == [2]
@@ -412,6 +425,29 @@ def test_eos_fill_fills_after_the_first_eos_and_ends_the_block(monkeypatch):
     asked.clear()
     unfilled = model.generate(ids, eos_fill=False, eos_tail_fill=False, **options)
     assert generated(unfilled, 5) == [5, 6, EOS] and unfilled.num_forwards.tolist() == [7]
+
+
+def test_unmask_order_picks_the_leftmost_or_the_most_confident(monkeypatch):
+    """B = 8, no EOS, scripted confidences rising to the right (0.30, 0.38, ..., 0.86); the tokens do not depend on
+    the block. At tau = 1 (one token per step) `left_to_right` (the default) unmasks positions 0, 1, ..., 7 and
+    `confidence` 7, 6, ..., 0. At tau = 0.5 positions 3-7 clear tau: `confidence` takes them at once, then 2, 1, 0;
+    `left_to_right` lets them wait behind the uncertain positions 0-2 (one per step), then takes them at once."""
+    model = make_model(8, scale=1.0)
+    vocab = model.config.text_config.vocab_size
+    step = scripted_logits([(10 + j, 0.3 + 0.08 * j) for j in range(8)], vocab)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    scripted_forward(model, monkeypatch, [step] * 100, 8)  # enough scripted forwards for every call below
+    expected = {
+        ("left_to_right", 1.0): [[0], [1], [2], [3], [4], [5], [6], [7]],
+        ("confidence", 1.0): [[7], [6], [5], [4], [3], [2], [1], [0]],
+        ("left_to_right", 0.5): [[0], [1], [2], [3, 4, 5, 6, 7]],
+        ("confidence", 0.5): [[3, 4, 5, 6, 7], [2], [1], [0]],
+    }
+    for (order, tau), steps in expected.items():
+        out = model.generate(ids, unmask_order=order, threshold=tau, max_new_tokens=8, return_dict_in_generate=True,
+                             output_trace=True)
+        assert generated(out, 5) == [10 + j for j in range(8)]
+        assert [sorted(p for p, _, _ in e["unmasked"]) for e in out.trace[0]] == steps, (order, tau)
 
 
 def reference_eos_tail(block, proposals, mask, eos_ids):
@@ -456,7 +492,8 @@ def test_eos_tail_fill_ends_a_short_answer_in_one_step(monkeypatch):
     EOS = 9
     step = scripted_logits([(5, 0.5), (6, 0.4)] + [(EOS, 0.3 + 0.1 * j) for j in range(6)], vocab)
     ids = torch.tensor([[3, 4, 5, 6, 7]])
-    options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True)
+    options = dict(max_new_tokens=16, threshold=1.0, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True,
+                   unmask_order="confidence")
     asked = scripted_forward(model, monkeypatch, [step] * 8, 8)
     plain = model.generate(ids, eos_tail_fill=False, **options)
     assert generated(plain, 5) == [5, 6, EOS] and plain.num_forwards.tolist() == [7]
@@ -491,7 +528,8 @@ def replay_trace(events, block_size):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(fuse_commit=False), dict(prefill_step=False), dict(edit_threshold=0.5), dict(eos_fill=False)],
+    [dict(), dict(fuse_commit=False), dict(prefill_step=False), dict(edit_threshold=0.5), dict(eos_fill=False),
+     dict(unmask_order="confidence")],
 )
 @pytest.mark.parametrize("prediction_shift", [False, True])
 def test_trace_agrees_with_sequences_and_forwards(options, prediction_shift):
@@ -502,7 +540,7 @@ def test_trace_agrees_with_sequences_and_forwards(options, prediction_shift):
         first = make_prompt(seed, 4, True)
         one_ids, _, one_pixels, one_grid = left_pad([first])
         free = model.generate(one_ids, pixel_values=one_pixels, image_grid_thw=one_grid, max_new_tokens=14,
-                              threshold=0.6)[0, one_ids.shape[1]:].tolist()
+                              threshold=0.6, **options)[0, one_ids.shape[1]:].tolist()
         cut = next((j for j in range(4, 13) if free[j] not in free[:j]), None)
         if cut is not None:
             break
@@ -535,7 +573,7 @@ def test_trace_agrees_with_sequences_and_forwards(options, prediction_shift):
     assert len(generated(out, ids.shape[1], 0)) == cut + 1
     if "edit_threshold" in options:
         assert any(e["revised"] for events in out.trace for e in events), "revision is exercised"
-    if options == {}:
+    if options == dict(unmask_order="confidence"):  # it decodes the EOS before the positions after it
         assert any(e["eos_filled"] for e in out.trace[0]), "EOS fill is exercised"
 
 

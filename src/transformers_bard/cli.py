@@ -45,6 +45,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--block-size", type=int, default=None, help="Default: the model's.")
     p.add_argument("--threshold", type=float, default=None, help="Confidence threshold tau (default 0.9).")
     p.add_argument("--unmasking", choices=["threshold", "static"], default=None)
+    p.add_argument(
+        "--unmask-order", choices=["left_to_right", "confidence"], default=None,
+        help="Which masked positions fill a step's minimum: the leftmost (default) or the most confident.",
+    )
     p.add_argument("--steps-per-block", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--stream", action="store_true", help="Print finished blocks as they are decoded.")
@@ -79,7 +83,7 @@ def _run_generate(args) -> int:
         key: value
         for key, value in dict(
             block_size=args.block_size, threshold=args.threshold, unmasking=args.unmasking,
-            steps_per_block=args.steps_per_block, temperature=args.temperature,
+            unmask_order=args.unmask_order, steps_per_block=args.steps_per_block, temperature=args.temperature,
         ).items()
         if value is not None
     }

@@ -46,7 +46,7 @@ ALIASES = {"confidence_threshold": "threshold", "denoising_steps": "steps_per_bl
 REMASKING_STRATEGIES = {"low_confidence_dynamic": "threshold", "low_confidence_static": "static"}
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Options that steer BARD decoding; accepted in `model_args` and in the task's / CLI's `gen_kwargs`.
-BARD_OPTIONS = ("block_size", "threshold", "unmasking", "steps_per_block", "edit_threshold")
+BARD_OPTIONS = ("block_size", "threshold", "unmasking", "unmask_order", "steps_per_block", "edit_threshold")
 VIDEO_ERROR = (
     "The transformers-bard lmms-eval adapter evaluates images and text only, but the task sent a {kind}. Video needs "
     "Qwen3-VL's video processor (torchvision); choose an image task."
@@ -68,6 +68,7 @@ class BardVLEvalArgs:
     block_size: int | None = None  # BARD block size B (default: the checkpoint's)
     threshold: float | None = None  # confidence threshold tau in (0, 1] (alias: confidence_threshold)
     unmasking: str | None = None  # "threshold" or "static" (alias: remasking_strategy=low_confidence_dynamic/static)
+    unmask_order: str | None = None  # "left_to_right" (default) or "confidence": which positions fill a step's minimum
     steps_per_block: int | None = None  # denoising steps per block (alias: denoising_steps)
     edit_threshold: float | None = None  # revision of decoded tokens (models trained with mixed noise)
     max_new_tokens: int | None = None  # used when the task does not set it (default: the checkpoint's, else 256)
