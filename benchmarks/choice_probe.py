@@ -17,7 +17,8 @@ every model of the run (the AR source, PBM at each B, PBM + SWD at each B > 4) t
     A noisy token of block b sees the prompt, the clean x0 of blocks < b and the noisy tokens of its own block (DESIGN
     3.2), so where the choice and the digits share a block, only within-block attention can carry the choice. The AR
     source is teacher-forced causally (its logit at p - 1 predicts p): its numbers are the reference.
-(b) **First wrong commit.** `generate(output_trace=True)` on the same prompts at tau (default 0.9); for every
+(b) **First wrong commit.** `generate(output_trace=True)` on the same prompts at tau (default 0.9) with
+    `--unmask-order` (default `confidence`, the rule of the failing runs; `left_to_right` shows what is left); for every
     answer that ends wrong, the first forward after which the decided tokens fit no accepted answer, the tokens that
     forward decided, their confidence and rule (`above tau`, `forced minimum` k_s, `EOS fill`, `revision`), and
     whether one of them alone already fits no answer (`single`: a wrong token) or each fits some answer and only
@@ -334,6 +335,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=300, help="test rows, equal per question type")
     parser.add_argument("--train-samples", type=int, default=150, help="training rows for the loss by part")
     parser.add_argument("--tau", type=float, default=0.9, help="threshold of the traced decoding")
+    parser.add_argument("--unmask-order", default="confidence", choices=["confidence", "left_to_right"],
+                        help="unmask_order of the traced decoding (default: confidence, the rule being diagnosed)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (test and training rows)")
     parser.add_argument("--noise-prior", default=None, help="override the noise prior read from the run")
     parser.add_argument("--models", default=None, help="comma-separated model names to probe (default all)")
@@ -366,7 +369,8 @@ def main(argv=None) -> int:
         wanted = args.models.split(",")
         models = {k: v for k, v in models.items() if k in wanted}
     skip = set(filter(None, args.skip.split(",")))
-    report = {"run": str(run), "noise_prior": prior, "samples": len(probe), "tau": args.tau, "models": {}}
+    report = {"run": str(run), "noise_prior": prior, "samples": len(probe), "tau": args.tau,
+              "unmask_order": args.unmask_order, "models": {}}
     for name, path in models.items():
         began = time.perf_counter()
         model = load(path)
@@ -382,6 +386,7 @@ def main(argv=None) -> int:
                 entry["probe"] = conditioning_probe(model, collator, probe, tokenizer)
             if "trace" not in skip:
                 extra = {"edit_threshold": 0.9} if prior == "mix" else {}
+                extra["unmask_order"] = args.unmask_order
                 entry["trace"] = first_wrong_commits(model, processor, test, args.tau, 96, extra=extra)
             if "loss" not in skip:
                 entry["loss"] = loss_by_part(model, collator, train_rows, tokenizer)
@@ -420,7 +425,8 @@ def render(report: dict) -> str:
                 cells = [cell if kind == "two_rows" else "-" for cell, kind in zip(cells, CHOICE_QUESTION_TYPES)]
             if any(cell != "-" for cell in cells):
                 lines.append(f"| {name} | {condition} | " + " | ".join(cells) + " |")
-    lines += ["", f"First commit that leaves no accepted answer possible (tau {report['tau']}):", "",
+    lines += ["", f"First commit that leaves no accepted answer possible (tau {report['tau']}, unmask_order "
+              f"{report.get('unmask_order', 'confidence')}):", "",
               "| model | wrong / rows | error | rules | count |", "|---|---|---|---|---:|"]
     for name, entry in report["models"].items():
         trace = entry.get("trace")
