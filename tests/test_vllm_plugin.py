@@ -32,6 +32,7 @@ class AttentionBackendEnum(enum.Enum):
     FLASH_ATTN = "flash"
     TRITON_ATTN = "triton"
     FLASHINFER = "flashinfer"
+    CPU_ATTN = "cpu"
 
 
 @dataclass
@@ -89,6 +90,8 @@ STAND_IN = {
     "vllm.config.compilation": {"CUDAGraphMode": CUDAGraphMode},
     "vllm.config.diffusion": {"DiffusionConfig": DiffusionConfig},
     "vllm.logger": {"init_logger": lambda name: Logger()},
+    # a GPU platform: the CPU platform's choice (CPU_ATTN) runs on the real vLLM, tests/test_vllm_engine.py
+    "vllm.platforms": {"current_platform": SimpleNamespace(is_cpu=lambda: False)},
     "vllm.model_executor": {},
     "vllm.model_executor.models": {},
     "vllm.model_executor.models.config": {"VerifyAndUpdateConfig": type("VerifyAndUpdateConfig", (), {}),
@@ -164,8 +167,8 @@ def test_config_hook_turns_the_diffusion_path_on_and_refuses_what_it_cannot_serv
     assert model_config.override_generation_config == {"temperature": 1.0, "top_k": 0, "top_p": 1.0,
                                                        "max_new_tokens": 7}
 
-    def vllm_config(diffusion=None, backend=None):
-        return SimpleNamespace(model_config=model_config, diffusion_config=diffusion,
+    def vllm_config(diffusion=None, backend=None, v2=True):
+        return SimpleNamespace(model_config=model_config, diffusion_config=diffusion, use_v2_model_runner=v2,
                                attention_config=SimpleNamespace(backend=backend))
 
     config = vllm_config()
@@ -177,6 +180,8 @@ def test_config_hook_turns_the_diffusion_path_on_and_refuses_what_it_cannot_serv
     assert config.attention_config.backend is AttentionBackendEnum.FLASH_ATTN
     with pytest.raises(ValueError, match="FLASHINFER cannot mix"):
         BardVLVerifyConfig.verify_and_update_config(vllm_config(backend=AttentionBackendEnum.FLASHINFER))
+    with pytest.raises(ValueError, match="only Model Runner V2 runs"):
+        BardVLVerifyConfig.verify_and_update_config(vllm_config(v2=False))
     with pytest.raises(ValueError, match="canvas_length=8 does not match the checkpoint's block_size=4"):
         BardVLVerifyConfig.verify_and_update_config(vllm_config(diffusion=DiffusionConfig(canvas_length=8)))
 

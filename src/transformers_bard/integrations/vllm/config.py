@@ -6,6 +6,7 @@ Imports vLLM: loaded only by `register()`.
 from vllm.config.diffusion import DiffusionConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.platforms import current_platform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from .canvas import check_servable
@@ -29,9 +30,14 @@ class BardVLVerifyConfig(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        """A DiffusionConfig with canvas_length = B, and an attention backend that takes a per-request causal flag
-        (TRITON_ATTN unless the user chose FLASH_ATTN, which needs FlashAttention 4 for it)."""
+        """A DiffusionConfig with canvas_length = B, and an attention backend that takes a per-request causal flag,
+        chosen by platform: CPU_ATTN on CPU (its `dynamic_causal`, vLLM 0.32), else TRITON_ATTN unless the user chose
+        FLASH_ATTN (which needs FlashAttention 4 for it). vLLM's diffusion path is Model Runner V2 only, which needs
+        Triton (on CPU the triton-cpu build): without it, refuse here with the reason rather than vLLM's
+        "Model Runner V1 does not support: diffusion models"."""
         block_size = int(vllm_config.model_config.hf_config.block_size)
+        if not vllm_config.use_v2_model_runner:
+            raise ValueError(_NO_MODEL_RUNNER_V2)
         if vllm_config.diffusion_config is None:
             vllm_config.diffusion_config = DiffusionConfig(canvas_length=block_size)
         elif vllm_config.diffusion_config.canvas_length != block_size:
@@ -40,12 +46,29 @@ class BardVLVerifyConfig(VerifyAndUpdateConfig):
                 f"checkpoint's block_size={block_size}; leave --diffusion-config out (the plugin sets it)."
             )
         attention = vllm_config.attention_config
+        allowed, default = _attention_backends()
         if attention.backend is None:
-            attention.backend = AttentionBackendEnum.TRITON_ATTN
-            logger.info("BARD-VL mixes causal prefills and bidirectional canvases in one batch: using TRITON_ATTN "
-                        "(pass --attention-backend FLASH_ATTN where FlashAttention 4 is installed).")
-        elif attention.backend not in (AttentionBackendEnum.TRITON_ATTN, AttentionBackendEnum.FLASH_ATTN):
+            attention.backend = default
+            logger.info("BARD-VL mixes causal prefills and bidirectional canvases in one batch: using %s.",
+                        default.name)
+        elif attention.backend not in allowed:
             raise ValueError(
                 f"--attention-backend {attention.backend.name} cannot mix causal and bidirectional attention per "
-                "request, which BARD-VL needs; use TRITON_ATTN (the default here) or FLASH_ATTN with FlashAttention 4."
+                f"request, which BARD-VL needs; use {' or '.join(b.name for b in allowed)} (leave it out for "
+                f"{default.name})."
             )
+
+
+_NO_MODEL_RUNNER_V2 = (
+    "BARD-VL decodes through vLLM's diffusion path, which only Model Runner V2 runs, and vLLM chose Model Runner V1 "
+    "here: V2 needs Triton with a backend for this device (on CPU, the triton-cpu build; the PyPI `triton` wheel "
+    "has no CPU backend, and no package registry serves triton-cpu), or VLLM_USE_V2_MODEL_RUNNER=0 was set. Install "
+    "a Triton that vLLM accepts for this device, or serve the checkpoint with `transformers-bard serve`."
+)
+
+
+def _attention_backends():
+    """(backends that take a per-request causal tensor on this platform, the default)."""
+    if current_platform.is_cpu():
+        return (AttentionBackendEnum.CPU_ATTN,), AttentionBackendEnum.CPU_ATTN
+    return (AttentionBackendEnum.TRITON_ATTN, AttentionBackendEnum.FLASH_ATTN), AttentionBackendEnum.TRITON_ATTN

@@ -1,4 +1,4 @@
-"""BARD-VL inside vLLM (>= 0.33, Model Runner V2): the model class vLLM loads, its ModelState and its sampler.
+"""BARD-VL inside vLLM (>= 0.32, Model Runner V2): the model class vLLM loads, its ModelState and its sampler.
 
 Imports vLLM: loaded by vLLM through `register()`'s lazy "module:Class" registration. The decoding lives in
 `canvas.CanvasSlot` (tested on CPU against `generate`); this file only moves data between vLLM's runner and the
