@@ -46,9 +46,9 @@ def vllm_python():
     return VLLM_PYTHON
 
 
-def run_in_vllm(vllm_python, *args, timeout=600) -> subprocess.CompletedProcess:
+def run_in_vllm(vllm_python, *args, timeout=600, **env) -> subprocess.CompletedProcess:
     return subprocess.run([str(vllm_python), str(RUN), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **CPU_ENV})
+                          timeout=timeout, env={**os.environ, **CPU_ENV, **env})
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,9 @@ def checkpoints(tmp_path_factory):
     return causal, block_causal
 
 
-def engine_config(vllm_python, checkpoint, tmp_path) -> dict:
+def engine_config(vllm_python, checkpoint, tmp_path, **env) -> dict:
     out = tmp_path / "config.json"
-    done = run_in_vllm(vllm_python, "config", checkpoint, out, timeout=300)
+    done = run_in_vllm(vllm_python, "config", checkpoint, out, timeout=300, **env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -81,8 +81,8 @@ def engine_config(vllm_python, checkpoint, tmp_path) -> dict:
 def test_real_vllm_discovers_the_plugin_and_configures_the_diffusion_path(vllm_python, checkpoints, tmp_path):
     """vLLM's entry-point discovery registers the architecture; vLLM's own engine configuration runs the plugin's
     hook: a block-causal checkpoint is refused by name; a causal one becomes a diffusion model with a canvas of one
-    block and the CPU platform's attention backend, or, where vLLM cannot run its diffusion path (Model Runner V2
-    without Triton for the device), the plugin's refusal names why."""
+    block, Model Runner V2 and the CPU platform's attention backend; without Triton for the device (here: without
+    the interpreter) vLLM cannot run its diffusion path, and the plugin's refusal names why."""
     causal, block_causal = checkpoints
     record = engine_config(vllm_python, block_causal, tmp_path)
     assert record["registered"] and record["vllm"].startswith("0.3")
@@ -90,11 +90,11 @@ def test_real_vllm_discovers_the_plugin_and_configures_the_diffusion_path(vllm_p
     record = engine_config(vllm_python, causal, tmp_path)
     assert record["registered"] and record["model_state"] == "vllm.v1.worker.gpu.model_states.default"
     assert record["platform_is_cpu"] and record["default_backend"] == "CPU_ATTN" == record["allowed_backends"][0]
-    if record["ok"]:
-        assert record["is_diffusion"] and record["canvas_length"] == BLOCK_SIZE and record["model_runner_v2"]
-        assert record["backend"] == "CPU_ATTN"
-    else:
-        assert "only Model Runner V2 runs" in record["error"], record["error"]
+    assert record["ok"], record["error"]
+    assert record["is_diffusion"] and record["canvas_length"] == BLOCK_SIZE and record["model_runner_v2"]
+    assert record["backend"] == "CPU_ATTN"
+    record = engine_config(vllm_python, causal, tmp_path, TRITON_INTERPRET="0")
+    assert not record["ok"] and "only Model Runner V2 runs" in record["error"], record
 
 
 def reference_and_requests(checkpoint) -> tuple[list[dict], list[list[int]]]:
@@ -139,10 +139,6 @@ def test_real_vllm_answers_equal_generate(vllm_python, checkpoints, tmp_path):
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     out = tmp_path / "answers.json"
     done = run_in_vllm(vllm_python, "generate", causal, tmp_path / "requests.json", out)
-    if done.returncode != 0 and "only Model Runner V2 runs" in done.stderr:
-        pytest.skip("vLLM's diffusion path (Model Runner V2) needs Triton with a backend for this CPU (triton-cpu), "
-                    "which no package registry here serves; the plugin's refusal ran on the real engine "
-                    "(test_real_vllm_discovers_the_plugin_and_configures_the_diffusion_path)")
     assert done.returncode == 0, done.stderr[-4000:]
     answers = json.loads(out.read_text())["answers"]
     assert all(len(answer) > BLOCK_SIZE for answer in expected)  # several blocks each: commits and canvases ran
