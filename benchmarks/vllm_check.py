@@ -1,6 +1,7 @@
 """The vLLM check of issue 21 (item 3): BARD-VL served by vLLM against `model.generate`, one script, one JSON.
 
-Run it on a GPU machine with vLLM >= 0.33 installed (the project's device tool; carry nothing but this repository):
+Run it on a GPU machine with vLLM >= 0.32 installed (the project's device tool; carry nothing but this repository;
+on CPU, tests/test_vllm_engine.py is the check):
 
     PYTHONPATH=src python benchmarks/vllm_check.py --out docs/serving/vllm_check.json
 
@@ -11,7 +12,7 @@ recorded as ``{"ok": ..., "seconds": ..., ...}`` (a failing one is recorded and 
 Prompts: eight text prompts as token ids and one image prompt (a 64 x 64 image through vLLM's own processor and
 vision tower), each sent ``--copies`` times.
 
-1. ``probe``: versions of torch, transformers, vllm, triton and flash_attn; the GPU. Without vLLM >= 0.33 the script
+1. ``probe``: versions of torch, transformers, vllm, triton and flash_attn; the GPU. Without vLLM >= 0.32 the script
    records that and stops (exit 0): the sections below need it.
 2. ``reference``: per size, `model.generate(fuse_commit=False, prefill_step=False)` (the forwards vLLM's
    diffusion path runs) and the default fused `generate`, greedy, batch 1, in the size's dtype: the tokens and
@@ -96,7 +97,7 @@ def vllm_usable(versions: dict) -> bool:
     if version.startswith("missing"):
         return False
     major, minor = (int(part) for part in version.split(".")[:2])
-    return (major, minor) >= (0, 33)
+    return (major, minor) >= (0, 32)
 
 
 def build_checkpoint(size: str, block_size: int, folder: Path) -> Path:
@@ -217,7 +218,7 @@ def main():
             if usable and ref["ok"]:
                 section(record, f"vllm_{size}", run_vllm, size, folder, args, ref["unfused"]["answers"])
     if not usable:
-        record["vllm_skipped"] = (f"vLLM >= 0.33 is not installed here ({found.get('versions', {}).get('vllm')}): "
+        record["vllm_skipped"] = (f"vLLM >= 0.32 is not installed here ({found.get('versions', {}).get('vllm')}): "
                                   "only the reference ran.")
         print(record["vllm_skipped"])
     if args.out:
