@@ -198,6 +198,15 @@ def convert_from_autoregressive(
     Returns:
         The output directory. It loads with `AutoModel`/`AutoModelForImageTextToText`/`AutoProcessor` after
         `import transformers_bard`, and with `trust_remote_code=True` anywhere.
+
+    Example:
+
+    ```python
+    >>> from transformers_bard import convert_from_autoregressive
+    >>> convert_from_autoregressive("Qwen/Qwen3-VL-4B-Instruct", "bard-vl-4b-b4", block_size=4)
+    PosixPath('bard-vl-4b-b4')
+    >>> # for vLLM: convert_from_autoregressive(source, "bard-vl-4b-b4-causal", prompt_attention="causal")
+    ```
     """
     source_dir = _resolve_source(source)
     output_dir = Path(output_dir)

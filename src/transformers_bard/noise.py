@@ -54,6 +54,21 @@ class MixedNoiseScheduler:
         switch_at: fraction of training in [0, 1] from which `switch_prior` is active. Set together with
             `switch_prior`.
         mix_min_prob: floor of each `mix` probability before renormalising (paper: 0.001).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers_bard import MixedNoiseScheduler
+    >>> scheduler = MixedNoiseScheduler("mask", switch_prior="mix", switch_at=0.5)  # mask first, mixed noise later
+    >>> x0 = torch.randint(10, 100, (2, 8))  # [batch, R] clean responses, R a multiple of B
+    >>> noised = scheduler.add_noise(x0, torch.ones_like(x0, dtype=torch.bool), block_size=4, mask_token_id=5,
+    ...                              random_token_ids=torch.arange(10, 100), generator=torch.Generator().manual_seed(0))
+    >>> noised.noisy_input_ids.shape
+    torch.Size([2, 8])
+    >>> scheduler.save_pretrained("noise")  # reload with MixedNoiseScheduler.from_pretrained("noise")
+    'noise/noise_scheduler_config.json'
+    ```
     """
 
     prior: str = "mask"

@@ -40,6 +40,17 @@ class BlockMergeConfig(BlockDiffusionConfig):
         loss_min_rate (`float`, *optional*):
             Lower clamp of the noise rate t in the 1/t loss weight (DESIGN 3.4). Unset: no clamp (t >= noise_min_rate
             / number of blocks is guaranteed by the scheduler anyway).
+
+    Example:
+
+    ```python
+    >>> from transformers_bard import BlockMergeConfig
+    >>> args = BlockMergeConfig(output_dir="bard-vl-4b-pbm", block_sizes=[4, 8, 16, 32], stage_steps=[2000],
+    ...                         per_device_train_batch_size=4, gradient_accumulation_steps=8, noise_prior="mix",
+    ...                         use_fused_lm_head=True)  # every other field: the paper's recipe (see above)
+    >>> args.learning_rate, args.vision_learning_rate
+    (2e-05, 2e-06)
+    ```
     """
 
     # ------------------------------------------------------------------ schedule

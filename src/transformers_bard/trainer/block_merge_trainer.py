@@ -81,6 +81,19 @@ class BlockMergeTrainer(BlockDiffusionTrainer):
             (and the adapter under ``adapter/``).
 
     After `train()`, `stage_log_history[B]` holds each stage's `log_history` (steps restart at 0 in every stage).
+
+    Example:
+
+    ```python
+    >>> from datasets import load_dataset
+    >>> from transformers_bard import BlockMergeConfig, BlockMergeTrainer
+    >>> dataset = load_dataset("your-org/your-vlm-sft-mixture", split="train")  # `messages` (+ `images`), TRL's format
+    >>> args = BlockMergeConfig(output_dir="bard-vl-4b-pbm", block_sizes=[4, 8, 16, 32], num_train_epochs=1,
+    ...                         per_device_train_batch_size=4, gradient_accumulation_steps=8, bf16=True)
+    >>> trainer = BlockMergeTrainer("bard-vl-4b-b4", args=args, train_dataset=dataset)  # a converted checkpoint
+    >>> trainer.train()  # bard-vl-4b-pbm/stage-b4, stage-b8, stage-b16, stage-b32
+    >>> trainer.train(resume_from_checkpoint=True)  # after an interruption: the right stage, the right step
+    ```
     """
 
     config_class = BlockMergeConfig

@@ -162,6 +162,22 @@ class BlockDiffusionCollator:
         predicts it, DESIGN 4.1, so the batch is the same for both settings), labels ``[b, L]`` (the clean token there, -100 elsewhere), rates ``[b, L]``
         (t of the position's block, 0 outside xt), is_eos_padding ``[b, L]`` (xt positions past the real end),
         response_lengths ``[b]`` (padded R_s) and sample_ids ``[b]`` (dataset indices).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoConfig
+    >>> from transformers_bard import BardVLProcessor, BlockDiffusionCollator, MixedNoiseScheduler
+    >>> processor = BardVLProcessor.from_pretrained("bard-vl-4b-b4")  # a converted checkpoint
+    >>> collator = BlockDiffusionCollator(processor, AutoConfig.from_pretrained("bard-vl-4b-b4").mask_token_id,
+    ...                                   block_size=4, noise_scheduler=MixedNoiseScheduler("mix"), max_length=8192)
+    >>> row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say the word red."}]},
+    ...                     {"role": "assistant", "content": [{"type": "text", "text": "red."}]}],
+    ...        "bard_sample_index": 0}  # the trainers add this column; it seeds the row's noise
+    >>> batch = collator([row])
+    >>> batch["input_ids"].shape == batch["segment_ids"].shape  # [1, P + 2R]: the packed row [prefix ; x0 ; xt]
+    True
+    ```
     """
 
     def __init__(

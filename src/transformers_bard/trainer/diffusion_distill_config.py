@@ -99,6 +99,16 @@ class DiffusionDistillConfig(BlockDiffusionConfig):
             model uses 3e-5 (`PipelineConfig.swd_learning_rate`), measured there: from an AR-level B = 32 student,
             1e-4 cost 3 points even with a near-zero loss (AdamW moves every weight by about the learning rate per
             step), 3e-5 kept it exact. Tune it with the student's size, and watch exact match, not the loss.
+
+    Example:
+
+    ```python
+    >>> from transformers_bard import DiffusionDistillConfig
+    >>> args = DiffusionDistillConfig("bard-vl-4b-swd-b16", teacher_model_name_or_path="bard-vl-8b-pbm/stage-b4",
+    ...                               per_device_train_batch_size=8)  # LR 6e-6, 100 warmup steps, cosine to 0.5x, 3 epochs
+    >>> args.teacher_block_size, args.teacher_topk, args.ce_weight, args.kd_weight, args.kd_on_eos_padding
+    (4, 16, 1.0, 0.5, False)
+    ```
     """
 
     _VALID_DICT_FIELDS = BlockDiffusionConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]

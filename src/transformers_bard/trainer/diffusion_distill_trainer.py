@@ -169,6 +169,19 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
     After `train()`, ``{output_dir}/stage-b{B_s}`` holds the distilled student. Logged (train and eval): `loss`,
     `ce`, `kd`, `mean_token_accuracy` (student argmax = clean token), `teacher_agreement` (student argmax = teacher
     argmax) and `num_masked_tokens`, each over the masked positions of an optimizer step.
+
+    Example:
+
+    ```python
+    >>> from transformers_bard import DiffusionDistillConfig, DiffusionDistillTrainer
+    >>> trainer = DiffusionDistillTrainer(
+    ...     "bard-vl-4b-pbm/stage-b16",  # student: the PBM stage at B_s (block size read from its config)
+    ...     "bard-vl-8b-pbm/stage-b4",   # teacher: the B = 4 anchor (a model object works too)
+    ...     args=DiffusionDistillConfig("bard-vl-4b-swd-b16", bf16=True),
+    ...     train_dataset=dataset,       # chats in TRL's vision format, as for BlockMergeTrainer
+    ... )
+    >>> trainer.train()  # bard-vl-4b-swd-b16/stage-b16
+    ```
     """
 
     config_class = DiffusionDistillConfig

@@ -40,6 +40,15 @@ class BardVLConfig(Qwen3VLConfig):
         it; a checkpoint is trained for one value.
     source_model (`str`, *optional*):
         The autoregressive checkpoint this model was converted from (the model card's `base_model`).
+
+    Example:
+
+    ```python
+    >>> from transformers_bard import BardVLConfig
+    >>> config = BardVLConfig(block_size=8, prompt_attention="causal")  # every other field: Qwen3-VL's defaults
+    >>> config.model_type, config.block_size, config.prediction_shift
+    ('bard_vl', 8, False)
+    ```
     """
 
     model_type = "bard_vl"

@@ -243,6 +243,31 @@ class BardVLModel(Qwen3VLModel):
 
 
 class BardVLForConditionalGeneration(BardVLGenerationMixin, Qwen3VLForConditionalGeneration):
+    r"""
+    Qwen3-VL as a block-diffusion VLM (BARD-VL): exactly `Qwen3VLForConditionalGeneration`'s weights, with
+    - `forward` taking the packed training row's `segment_ids` (the block-diffusion mask and positions are built from
+      them, DESIGN 3.1-3.2), `block_size`, `logits_mask` (the LM head only there) and `skip_logits`;
+    - `generate` decoding block by block (DESIGN 4) with a `BardVLGenerationConfig` (`threshold`, `block_size`,
+      `unmask_order`, `edit_threshold`, ...), returning `tokens_per_forward` with `return_dict_in_generate=True`;
+    - `push_to_hub` writing the BARD-VL model card next to the weights and the code files for `trust_remote_code`.
+
+    Example:
+
+    ```python
+    >>> import transformers_bard  # registers bard_vl with the Auto classes
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("bard-vl-4b-b4")  # a converted checkpoint: BardVLForConditionalGeneration
+    >>> processor = AutoProcessor.from_pretrained("bard-vl-4b-b4")
+    >>> messages = [{"role": "user", "content": [{"type": "text", "text": "Say the word red."}]}]
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    ...                                        return_dict=True, return_tensors="pt")
+    >>> out = model.generate(**inputs, max_new_tokens=64, threshold=0.9, return_dict_in_generate=True)
+    >>> answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    >>> out.tokens_per_forward.shape  # one value per row
+    torch.Size([1])
+    ```
+    """
+
     config_class = BardVLConfig
     _supports_flex_attn = True  # the block-diffusion mask as a block-sparse `BlockMask` (`attention_mask_from_labels`)
     # the trainer computes the block-diffusion loss itself and normalises by samples (DESIGN 3.4)

@@ -123,6 +123,21 @@ class BardVLProcessor(Qwen3VLProcessor):
         image_processor (`Qwen2VLImageProcessorPil`): the PIL image processor.
         tokenizer (`PreTrainedTokenizerBase`): the Qwen tokenizer.
         chat_template (`str`, *optional*): Jinja chat template; defaults to the tokenizer's.
+
+    Example:
+
+    ```python
+    >>> from transformers_bard import BardVLProcessor
+    >>> from transformers_bard.testing import make_image
+    >>> processor = BardVLProcessor.from_pretrained("Qwen/Qwen3-VL-4B-Instruct")  # a stock folder: no torchvision needed
+    >>> processor.tokenizer.padding_side = "left"  # what `generate` expects of a batch
+    >>> messages = [{"role": "user", "content": [{"type": "image", "image": make_image(0, (64, 64))},
+    ...                                          {"type": "text", "text": "What is in the image?"}]}]
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    ...                                        return_dict=True, return_tensors="pt")
+    >>> sorted(inputs)
+    ['attention_mask', 'image_grid_thw', 'input_ids', 'mm_token_type_ids', 'pixel_values']
+    ```
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
