@@ -78,7 +78,7 @@ PROMPTS = [  # (text, image size or None)
 @pytest.mark.xfail(strict=True, raises=(AttributeError, ValueError), reason=(
     "transformers 5.24 `transformers serve` resolves a model class by `getattr(transformers, architectures[0])` "
     "unless its model_type is in transformers' own multimodal name table, and decides the modality by the class "
-    "name; a registered or remote-code class such as BardVLForConditionalGeneration fails both (README, Serving)."))
+    "name; a registered or remote-code class such as BardVLForConditionalGeneration fails both (docs/serving/README.md)."))
 def test_transformers_serve_loads_a_bard_checkpoint_as_a_vlm(tiny_bard_vl_dir):
     """Tracks the limitation: this starts passing (and strict xfail then fails) once `transformers serve` can load
     a registered or `trust_remote_code` vision-language model."""
