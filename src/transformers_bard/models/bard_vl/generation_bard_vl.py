@@ -158,8 +158,9 @@ class BardVLGenerationConfig(GenerationConfig):
         Denoising steps per block S, in [1, B]. `None` (default) means B. Step s unmasks at least k_s tokens, where
         k_s spreads B over S steps: B // S each, the first B % S steps one more (B = 8, S = 3: 3, 3, 2).
     unmasking (`str`, defaults to `"threshold"`):
-        `"threshold"`: every masked position whose confidence exceeds `threshold`, and at least k_s of them.
-        `"static"`: exactly the k_s most confident masked positions.
+        `"threshold"`: the masked positions whose confidence exceeds `threshold` (under the default `unmask_order`
+        only those before the block's first uncertain one), and at least k_s positions.
+        `"static"`: exactly k_s masked positions (the leftmost or the most confident: `unmask_order`).
     unmask_order (`str`, defaults to `"left_to_right"`):
         Which masked positions a step unmasks. `"left_to_right"`: the k_s leftmost, plus (under `"threshold"`) the
         positions above tau that come before the block's first masked position at or below tau, so a block grows as a
