@@ -79,7 +79,8 @@ DEFAULT_QUESTION_WEIGHTS = {
 # idle cores (13.1 min measured) at PBM B = 32 = 1.000. choice: twice the digits budget at B >= 8 (docs/demo_results/
 # choice_probe, section 6): with 450 steps at B = 16 and 32 the second choice of `two_rows` barely learns to avoid the
 # first and greedy decoding names the same row twice (PBM+SWD B = 32: 0.825 and 0.740 exact match on seeds 0 and 1);
-# with 900 every model of seed 0 is exact, PBM+SWD B = 32 1.000 at 7.85 tokens per forward; 25.8 min on one core.
+# with 900 every model of seed 0 is exact, PBM+SWD B = 32 1.000 at 7.85 tokens per forward (25.8 min on one core);
+# seed 1 rises from 0.740 to 0.877, the rest still `two_rows` naming one row twice.
 DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 200, 900, 900)}
 
 
