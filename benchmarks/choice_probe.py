@@ -163,17 +163,18 @@ def _score(results, condition, row, filled: list[int], clean: list[int], tokeniz
     kind = row["question_type"]
     counter = results[f"{condition}|{kind}"]
     counter["rows"] += 1
-    exact_given = False
     if condition == "choice visible":
-        exact_given = filled[:n] == clean[:n]
+        exact = filled[:n] == clean[:n]
     elif condition == "digits visible":
         # any accepted answer with these digits (two rows may read the same) and this choice
-        exact_given = text in row["accepted"]
-    if condition == "first line visible":
+        exact = text in row["accepted"]
+    elif condition == "first line visible":
         # exact: the second choice names another row than the first (two_rows asks for different rows)
         names = [line.split(" : ")[0] for line in text.split(" | ")]
-        exact_given = len(names) == 2 and names[0] != names[1]
-    counter["exact"] += int(exact_given if condition != "both masked" else text == row["answer"])
+        exact = len(names) == 2 and names[0] != names[1]
+    else:  # both masked: the probed answer itself
+        exact = text == row["answer"]
+    counter["exact"] += int(exact)
     counter["coherent"] += int(text in row["accepted"])
 
 

@@ -166,6 +166,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process, timeout: float) -> None:
+    """Terminate a server started by a test; kill it when it has not exited after `timeout` seconds."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def offline_env() -> dict:
     """The environment of a launched process: offline, one thread per process."""
     import os

@@ -246,6 +246,7 @@ def test_commands_name_real_subcommands_flags_and_files(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_compile(page):
+    """`compile` raises SyntaxError on a broken snippet, which fails the test."""
     for block in code_blocks(page.read_text(), ("python",)):
         compile(block, str(page), "exec")
 

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, free_port, offline_env
+from conftest import REPO, free_port, offline_env, stop_process
 from transformers_bard.testing import make_image
 
 fastapi = pytest.importorskip("fastapi")
@@ -253,12 +253,7 @@ def server(confident_bard_dir):
             time.sleep(0.5)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=20)
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import stop_process
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,11 +180,7 @@ def vllm_server(vllm_python, checkpoints, tmp_path_factory):
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1", causal
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, timeout=60)
         log.close()
 
 
