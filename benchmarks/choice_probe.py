@@ -92,6 +92,30 @@ def load(path: Path):
     return BardVLForConditionalGeneration.from_pretrained(path).eval()
 
 
+def _row_choice_ids(tokenizer, rows: int = 4) -> list[int]:
+    """Token ids of the row numbers 1..rows as they appear at a choice position (single-digit tokens)."""
+    ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, rows + 1)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"row numbers must be single tokens, got {ids}")
+    return [i[0] for i in ids]
+
+
+def _second_choice(parts: list[str]) -> tuple[int, int] | None:
+    """(position of the first choice, position of the second) of a two_rows answer's parts, or None."""
+    choices = [i for i, p in enumerate(parts) if p == "choice"]
+    return (choices[0], choices[1]) if len(choices) >= 2 else None
+
+
+def _score_repeat(results, logits_row: torch.Tensor, first: int, candidates: list[int]) -> None:
+    """Record p(second choice = first choice), renormalised over the row numbers, and whether the argmax repeats."""
+    probs = torch.softmax(logits_row.float()[candidates], dim=-1)
+    index = candidates.index(first)
+    counter = results["repeat|two_rows"]
+    counter["rows"] += 1
+    counter["p_repeat_x1000"] += round(1000 * float(probs[index]))
+    counter["argmax_repeats"] += int(int(probs.argmax()) == index)
+
+
 # ---------------------------------------------------------------------------------------------- (a) probe
 def probe_rows(dataset):
     """Rows with their probed answer: the accepted answer of choice (row index mod number of choices)."""
@@ -117,6 +141,7 @@ def _layout(batch):
 def conditioning_probe(model, collator, rows, tokenizer, batch_size: int = 25) -> dict:
     """(a) for one BARD model: per condition and question type, exact and coherent counts (module docstring)."""
     mask_id = model.config.mask_token_id
+    candidates = _row_choice_ids(tokenizer)
     results = defaultdict(lambda: Counter())
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -148,6 +173,15 @@ def conditioning_probe(model, collator, rows, tokenizer, batch_size: int = 25) -
             with torch.inference_mode():
                 out = model(input_ids=input_ids, logits_mask=logits_mask, **inputs)
             scores = out.logits.float().clone()
+            if condition == "first line visible":
+                # logits are [N, vocab] at the hidden positions, row-major: index them per row
+                hidden_rows, hidden_cols = hidden.nonzero(as_tuple=True)
+                for r, row in enumerate(chunk):
+                    pair = _second_choice(parts[r]) if row["question_type"] == "two_rows" else None
+                    if pair is None:
+                        continue
+                    at = ((hidden_rows == r) & (hidden_cols == pair[1])).nonzero()
+                    _score_repeat(results, scores[int(at[0, 0])], int(x0[r, pair[0]]), candidates)
             scores[:, mask_id] = -float("inf")
             predicted = scores.argmax(-1)
             filled = xt.clone()
@@ -182,6 +216,7 @@ def ar_probe(model, processor, rows, tokenizer) -> dict:
     """(a) for the AR source: teacher-forced causally, the argmax at every digit/choice position from the previous
     position, given the true earlier tokens."""
     results = defaultdict(lambda: Counter())
+    candidates = _row_choice_ids(tokenizer)
     for row in rows:
         messages = row["messages"]
         text = processor.apply_chat_template(messages, tokenize=False)
@@ -195,6 +230,9 @@ def ar_probe(model, processor, rows, tokenizer) -> dict:
         predicted = logits[end - 1 : end - 1 + len(answer_ids)].argmax(-1).tolist()
         parts = answer_parts(_texts(tokenizer, answer_ids))
         kind = row["question_type"]
+        pair = _second_choice(parts) if kind == "two_rows" else None
+        if pair is not None:  # the logit at p - 1 predicts p, given the true first line
+            _score_repeat(results, logits[end - 1 + pair[1]], answer_ids[pair[0]], candidates)
         # causal: the choice comes before the digits, so only "choice visible" is defined for the AR source
         for condition, which in (("choice visible", "digits"),):
             counter = results[f"{condition}|{kind}"]
@@ -426,6 +464,15 @@ def render(report: dict) -> str:
                 cells = [cell if kind == "two_rows" else "-" for cell, kind in zip(cells, CHOICE_QUESTION_TYPES)]
             if any(cell != "-" for cell in cells):
                 lines.append(f"| {name} | {condition} | " + " | ".join(cells) + " |")
+    lines += ["", "Second choice of `two_rows` with the first line visible (BARD: the second line masked; AR: "
+              "teacher-forced): mean probability of repeating the first choice, renormalised over the row numbers "
+              "(1/4 = no exclusion, 0 = learned), and how often the argmax repeats it:", "",
+              "| model | rows | p(repeat) | argmax repeats |", "|---|---:|---:|---|"]
+    for name, entry in report["models"].items():
+        c = entry.get("probe", {}).get("repeat|two_rows")
+        if c:
+            lines.append(f"| {name} | {c['rows']} | {c['p_repeat_x1000'] / 1000 / c['rows']:.3f} | "
+                         f"{_fmt(c['argmax_repeats'], c['rows'])} |")
     lines += ["", f"First commit that leaves no accepted answer possible (tau {report['tau']}, unmask_order "
               f"{report.get('unmask_order', 'confidence')}):", "",
               "| model | wrong / rows | error | rules | count |", "|---|---|---|---|---:|"]

@@ -31,6 +31,23 @@ def test_consistency_is_checked_against_every_accepted_answer():
     assert not choice_probe._consistent({5: 1}, answers)  # past every answer's end
 
 
+def test_repeat_probability_is_renormalised_over_the_row_numbers():
+    from collections import Counter, defaultdict
+
+    import torch
+
+    results = defaultdict(Counter)
+    logits = torch.full((10,), -50.0)
+    logits[[3, 4, 5, 6]] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))  # row numbers 1..4 at ids 3..6
+    logits[0] = 10.0  # a non-row token outside the candidates does not count
+    choice_probe._score_repeat(results, logits, first=6, candidates=[3, 4, 5, 6])
+    choice_probe._score_repeat(results, logits, first=3, candidates=[3, 4, 5, 6])
+    c = results["repeat|two_rows"]
+    assert c["rows"] == 2 and c["argmax_repeats"] == 1 and c["p_repeat_x1000"] == 400 + 100
+    assert choice_probe._second_choice(["other", "choice", "digits", "other", "choice"]) == (1, 4)
+    assert choice_probe._second_choice(["other", "choice", "digits"]) is None
+
+
 @pytest.mark.slow
 def test_probe_runs_on_a_converted_choice_checkpoint(tmp_path):
     from transformers_bard.conversion import convert_from_autoregressive
@@ -53,4 +70,9 @@ def test_probe_runs_on_a_converted_choice_checkpoint(tmp_path):
     loss = bard["loss"]
     assert sum(part["tokens"] for part in loss.values()) > 0
     assert abs(sum(part["elbo_share"] for part in loss.values()) - 1.0) < 1e-6
+    # the second choice of each two_rows row (2 of the 6 balanced rows), for the AR source and the BARD model
+    for name in ("AR", "PBM B=4"):
+        repeat = report["models"][name]["probe"]["repeat|two_rows"]
+        assert repeat["rows"] == 2 and 0 <= repeat["p_repeat_x1000"] <= 2000
     assert "Conditioning probe" in (out / "probe.md").read_text()
+    assert "p(repeat)" in (out / "probe.md").read_text()

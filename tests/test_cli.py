@@ -62,6 +62,9 @@ def test_demo_arguments_reach_the_pipeline(monkeypatch, capsys):
     assert cfg.ablations == tuple(a for a in pipeline.ABLATIONS if a != "mix")
     assert main(["demo", "--ablations", "all"]) == 0
     assert seen[-1].noise_prior == "mask" and seen[-1].ablations == pipeline.ABLATIONS
+    assert seen[-1].source is None  # the task's shipped source
+    assert main(["demo", "--task", "choice", "--source", "my_ar"]) == 0
+    assert seen[-1].source == "my_ar"
     assert main(["demo", "--ablations", "causal_prompt"]) == 0  # a serving ablation, asked for by name
     assert seen[-1].ablations == ("causal_prompt",)
     assert main(["demo", "--noise-prior", "mix", "--ablations", "direct,mix"]) == 2

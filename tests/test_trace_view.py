@@ -135,6 +135,9 @@ def test_summary_numbers():
     assert lines[1] == "AR:   12 tokens, one per forward = 1.00 tokens/forward, 1.000 s (12 tokens/s)"
     assert lines[2] == "BARD / AR wall time: 0.50 (speedup 2.00x)"
     assert len(summary_lines(12, 4, 0.5)) == 1
+    # an answer decided entirely by the prefill step has no further forward: no "nan tokens/forward"
+    assert summary_lines(3, 0, 0.25) == ["BARD: 3 tokens, all decided in the prompt's forward (no further forward), "
+                                         "0.250 s (12 tokens/s)"]
 
 
 class _Terminal(io.StringIO):

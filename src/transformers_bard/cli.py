@@ -131,6 +131,10 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="Seed of the data sampling, the noise and the trainers.")
     p.add_argument(
+        "--source", default=None,
+        help="AR source checkpoint to convert (a stock Qwen3-VL folder; default: the task's shipped model).",
+    )
+    p.add_argument(
         "--noise-prior", choices=("mask", "mix"), default="mask",
         help="Noise prior of every trained model: mask (default, the paper's main runs) or mix (mixed noise; decoded "
         "with revision). The mix ablation needs mask.",
@@ -169,7 +173,8 @@ def _run_demo(args) -> int:
         ablations = tuple(a for a in args.ablations.split(",") if a)
     overrides = dict(output_dir=args.output_dir, task=args.task, ablations=ablations, threads=args.threads,
                      seed=args.seed, noise_prior=args.noise_prior)
-    for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every", "swd_loss_normalization"):
+    for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every", "swd_loss_normalization",
+                 "source"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.pbm_steps:

@@ -256,9 +256,13 @@ def summary_lines(
 ) -> list[str]:
     """Closing numbers of a decode: BARD's tokens, forwards, tokens per forward and wall time; with an AR run of the
     same prompt, its tokens and time (one forward per token after the prefill) and the wall-clock ratio."""
-    tpf = num_tokens / num_forwards if num_forwards else float("nan")
-    lines = [f"BARD: {num_tokens} tokens in {num_forwards} forwards = {tpf:.2f} tokens/forward, {seconds:.3f} s "
-             f"({num_tokens / seconds if seconds > 0 else float('nan'):.0f} tokens/s)"]
+    rate = f"{num_tokens / seconds if seconds > 0 else float('nan'):.0f} tokens/s"
+    if num_forwards:
+        lines = [f"BARD: {num_tokens} tokens in {num_forwards} forwards = {num_tokens / num_forwards:.2f} "
+                 f"tokens/forward, {seconds:.3f} s ({rate})"]
+    else:  # the whole answer was decided by the prefill step, inside the prompt's own forward (`prefill_step`)
+        lines = [f"BARD: {num_tokens} tokens, all decided in the prompt's forward (no further forward), "
+                 f"{seconds:.3f} s ({rate})"]
     if ar_tokens is not None and ar_seconds is not None:
         lines.append(f"AR:   {ar_tokens} tokens, one per forward = 1.00 tokens/forward, {ar_seconds:.3f} s "
                      f"({ar_tokens / ar_seconds if ar_seconds > 0 else float('nan'):.0f} tokens/s)")
