@@ -64,7 +64,11 @@ def test_demo_arguments_reach_the_pipeline(monkeypatch, capsys):
     assert seen[-1].noise_prior == "mask" and seen[-1].ablations == pipeline.ABLATIONS
     assert seen[-1].source is None  # the task's shipped source
     assert main(["demo", "--task", "choice", "--source", "my_ar"]) == 0
-    assert seen[-1].source == "my_ar"
+    assert seen[-1].source == "my_ar" and seen[-1].prompt_attention == "block_causal"
+    assert main(["demo", "--prompt-attention", "causal"]) == 0  # every model servable by vLLM
+    assert seen[-1].prompt_attention == "causal"
+    assert main(["demo", "--prompt-attention", "causal", "--ablations", "causal_prompt"]) == 2
+    assert "Drop `causal_prompt`" in capsys.readouterr().err
     assert main(["demo", "--ablations", "causal_prompt"]) == 0  # a serving ablation, asked for by name
     assert seen[-1].ablations == ("causal_prompt",)
     assert main(["demo", "--noise-prior", "mix", "--ablations", "direct,mix"]) == 2

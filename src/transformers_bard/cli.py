@@ -139,6 +139,11 @@ def _add_demo(sub) -> None:
         help="Noise prior of every trained model: mask (default, the paper's main runs) or mix (mixed noise; decoded "
         "with revision). The mix ablation needs mask.",
     )
+    p.add_argument(
+        "--prompt-attention", choices=("block_causal", "causal"), default=None,
+        help="Prompt mask of the conversion: block_causal (default, the paper's) or causal (every model of the run "
+        "can then be served by vLLM).",
+    )
     p.add_argument("--train-samples", type=int, default=None, help="Training rows of the digits task.")
     p.add_argument("--eval-samples", type=int, default=None, help="Test rows (equal per question type).")
     p.add_argument(
@@ -174,7 +179,7 @@ def _run_demo(args) -> int:
     overrides = dict(output_dir=args.output_dir, task=args.task, ablations=ablations, threads=args.threads,
                      seed=args.seed, noise_prior=args.noise_prior)
     for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every", "swd_loss_normalization",
-                 "source"):
+                 "source", "prompt_attention"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.pbm_steps:
