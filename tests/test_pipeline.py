@@ -245,9 +245,9 @@ def test_bad_pipeline_settings():
 
 
 def test_pbm_budget_defaults_per_task():
-    """The choice task trains twice the digits budget at B >= 8 (docs/demo_results/choice_probe, section 6)."""
+    """The choice task trains four times the digits budget at B >= 8 (docs/demo_results/choice_probe, section 7)."""
     from transformers_bard.demo.pipeline import DEFAULT_PBM_STEPS
 
     assert PipelineConfig().stage_steps() == list(DEFAULT_PBM_STEPS["digits"]) == [500, 100, 450, 450]
-    assert PipelineConfig(task="choice").stage_steps() == [500, 200, 900, 900]
+    assert PipelineConfig(task="choice").stage_steps() == [500, 400, 1800, 1800]
     assert PipelineConfig(task="choice", pbm_steps=300).stage_steps() == [300] * 4

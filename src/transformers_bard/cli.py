@@ -149,7 +149,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--pbm-steps", default=None,
         help="Optimizer steps per PBM stage: one value, or one per block size (default 500,100,450,450 on digits, "
-        "500,200,900,900 on choice).",
+        "500,400,1800,1800 on choice).",
     )
     p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
     p.add_argument("--swd-mask-rates", default=None, help="SWD mask-rate clamp as low,high (default 0.1,0.5).")

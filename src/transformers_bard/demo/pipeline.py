@@ -76,12 +76,13 @@ DEFAULT_QUESTION_WEIGHTS = {
 
 
 # Optimizer steps per PBM stage (B = 4, 8, 16, 32) per task. digits: 500, 100, 450, 450 fit the 15-minute target on 2
-# idle cores (13.1 min measured) at PBM B = 32 = 1.000. choice: twice the digits budget at B >= 8 (docs/demo_results/
-# choice_probe, section 6): with 450 steps at B = 16 and 32 the second choice of `two_rows` barely learns to avoid the
-# first and greedy decoding names the same row twice (PBM+SWD B = 32: 0.825 and 0.740 exact match on seeds 0 and 1);
-# with 900 every model of seed 0 is exact, PBM+SWD B = 32 1.000 at 7.85 tokens per forward (25.8 min on one core);
-# seed 1 rises from 0.740 to 0.877, the rest still `two_rows` naming one row twice.
-DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 200, 900, 900)}
+# idle cores (13.1 min measured) at PBM B = 32 = 1.000. choice: four times the digits budget at B >= 8 (docs/
+# demo_results/choice_probe, sections 5 and 7): the second choice of `two_rows` must avoid the first, a conditional
+# that the large stages learn only with many steps (probability of repeating the first row, renormalised over the
+# rows: 0.24 at 2x and 0.07-0.09 at 4x for B = 32 on seed 1; 0.18 for the AR source). PBM+SWD B = 32 exact match vs
+# the AR source: 1x 0.825 / 0.740 (seeds 0 / 1), 2x 1.000 / 0.877, 4x 1.000 / 1.000 at 7.84-7.86 tokens per forward.
+# Cost: 38 min on one core (the other core busy) against 26-35 min at 2x; `--ablations all` then exceeds 60 min.
+DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 400, 1800, 1800)}
 
 
 @dataclass
