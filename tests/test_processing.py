@@ -154,6 +154,20 @@ def test_save_and_load_round_trip(processor, tmp_path):
         torch.testing.assert_close(before[key], after[key])
 
 
+def test_save_keeps_the_video_processor_file_engines_need(processor, tiny_qwen3_vl_dir, tmp_path):
+    """transformers >= 5.20 writes only processor_config.json (no video entry: this processor has no video
+    processor); the folder's video_preprocessor_config.json is written back, so vLLM, which builds Qwen3-VL's video
+    processor, can load a checkpoint the trainers saved. It travels through a second save too."""
+    source = json.loads((tiny_qwen3_vl_dir / "video_preprocessor_config.json").read_text())
+    processor.save_pretrained(tmp_path / "once")
+    assert json.loads((tmp_path / "once" / "video_preprocessor_config.json").read_text()) == source
+    BardVLProcessor.from_pretrained(tmp_path / "once").save_pretrained(tmp_path / "twice")
+    assert json.loads((tmp_path / "twice" / "video_preprocessor_config.json").read_text()) == source
+    built = BardVLProcessor(processor.image_processor, processor.tokenizer)  # built in code: no file to write back
+    built.save_pretrained(tmp_path / "built")
+    assert not (tmp_path / "built" / "video_preprocessor_config.json").exists()
+
+
 def test_mark_processor_files_points_a_stock_folder_at_bard(processor, tiny_qwen3_vl_dir, tmp_path):
     folder = tmp_path / "checkpoint"
     shutil.copytree(tiny_qwen3_vl_dir, folder)
@@ -170,9 +184,9 @@ def test_mark_processor_files_points_a_stock_folder_at_bard(processor, tiny_qwen
     assert (folder / "processing_bard_vl.py").read_bytes() == Path(processing_bard_vl.__file__).read_bytes()
     marked = BardVLProcessor.from_pretrained(folder)
     assert marked.image_processor.size == processor.image_processor.size
-    # A folder saved by the processor (processor_config.json) is marked the same way.
+    # A folder saved by the processor (processor_config.json, and the video file it was loaded with) is marked too.
     processor.save_pretrained(tmp_path / "saved")
-    assert mark_processor_files(tmp_path / "saved") == ["processor_config.json"]
+    assert mark_processor_files(tmp_path / "saved") == ["processor_config.json", "video_preprocessor_config.json"]
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         mark_processor_files(tmp_path / "empty")
 

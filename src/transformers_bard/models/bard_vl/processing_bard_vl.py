@@ -28,6 +28,7 @@ __all__ = ["BardVLProcessor", "assistant_tokens_mask", "mark_processor_files"]
 AUTO_MAP = {"AutoProcessor": "processing_bard_vl.BardVLProcessor"}
 # Files in which `AutoProcessor` looks for `processor_class` / `auto_map`, in its order of precedence.
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+_VIDEO_CONFIG = "video_preprocessor_config.json"
 
 VIDEO_ERROR = (
     "BardVLProcessor handles text and images only: got `videos` (or a video block in the conversation). Video input "
@@ -169,6 +170,31 @@ class BardVLProcessor(Qwen3VLProcessor):
         elif getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = chat_template
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # Keep the folder's video processor config (a stock Qwen3-VL has one; this processor has no video processor)
+        # so `save_pretrained` writes it back: engines that build Qwen3-VL's own processor (vLLM) need the file.
+        path = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder", ""), _VIDEO_CONFIG)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                processor._video_processor_config = json.load(handle)
+        return processor
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, plus the `video_preprocessor_config.json` the processor was loaded with
+        (when the folder has none): transformers >= 5.20 writes only `processor_config.json`, whose video entry this
+        processor lacks, and vLLM builds Qwen3-VL's video processor from that file (docs/serving/engines.md 9)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        config = getattr(self, "_video_processor_config", None)
+        target = os.path.join(save_directory, _VIDEO_CONFIG)
+        if config is not None and not os.path.exists(target):
+            tmp = f"{target}.tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, target)
+        return result
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
