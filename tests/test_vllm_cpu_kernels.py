@@ -19,19 +19,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 RUN = ROOT / "tests" / "vllm_cpu_kernels_run.py"
 CPU_ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}  # the CPU mode: Triton's interpreter, one thread
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    build = subprocess.run(["make", "-s", "vllm"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=1200)
-    if build.returncode != 0 or not VLLM_PYTHON.exists():
-        lines = [line for line in (build.stdout + build.stderr).splitlines() if "Location" not in line]
-        pytest.skip("the vLLM environment could not be built (`make vllm`): " + " | ".join(lines[-6:]))
-    return VLLM_PYTHON
 
 
 def run_in_vllm(vllm_python, mode: str, tmp_path, **env) -> dict:

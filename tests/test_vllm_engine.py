@@ -22,7 +22,6 @@ from conftest import stop_process
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 RUN = ROOT / "tests" / "vllm_engine_run.py"
 BLOCK_SIZE = 4
 # vLLM's CPU attention refuses head_dim 8 (the suite's tiny default): hidden 128, 2 heads of 64, 1 KV head
@@ -36,16 +35,6 @@ WIDTH_64 = {
 # TRITON_INTERPRET=1: Model Runner V2's Triton kernels through Triton's interpreter (vllm-env/vllm_env_compat.py, 3)
 CPU_ENV = {"TRITON_INTERPRET": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(sorted(os.sched_getaffinity(0))[-1]),
            "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    build = subprocess.run(["make", "-s", "vllm"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=1200)
-    if build.returncode != 0 or not VLLM_PYTHON.exists():
-        lines = [line for line in (build.stdout + build.stderr).splitlines() if "Location" not in line]
-        pytest.skip("the vLLM environment could not be built (`make vllm`): " + " | ".join(lines[-6:]))
-    return VLLM_PYTHON
 
 
 def run_in_vllm(vllm_python, *args, timeout=600, **env) -> subprocess.CompletedProcess:
