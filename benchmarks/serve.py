@@ -81,22 +81,13 @@ def parse_args():
     return args
 
 
-# vLLM's CPU attention takes head sizes >= 32 only: the toy checkpoints for vLLM get heads of 64 (tests/test_vllm_engine)
-VLLM_TOY_WIDTH = {
-    "text_config": {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [16, 8, 8],
-                                        "mrope_interleaved": True}},
-    "vision_config": {"out_hidden_size": 128},
-}
-
-
 def toy_checkpoints(workdir: Path, for_vllm: bool = False) -> tuple[Path, Path]:
     """A tiny random Qwen3-VL and its BARD-VL conversion (B = 4); servable by vLLM too with `for_vllm` (heads of 64,
     causal prompt)."""
     from transformers_bard import convert_from_autoregressive
-    from transformers_bard.testing import build_tiny_qwen3_vl
+    from transformers_bard.testing import VLLM_CPU_CONFIG_OVERRIDES, build_tiny_qwen3_vl
 
-    source = build_tiny_qwen3_vl(workdir / "ar", config_overrides=VLLM_TOY_WIDTH if for_vllm else None)
+    source = build_tiny_qwen3_vl(workdir / "ar", config_overrides=VLLM_CPU_CONFIG_OVERRIDES if for_vllm else None)
     bard = convert_from_autoregressive(source, workdir / "bard", block_size=4, overwrite=True,
                                        prompt_attention="causal" if for_vllm else "block_causal")
     return bard, source

@@ -12,25 +12,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import stop_process
+from conftest import offline_env, stop_process
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "vllm_engine_run.py"
 BLOCK_SIZE = 4
-# vLLM's CPU attention refuses head_dim 8 (the suite's tiny default): hidden 128, 2 heads of 64, 1 KV head
-WIDTH_64 = {
-    "text_config": {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [16, 8, 8],
-                                        "mrope_interleaved": True}},
-    "vision_config": {"out_hidden_size": 128},
-}
 # vLLM's own CPU knobs: a small KV cache, and its OpenMP threads on one core (whichever this process may use)
 # TRITON_INTERPRET=1: Model Runner V2's Triton kernels through Triton's interpreter (vllm-env/vllm_env_compat.py, 3)
 CPU_ENV = {"TRITON_INTERPRET": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(sorted(os.sched_getaffinity(0))[-1]),
@@ -47,10 +41,10 @@ def checkpoints(tmp_path_factory):
     """(causal-prompt BARD-VL, block-causal BARD-VL), converted from one tiny Qwen3-VL of head_dim 64; the causal one's
     LM head scaled x30 so that steps unmask several tokens and blocks end at different steps."""
     from transformers_bard import BardVLForConditionalGeneration, convert_from_autoregressive
-    from transformers_bard.testing import build_tiny_qwen3_vl
+    from transformers_bard.testing import VLLM_CPU_CONFIG_OVERRIDES, build_tiny_qwen3_vl
 
     folder = tmp_path_factory.mktemp("vllm_engine")
-    source = build_tiny_qwen3_vl(folder / "qwen3-vl", num_shards=1, config_overrides=WIDTH_64)
+    source = build_tiny_qwen3_vl(folder / "qwen3-vl", num_shards=1, config_overrides=VLLM_CPU_CONFIG_OVERRIDES)
     causal = convert_from_autoregressive(source, folder / "bard-causal", block_size=BLOCK_SIZE,
                                          prompt_attention="causal")
     model = BardVLForConditionalGeneration.from_pretrained(causal)
@@ -237,10 +231,6 @@ def test_serve_benchmark_loads_vllm_beside_transformers_bard_serve(vllm_python, 
     """`benchmarks/serve.py --quick --engines transformers-bard vllm`: toy checkpoints servable by vLLM (heads of 64,
     causal prompt), four servers (BARD and AR under each engine) and every row of the table. (The toy checkpoint's
     random tokens detokenize to nearly empty text, so answers are compared on the demo's model, not here.)"""
-    import sys
-
-    from conftest import offline_env
-
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--clients", "1", "4",
                              "--engines", "transformers-bard", "vllm", "--workdir", str(tmp_path),
                              "--vllm-python", str(vllm_python)],

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 __all__ = [
     "QWEN3_VL_CHAT_TEMPLATE",
     "TINY_BPE_VOCAB_SIZE",
+    "VLLM_CPU_CONFIG_OVERRIDES",
     "build_tiny_qwen3_vl",
     "build_tiny_tokenizer",
     "make_image",
@@ -44,6 +45,15 @@ __all__ = [
 
 # Size of the trained byte-level BPE vocabulary: the 256 byte symbols plus 192 merges. The special tokens follow it.
 TINY_BPE_VOCAB_SIZE = 448
+
+# `config_overrides` of `build_tiny_qwen3_vl` for a checkpoint vLLM can serve on CPU: its CPU attention refuses head
+# sizes below 32 (the tiny default is 8), so hidden 128, 2 heads of 64, 1 KV head, M-RoPE sections [16, 8, 8].
+VLLM_CPU_CONFIG_OVERRIDES = {
+    "text_config": {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [16, 8, 8],
+                                        "mrope_interleaved": True}},
+    "vision_config": {"out_hidden_size": 128},
+}
 
 # Qwen2/Qwen3 added tokens in their Hub order (ids 151643..151668 there, TINY_BPE_VOCAB_SIZE + 0..25 here).
 # The first 14 are special (skipped by `decode(skip_special_tokens=True)`); the rest are ordinary added tokens.
