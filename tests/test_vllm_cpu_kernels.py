@@ -40,11 +40,12 @@ def test_torch_replacements_equal_the_triton_kernels(vllm_python, tmp_path):
     """In the CPU mode the import hook replaced every wrapper (where vLLM defines it and where model_runner, the
     samplers and the speculators imported it by name), and each replacement leaves exactly what the Triton wrapper
     leaves: block tables, slot mappings, M-RoPE positions, staged writes, prefill and decode inputs, the update
-    after sampling, greedy sampling; several seeds, empty and padded batches, AR, speculative and BARD steps."""
+    after sampling, greedy sampling, the vision position embeddings; several seeds, empty and padded batches, AR,
+    speculative and BARD steps."""
     record = run_in_vllm(vllm_python, "compare", tmp_path)
     assert record["not_replaced"] == []
     assert all(count > 0 for count in record["cases"].values()), record["cases"]
-    assert len(record["cases"]) == 5
+    assert len(record["cases"]) == 6
 
 
 def test_opt_out_keeps_the_triton_kernels(vllm_python, tmp_path):

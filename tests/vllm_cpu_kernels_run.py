@@ -1,6 +1,6 @@
 """Runs inside the vLLM virtual environment (`make vllm`), started by tests/test_vllm_cpu_kernels.py: the torch
-versions of Model Runner V2's input kernels (vllm-env/vllm_cpu_kernels.py) against the Triton wrappers they
-replace, run by Triton's interpreter (TRITON_INTERPRET=1).
+versions of Model Runner V2's input kernels and of Qwen3-VL's vision position-embedding kernel
+(vllm-env/vllm_cpu_kernels.py) against the Triton wrappers they replace, run by Triton's interpreter (TRITON_INTERPRET=1).
 
     .venv-vllm/bin/python tests/vllm_cpu_kernels_run.py compare OUT.json   # replacements active (the CPU default)
     .venv-vllm/bin/python tests/vllm_cpu_kernels_run.py hook OUT.json      # with BARD_VLLM_TRITON_KERNELS=1
@@ -23,6 +23,7 @@ import torch
 import vllm_cpu_kernels as kernels
 
 GPU = "vllm.v1.worker.gpu."
+QWEN3_VL = "vllm.model_executor.models.qwen3_vl"
 CPU = torch.device("cpu")
 MAX_REQS, MAX_TOKENS, MAX_MODEL_LEN = 16, 1024, 128
 SEEDS = range(6)
@@ -365,10 +366,37 @@ def check_staged_writes(seed: int) -> int:
     return cases
 
 
+def check_pos_embed(seed: int) -> int:
+    """Qwen3-VL's vision position embeddings: grids of several sizes (square and not, one patch row or column,
+    several frames), merge windows 1 and 2, hidden sizes that are and are not powers of two; bf16 falls back."""
+    triton_fn = kernels._original(QWEN3_VL, "triton_pos_embed_interpolate")
+    rng = np.random.default_rng(11000 + seed)
+    cases = 0
+    for case in range(6):
+        m_size = 1 if case == 5 else 2
+        grid = int(rng.integers(2, 9))
+        h, w = (int(rng.integers(1, 9)) * m_size for _ in range(2))
+        if case == 4:
+            h = m_size  # one merge window tall: h - 1 may be 0 or 1
+        t = int(rng.integers(1, 4))
+        hidden = int(rng.choice([8, 24, 64, 96]))
+        weight = torch.from_numpy(rng.standard_normal((grid * grid, hidden)).astype(np.float32))
+        args = (weight, t, h, w, grid, m_size, torch.float32)
+        compare_call("triton_pos_embed_interpolate", triton_fn, kernels.pos_embed_interpolate, args,
+                     f"seed {seed} case {case} (t, h, w, grid, m) = {(t, h, w, grid, m_size)}")
+        cases += 1
+    if seed == 0:  # not float32: the original's interpreter run (the replacement cannot promise equality there)
+        weight = torch.randn(16, 8).to(torch.bfloat16)
+        native(kernels.pos_embed_interpolate, weight, 1, 2, 2, 4, 2, torch.bfloat16, expect_fallback=True,
+               what="triton_pos_embed_interpolate bf16")
+    return cases
+
+
 def replaced_everywhere() -> list[str]:
     """The wrappers the hook left unreplaced where vLLM defines them or a module bound them by name."""
     import importlib
 
+    import vllm.model_executor.models.qwen3_vl  # noqa: F401
     import vllm.v1.worker.gpu.model_runner  # noqa: F401  (imports input_batch, block_table, rope, the sampler)
     import vllm.v1.worker.gpu.spec_decode.rejection_sampler  # noqa: F401
     import vllm.v1.worker.gpu.spec_decode.speculator  # noqa: F401
@@ -415,7 +443,8 @@ def main() -> int:
             if record["not_replaced"]:
                 raise Mismatch(f"not replaced: {record['not_replaced']}")
             counts = {}
-            for check in (check_input_batch, check_gumbel, check_block_tables, check_rope, check_staged_writes):
+            for check in (check_input_batch, check_gumbel, check_block_tables, check_rope, check_staged_writes,
+                          check_pos_embed):
                 counts[check.__name__] = sum(check(seed) for seed in SEEDS)
             record["cases"] = counts
         record["ok"] = True

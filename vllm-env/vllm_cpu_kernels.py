@@ -7,6 +7,8 @@ of sampled and draft tokens, the bookkeeping after sampling, staged buffer write
 run through Triton's interpreter (TRITON_INTERPRET=1, see vllm_env_compat.py 3), which executes each kernel program
 by program in numpy: tens of milliseconds per launch whatever the size. A census of 16 requests on the tiny BARD
 checkpoint (38 engine steps) found those launches to be about 92 % of the engine's time (docs/serving/engines.md 9).
+Once those were gone, one kernel outside the runner took 72 % of the engine's time on requests with a new image:
+Qwen3-VL's vision position embeddings (`triton_pos_embed_interpolate`, about 0.2 s per image in the interpreter).
 This module gives each Python wrapper that launches one of them a torch implementation written from the kernel's
 semantics (what each program reads and writes, its masks, its padding, its dtypes, the buffers it writes in place).
 
@@ -419,6 +421,50 @@ def gumbel_sample(logits, expanded_idx_mapping, temperature, seed, pos, apply_te
     return values.argmax(dim=-1)
 
 
+# --- vllm/model_executor/models/qwen3_vl.py (the vision tower) -------------------------------------------------
+
+QWEN3_VL = "vllm.model_executor.models.qwen3_vl"
+
+
+def pos_embed_interpolate(embed_weight, t, h, w, num_grid_per_side, m_size, dtype):
+    """`triton_pos_embed_interpolate` without `_bilinear_pos_embed_kernel`: Qwen3-VL's vision position embeddings,
+    the learned `num_grid_per_side`^2 grid bilinearly interpolated to the image's h x w patches, in spatial-merge
+    order (m_size x m_size windows row by row), repeated for each of the t frames. One program per output patch in
+    the kernel; here all patches at once, with the kernel's float32 arithmetic in its order (fractional grid
+    position row * scale, floor, the four weights as w11 = dh dw, w10 = dh - w11, w01 = dw - w11,
+    w00 = 1 - dh - w01, then ((w00 e00 + w01 e01) + w10 e10) + w11 e11). Measured: this kernel in the interpreter
+    was 72 % of the engine's time on the digits prompts (about 0.2 s per new image; docs/serving/engines.md 9).
+    Only float32 weights and output are replaced (the CPU runs here); anything else goes to the original."""
+    original = _original(QWEN3_VL, "triton_pos_embed_interpolate")
+    if (not _cpu(embed_weight) or embed_weight.dim() != 2 or embed_weight.dtype != torch.float32
+            or dtype != torch.float32 or h % m_size or w % m_size or h < 1 or w < 1 or t < 1):
+        return original(embed_weight, t, h, w, num_grid_per_side, m_size, dtype)
+    h_scale = float(num_grid_per_side - 1) / float(h - 1) if h > 1 else 0.0
+    w_scale = float(num_grid_per_side - 1) / float(w - 1) if w > 1 else 0.0
+    spatial = torch.arange(h * w, dtype=torch.int32)
+    block, local = spatial // (m_size * m_size), spatial % (m_size * m_size)
+    blocks_w = w // m_size
+    row = (block // blocks_w) * m_size + local // m_size
+    col = (block % blocks_w) * m_size + local % m_size
+    h_frac = row.to(torch.float32) * torch.tensor(h_scale, dtype=torch.float32)
+    w_frac = col.to(torch.float32) * torch.tensor(w_scale, dtype=torch.float32)
+    hf, wf = torch.floor(h_frac).to(torch.int32), torch.floor(w_frac).to(torch.int32)
+    hc = torch.clamp(hf + 1, max=num_grid_per_side - 1)
+    wc = torch.clamp(wf + 1, max=num_grid_per_side - 1)
+    dh, dw = h_frac - hf.to(torch.float32), w_frac - wf.to(torch.float32)
+    w11 = dh * dw
+    w10 = dh - w11
+    w01 = dw - w11
+    w00 = 1.0 - dh - w01
+
+    def corner(rows, cols):
+        return embed_weight[(rows * num_grid_per_side + cols).to(torch.int64)]
+
+    value = (w00[:, None] * corner(hf, wf) + w01[:, None] * corner(hf, wc) + w10[:, None] * corner(hc, wf)
+             + w11[:, None] * corner(hc, wc))
+    return value.repeat(t, 1)
+
+
 # --- installation -----------------------------------------------------------------------------------------------
 
 # defining module -> (qualified name, replacement)
@@ -434,14 +480,17 @@ PATCHES = {
                           ("post_update", post_update),
                           ("expand_idx_mapping", expand_idx_mapping)],
     GPU + "sample.gumbel": [("gumbel_sample", gumbel_sample)],
+    QWEN3_VL: [("triton_pos_embed_interpolate", pos_embed_interpolate)],
 }
+# Modules outside Model Runner V2 that `patch` must see (vllm_env_compat's hook calls it after each of these runs).
+PATCHED_MODULES = (QWEN3_VL,)
 _REPLACED: dict[int, tuple[object, object]] = {}  # id(original wrapper) -> (original, replacement)
 
 
 def patch(module) -> None:
-    """Called (by vllm_env_compat's hook) right after a `vllm.v1.worker.gpu.*` module has run: replaces the
-    wrappers it defines and rebinds every module-level name bound to one of the replaced originals (`from
-    vllm.v1.worker.gpu.input_batch import post_update` and the like)."""
+    """Called (by vllm_env_compat's hook) right after a `vllm.v1.worker.gpu.*` module or one of `PATCHED_MODULES`
+    has run: replaces the wrappers it defines and rebinds every module-level name bound to one of the replaced
+    originals (`from vllm.v1.worker.gpu.input_batch import post_update` and the like)."""
     name = module.__name__
     for qualname, native in PATCHES.get(name, ()):
         *owner_path, attr = qualname.split(".")

@@ -20,8 +20,9 @@ interpreter start (importing torch there would slow every process down).
    kernel launch, exact; the real-engine test and the vLLM load rows run this way (docs/serving/engines.md 9).
 4. In that same CPU mode, Model Runner V2's input-preparation kernels in torch instead of the interpreter
    (vllm_cpu_kernels.py, installed beside this file: identical results, about 92 % of the engine's time spent in
-   the interpreter before). After each `vllm.v1.worker.gpu.*` module has run, `vllm_cpu_kernels.patch` replaces the
-   wrappers it defines and the names it imported from the others. BARD_VLLM_TRITON_KERNELS=1 turns this off (every
+   the interpreter before), and Qwen3-VL's vision position-embedding kernel (72 % of the engine's time on new
+   images once those were gone). After each `vllm.v1.worker.gpu.*` module and `vllm.model_executor.models.qwen3_vl`
+   has run, `vllm_cpu_kernels.patch` replaces the wrappers it defines and the names it imported from the others. BARD_VLLM_TRITON_KERNELS=1 turns this off (every
    kernel through the interpreter again, to compare the two).
 """
 
@@ -70,6 +71,7 @@ _FIXES = {"torchvision": _declare_torchvision_ops, "transformers_bard": _alias_o
 
 
 _AFTER_PREFIX = "vllm.v1.worker.gpu."  # Model Runner V2: patched after import by vllm_cpu_kernels (fix 4)
+_AFTER_MODULES = ("vllm.model_executor.models.qwen3_vl",)  # vllm_cpu_kernels.PATCHED_MODULES: the vision tower
 
 
 def _cpu_kernels_wanted() -> bool:
@@ -83,7 +85,7 @@ class _BeforeImport(importlib.abc.MetaPathFinder):
         if name in _FIXES and name not in _done:
             _done.add(name)
             _FIXES[name]()
-        if name.startswith(_AFTER_PREFIX) and _cpu_kernels_wanted():
+        if (name.startswith(_AFTER_PREFIX) or name in _AFTER_MODULES) and _cpu_kernels_wanted():
             return self._spec_patched_after_exec(name, path, target)
         return None  # the ordinary finders import the package itself
 
