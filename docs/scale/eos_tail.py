@@ -1,4 +1,5 @@
-"""Short answers at tau 1.0 (issue 20, item 6): `eos_tail_fill` against plain EOS fill on the demo's final models.
+"""Short answers at tau 1.0 (issue 20, item 6): `eos_tail_fill` against plain EOS fill on the demo's final models,
+on either demo task (`--task digits|choice`, the task the run was trained on).
 
 For each model (default: the final PBM+SWD B = 32 checkpoint of a demo run and its PBM B = 32 stage), decode the
 demo's 400 balanced test rows at tau 1.0 (one token per step, the paper's accuracy setting) with and without
@@ -8,6 +9,8 @@ forward and the exact match, with the paired difference of exact match and its 9
 
     transformers-bard demo --output-dir /tmp/demo          # the default run (12 min on 2 idle cores)
     python docs/scale/eos_tail.py /tmp/demo --json docs/scale/eos_tail.json
+    transformers-bard demo --task choice --output-dir /tmp/choice
+    python docs/scale/eos_tail.py /tmp/choice --task choice --json docs/scale/eos_tail_choice.json
 """
 
 import argparse
@@ -19,7 +22,7 @@ import torch
 import transformers_bard  # noqa: F401  (registers the BARD-VL Auto classes)
 from transformers_bard import BardVLForConditionalGeneration
 from transformers_bard.demo.claims import paired_difference_interval, verdict
-from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, evaluate
+from transformers_bard.demo.digits import TASKS, build_digits_dataset, evaluate
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 
 
@@ -29,11 +32,14 @@ def main():
     parser.add_argument("--models", nargs="+", default=["swd-b32/stage-b32", "pbm/stage-b32"])
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0, help="the demo's seed (its test rows)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits", help="the demo run's task (its test rows)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    test = build_digits_dataset("test", args.eval_samples, seed=args.seed, balanced=True)
+    types = TASKS[args.task]
+    # the demo's test rows: balanced over the task's question types, as the pipeline draws them
+    test = build_digits_dataset("test", args.eval_samples, seed=args.seed, balanced=True, question_weights=types)
     record = {}
     for name in args.models:
         folder = Path(args.demo_dir) / name
@@ -45,7 +51,7 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---|---|")
         record[name] = {}
         totals = {False: {"correct": [], "forwards": 0}, True: {"correct": [], "forwards": 0}}
-        for question_type in [*QUESTION_TYPES, "all"]:
+        for question_type in [*types, "all"]:
             if question_type == "all":  # every row, from the per-type runs
                 runs = {tail: {"correct": t["correct"], "num_forwards": t["forwards"],
                                "accuracy": sum(t["correct"]) / len(t["correct"])} for tail, t in totals.items()}

@@ -81,7 +81,8 @@ DEFAULT_QUESTION_WEIGHTS = {
 # that the large stages learn only with many steps (probability of repeating the first row, renormalised over the
 # rows: 0.24 at 2x and 0.07-0.09 at 4x for B = 32 on seed 1; 0.18 for the AR source). PBM+SWD B = 32 exact match vs
 # the AR source: 1x 0.825 / 0.740 (seeds 0 / 1), 2x 1.000 / 0.877, 4x 1.000 / 1.000 at 7.84-7.86 tokens per forward.
-# Cost: 38 min on one core (the other core busy) against 26-35 min at 2x; `--ablations all` then exceeds 60 min.
+# Cost (2 idle cores): the default run 27.8 min; `--ablations all` about 110 min (64.7 min measured at 2x), over 60
+# min at any budget where (a) holds on both seeds (docs/demo_results/choice_probe, section 8).
 DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 400, 1800, 1800)}
 
 
