@@ -157,12 +157,16 @@ class Server:
     request_extra = {"temperature": 0}  # merged into every chat request's body
 
     def __init__(self, name: str, checkpoint: str, extra: list[str], threads: int):
-        self.port = free_port()
-        self.name, self.url = name, f"http://127.0.0.1:{self.port}"
+        self.listen(name)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "-m", "transformers_bard.cli", "serve", checkpoint, "--port", str(self.port),
                    "--served-model-name", name, "--threads", str(threads), *extra]
         self.start(command, env)
+
+    def listen(self, name: str) -> None:
+        """Name the server and give it a free local port."""
+        self.port = free_port()
+        self.name, self.url = name, f"http://127.0.0.1:{self.port}"
 
     def start(self, command: list[str], env: dict) -> None:
         # the server's log goes to a file: a pipe nobody reads would block a chatty server (vLLM logs every step)
@@ -199,8 +203,7 @@ class VllmServer(Server):
     does not start, docs/serving/engines.md section 9) in the vLLM environment, its engine on one core."""
 
     def __init__(self, name: str, checkpoint: str, vllm_python: str, threads: int, bard: bool):
-        self.port = free_port()
-        self.name, self.url = name, f"http://127.0.0.1:{self.port}"
+        self.listen(name)
         # BARD: the plugin decodes with the checkpoint's own (greedy) settings; vLLM asks diffusion requests for its
         # neutral sampling values, so the request sets none. AR: greedy like every other server here.
         self.request_extra = {} if bard else {"temperature": 0}

@@ -482,15 +482,21 @@ PATCHES = {
     GPU + "sample.gumbel": [("gumbel_sample", gumbel_sample)],
     QWEN3_VL: [("triton_pos_embed_interpolate", pos_embed_interpolate)],
 }
-# Modules outside Model Runner V2 that `patch` must see (vllm_env_compat's hook calls it after each of these runs).
-PATCHED_MODULES = (QWEN3_VL,)
+
+
+def patches_module(name: str) -> bool:
+    """Whether vllm_env_compat's hook must call `patch` after module `name` runs: every Model Runner V2 module (they
+    import replaced wrappers by name) and every module that defines one."""
+    return name.startswith(GPU) or name in PATCHES
+
+
 _REPLACED: dict[int, tuple[object, object]] = {}  # id(original wrapper) -> (original, replacement)
 
 
 def patch(module) -> None:
-    """Called (by vllm_env_compat's hook) right after a `vllm.v1.worker.gpu.*` module or one of `PATCHED_MODULES`
-    has run: replaces the wrappers it defines and rebinds every module-level name bound to one of the replaced
-    originals (`from vllm.v1.worker.gpu.input_batch import post_update` and the like)."""
+    """Called (by vllm_env_compat's hook) right after each module `patches_module` names has run: replaces the
+    wrappers it defines and rebinds every module-level name bound to one of the replaced originals (`from
+    vllm.v1.worker.gpu.input_batch import post_update` and the like)."""
     name = module.__name__
     for qualname, native in PATCHES.get(name, ()):
         *owner_path, attr = qualname.split(".")

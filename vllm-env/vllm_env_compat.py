@@ -21,9 +21,10 @@ interpreter start (importing torch there would slow every process down).
 4. In that same CPU mode, Model Runner V2's input-preparation kernels in torch instead of the interpreter
    (vllm_cpu_kernels.py, installed beside this file: identical results, about 92 % of the engine's time spent in
    the interpreter before), and Qwen3-VL's vision position-embedding kernel (72 % of the engine's time on new
-   images once those were gone). After each `vllm.v1.worker.gpu.*` module and `vllm.model_executor.models.qwen3_vl`
-   has run, `vllm_cpu_kernels.patch` replaces the wrappers it defines and the names it imported from the others. BARD_VLLM_TRITON_KERNELS=1 turns this off (every
-   kernel through the interpreter again, to compare the two).
+   images once those were gone). After each module `vllm_cpu_kernels.patches_module` names (every
+   `vllm.v1.worker.gpu.*` module and `vllm.model_executor.models.qwen3_vl`) has run, `vllm_cpu_kernels.patch`
+   replaces the wrappers it defines and the names it imported from the others. BARD_VLLM_TRITON_KERNELS=1 turns this
+   off (every kernel through the interpreter again, to compare the two).
 """
 
 import importlib.abc
@@ -70,8 +71,6 @@ _FIXES = {"torchvision": _declare_torchvision_ops, "transformers_bard": _alias_o
           "vllm": _triton_interpreter_as_cpu_backend}
 
 
-_AFTER_PREFIX = "vllm.v1.worker.gpu."  # Model Runner V2: patched after import by vllm_cpu_kernels (fix 4)
-_AFTER_MODULES = ("vllm.model_executor.models.qwen3_vl",)  # vllm_cpu_kernels.PATCHED_MODULES: the vision tower
 
 
 def _cpu_kernels_wanted() -> bool:
@@ -85,8 +84,11 @@ class _BeforeImport(importlib.abc.MetaPathFinder):
         if name in _FIXES and name not in _done:
             _done.add(name)
             _FIXES[name]()
-        if (name.startswith(_AFTER_PREFIX) or name in _AFTER_MODULES) and _cpu_kernels_wanted():
-            return self._spec_patched_after_exec(name, path, target)
+        if name.startswith("vllm.") and _cpu_kernels_wanted():  # fix 4: the modules vllm_cpu_kernels patches
+            import vllm_cpu_kernels
+
+            if vllm_cpu_kernels.patches_module(name):
+                return self._spec_patched_after_exec(name, path, target)
         return None  # the ordinary finders import the package itself
 
     def _spec_patched_after_exec(self, name, path, target):

@@ -27,8 +27,8 @@ __all__ = ["BardVLProcessor", "assistant_tokens_mask", "mark_processor_files"]
 # (`save_pretrained` writes the same entry through `register_for_auto_class`).
 AUTO_MAP = {"AutoProcessor": "processing_bard_vl.BardVLProcessor"}
 # Files in which `AutoProcessor` looks for `processor_class` / `auto_map`, in its order of precedence.
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 _VIDEO_CONFIG = "video_preprocessor_config.json"
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", _VIDEO_CONFIG)
 
 VIDEO_ERROR = (
     "BardVLProcessor handles text and images only: got `videos` (or a video block in the conversation). Video input "
