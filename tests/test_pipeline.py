@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from transformers_bard.demo.pipeline import PipelineConfig, judge_claims, results_markdown, run_pipeline
 
@@ -60,7 +61,10 @@ def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
 @pytest.mark.slow
 def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
     ablations = ("direct", "ar_teacher", "mix", "sample_norm", "wide_mask_rates")
-    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, ablations=ablations), report=lambda line: None)
+    # two training processes (the default for ablations on 2 threads): every job's arguments cross to a worker
+    results = run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, ablations=ablations, threads=2),
+                           report=lambda line: None)
+    assert "2 training process(es)" in results["machine"]
     names = {r["model"] for r in results["rows"]}
     assert {
         "direct B=8", "PBM+SWD(AR teacher) B=8", "PBM(mix)+revision B=8", "PBM+SWD(sample norm) B=8",
@@ -81,6 +85,43 @@ def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
     assert "| SWD loss normalised per sample beats per token (B=8, tau=1.0) | PBM+SWD(sample norm) B=8 tau=1.0:" in table
     noise = json.loads((tmp_path / "swd-wide-rates-b8" / "stage-b8" / "noise_scheduler_config.json").read_text())
     assert (noise["min_rate"], noise["max_rate"]) == (0.001, 1.0)  # the setting asked for was trained
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    assert tensors, folder
+    return tensors
+
+
+@pytest.mark.slow
+def test_trainings_side_by_side_give_the_same_models(tiny_qwen3_vl_dir, tmp_path):
+    # Two spawned training processes of one thread each against one process on one thread: every trained model
+    # (PBM, the SWD student after it, the direct conversion, the AR-teacher SWD) is bitwise the same, and so is the
+    # table; only where and when the trainings ran differs.
+    ablations = ("direct", "ar_teacher")
+    side = run_pipeline(_tiny_config(tmp_path / "side", tiny_qwen3_vl_dir, ablations=ablations, threads=2,
+                                     training_processes=2, pbm_mask_rates=(0.1, 1.0)), report=lambda line: None)
+    alone = run_pipeline(_tiny_config(tmp_path / "alone", tiny_qwen3_vl_dir, ablations=ablations, threads=1,
+                                      training_processes=1, pbm_mask_rates=(0.1, 1.0)), report=lambda line: None)
+    for stage in ("pbm/stage-b8", "direct/stage-b8"):  # the PBM-sized runs trained with the asked-for clamp
+        noise = json.loads((tmp_path / "side" / stage / "noise_scheduler_config.json").read_text())
+        assert (noise["min_rate"], noise["max_rate"]) == (0.1, 1.0), stage
+    for stage in ("pbm/stage-b4", "pbm/stage-b8", "swd-b8/stage-b8", "direct/stage-b8", "swd-ar-b8/stage-b8"):
+        a, b = _weights(tmp_path / "side" / stage), _weights(tmp_path / "alone" / stage)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    drop = ("tokens_per_second", "speedup")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in side["rows"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in alone["rows"]]
+    assert "2 training process(es) of 1 thread(s)" in side["machine"]
+    assert set(side["timings_s"]) == set(alone["timings_s"]) >= {"ablation: direct conversion", "ablation: AR teacher"}
+    assert PipelineConfig(ablations=("direct",)).training_processes == 2  # default: `threads` processes
+    assert PipelineConfig().training_processes == 1 and PipelineConfig(threads=3, ablations=("mix",)).training_threads == 1
+    with pytest.raises(ValueError, match="training_processes"):
+        PipelineConfig(training_processes=0)
 
 
 @pytest.mark.slow
@@ -232,6 +273,8 @@ def test_bad_pipeline_settings():
         PipelineConfig(claim_threshold=0.8)
     with pytest.raises(ValueError, match="swd_mask_rates"):
         PipelineConfig(swd_mask_rates=(0.5, 0.1))
+    with pytest.raises(ValueError, match="pbm_mask_rates"):
+        PipelineConfig(pbm_mask_rates=(0.0, 1.0))
     with pytest.raises(ValueError, match="question_weights"):
         PipelineConfig(question_weights={"count": 1.0})
     with pytest.raises(ValueError, match="ablations"):
@@ -249,5 +292,7 @@ def test_pbm_budget_defaults_per_task():
     from transformers_bard.demo.pipeline import DEFAULT_PBM_STEPS
 
     assert PipelineConfig().stage_steps() == list(DEFAULT_PBM_STEPS["digits"]) == [500, 100, 450, 450]
-    assert PipelineConfig(task="choice").stage_steps() == [500, 400, 1800, 1800]
+    assert PipelineConfig(task="choice").stage_steps() == [500, 200, 900, 900]
+    assert PipelineConfig(task="choice").question_weights == {"any_row": 1.0, "any_column": 1.0, "two_rows": 2.0}
+    assert PipelineConfig().pbm_mask_rates == (0.001, 1.0) and PipelineConfig(task="choice").pbm_mask_rates == (0.1, 1.0)
     assert PipelineConfig(task="choice", pbm_steps=300).stage_steps() == [300] * 4

@@ -149,10 +149,11 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--pbm-steps", default=None,
         help="Optimizer steps per PBM stage: one value, or one per block size (default 500,100,450,450 on digits, "
-        "500,400,1800,1800 on choice).",
+        "500,200,900,900 on choice).",
     )
     p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
     p.add_argument("--swd-mask-rates", default=None, help="SWD mask-rate clamp as low,high (default 0.1,0.5).")
+    p.add_argument("--pbm-mask-rates", default=None, help="PBM mask-rate clamp as low,high (default 0.001,1.0 on digits, 0.1,1.0 on choice).")
     p.add_argument(
         "--swd-kd-eos-padding", choices=("on", "off"), default=None,
         help="SWD's KD term at the EOS padding past the real end: on (DESIGN 3.6) or off (CE only there).",
@@ -166,6 +167,11 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--thresholds", default=None, help="Comma-separated confidence thresholds, e.g. 0.9,0.7,0.5.")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training (decoding uses 1).")
+    p.add_argument(
+        "--training-processes", type=int, default=None,
+        help="Run independent trainings in this many processes side by side, each with threads / N torch threads "
+        "(default: --threads processes when --ablations are asked for, else 1).",
+    )
     p.set_defaults(func=_run_demo)
 
 
@@ -179,7 +185,7 @@ def _run_demo(args) -> int:
     overrides = dict(output_dir=args.output_dir, task=args.task, ablations=ablations, threads=args.threads,
                      seed=args.seed, noise_prior=args.noise_prior)
     for name in ("train_samples", "eval_samples", "swd_steps", "shift_eval_every", "swd_loss_normalization",
-                 "source", "prompt_attention"):
+                 "source", "prompt_attention", "training_processes"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.pbm_steps:
@@ -187,8 +193,9 @@ def _run_demo(args) -> int:
         overrides["pbm_steps"] = steps[0] if len(steps) == 1 else steps
     if args.swd_kd_eos_padding:
         overrides["swd_kd_on_eos_padding"] = args.swd_kd_eos_padding == "on"
-    if args.swd_mask_rates:
-        overrides["swd_mask_rates"] = tuple(float(r) for r in args.swd_mask_rates.split(","))
+    for name in ("swd_mask_rates", "pbm_mask_rates"):
+        if getattr(args, name):
+            overrides[name] = tuple(float(r) for r in getattr(args, name).split(","))
     if args.question_weights:
         pairs = (pair.split(":") for pair in args.question_weights.split(","))
         overrides["question_weights"] = {name: float(weight) for name, weight in pairs}

@@ -68,22 +68,34 @@ AR_NAME = "AR (source, greedy)"
 # Training mix of question types per task. digits, measured (docs/demo_results/README.md): one-token answers get
 # ~1/37 of the supervised tokens of a `read` row, and the converted model must re-learn them (its head predicts the
 # token at its own position, DESIGN 2), so `position` is drawn 3x and `column` 2x as often as the long reads. choice:
-# uniform.
+# `two_rows` twice as often as the others: its second choice must differ from the first, the one conditional the
+# large stages learn slowly (see DEFAULT_PBM_STEPS); `any_row` and `any_column` are exact at every budget measured.
 DEFAULT_QUESTION_WEIGHTS = {
     "digits": {"position": 3.0, "column": 2.0, "read": 1.0, "read_twice": 1.0},
-    "choice": {"any_row": 1.0, "any_column": 1.0, "two_rows": 1.0},
+    "choice": {"any_row": 1.0, "any_column": 1.0, "two_rows": 2.0},
 }
 
 
 # Optimizer steps per PBM stage (B = 4, 8, 16, 32) per task. digits: 500, 100, 450, 450 fit the 15-minute target on 2
-# idle cores (13.1 min measured) at PBM B = 32 = 1.000. choice: four times the digits budget at B >= 8 (docs/
-# demo_results/choice_probe, sections 5 and 7): the second choice of `two_rows` must avoid the first, a conditional
-# that the large stages learn only with many steps (probability of repeating the first row, renormalised over the
-# rows: 0.24 at 2x and 0.07-0.09 at 4x for B = 32 on seed 1; 0.18 for the AR source). PBM+SWD B = 32 exact match vs
-# the AR source: 1x 0.825 / 0.740 (seeds 0 / 1), 2x 1.000 / 0.877, 4x 1.000 / 1.000 at 7.84-7.86 tokens per forward.
-# Cost (2 idle cores): the default run 27.8 min; `--ablations all` about 110 min (64.7 min measured at 2x), over 60
-# min at any budget where (a) holds on both seeds (docs/demo_results/choice_probe, section 8).
-DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 400, 1800, 1800)}
+# idle cores (13.1 min measured) at PBM B = 32 = 1.000. choice: twice the digits budget at B >= 8, with `two_rows`
+# drawn twice as often (DEFAULT_QUESTION_WEIGHTS; docs/demo_results/choice_probe, sections 5-9): the second choice of
+# `two_rows` must avoid the first, a conditional the large stages learn only with many steps. PBM+SWD B = 32 exact
+# match vs the AR source, uniform mix: 1x 0.825 / 0.740 (seeds 0 / 1), 2x 1.000 / 0.877, 4x 1.000 / 1.000; this
+# default (with DEFAULT_PBM_MASK_RATES): 0.998 / 1.000 (without the raised floor 1.000 / 1.000, but seed 1's PBM
+# B = 32 before SWD at 0.730: the exclusion still fragile). Cost on 2 idle cores:
+# the default run 17.6 min (4x: 27.8), `--ablations all` 48.9 min with two training processes (4x: about 110 in one).
+DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 200, 900, 900)}
+
+# PBM mask-rate clamp [min, max] of the per-block rate draw per task. digits: the paper's [0.001, 1.0]. choice: the
+# floor raised to 0.1. A row whose answer fits one block (every choice answer at B = 32, most at B = 16) gets one
+# rate t for all its answer tokens and the loss weight 1/t, so at the paper's floor a few rows with t near 0.001
+# carry weights up to 1000 and the large stages' gradient is dominated by them; at 0.1 the weight is at most 10.
+# Measured at this budget (docs/demo_results/choice_probe, section 9), seed 1: PBM B = 32 exact match 0.730 -> 0.998
+# (`two_rows` 0.19 -> 0.99), the probability of repeating the first row 0.192 -> 0.078 (AR source 0.18; 0.25 = no
+# exclusion); seed 0: PBM B = 32 1.000 both ways, p(repeat) 0.123 -> 0.059 (the 0.123 from a one-thread training).
+# PBM+SWD B = 32 with it: 1.000 (seed 1) and 0.998 (seed 0) vs the AR source's 0.998 and 1.000. Not measured on the
+# digits task, which keeps the paper's floor.
+DEFAULT_PBM_MASK_RATES = {"digits": (0.001, 1.0), "choice": (0.1, 1.0)}
 
 
 @dataclass
@@ -107,6 +119,9 @@ class PipelineConfig:
     # None = DEFAULT_PBM_STEPS[task] (the measurements behind each are there).
     pbm_steps: int | tuple[int, ...] | None = None
     swd_steps: int = 120  # optimizer steps per SWD student
+    # PBM mask-rate clamp (BlockDiffusionConfig.noise_min_rate / noise_max_rate, DESIGN 3.3); None =
+    # DEFAULT_PBM_MASK_RATES[task] (the measurements behind each are there).
+    pbm_mask_rates: tuple[float, float] | None = None
     # SWD mask rates (DESIGN 3.6): [0.1, 0.5] as configured upstream; [0.001, 1.0] is what the reference code trained.
     # The ablation `wide_mask_rates` (same B = 32 student and anchor; docs/demo_results/README.md): no difference on
     # the digits task (0.0 points [-1.0, +1.0] at today's defaults, -0.2 and +0.3 before) or the choice task under
@@ -148,6 +163,12 @@ class PipelineConfig:
     ablations: tuple[str, ...] = ()
     shift_eval_every: int = 100  # ablation `shift`: B = 4 checkpoints evaluated every this many steps
     threads: int = 2  # torch threads for training
+    # Trainings that do not depend on each other (PBM, the ablations' own PBM-sized runs, the SWD students once PBM is
+    # done) run in this many processes side by side, each with `threads // training_processes` torch threads (at
+    # least 1). None: `threads` processes when the run has ablations, else 1. Measured on 2 cores: one training on 2
+    # threads runs only 1.4x faster than on 1 (PBM 24.0 vs 33.5 min), so two 1-thread trainings side by side do more
+    # work per minute; a run with one process trains exactly as before (same models).
+    training_processes: int | None = None
     eval_threads: int = 1  # decoding: a tiny model decodes fastest on one thread (same for AR and BARD)
 
     @classmethod
@@ -161,8 +182,10 @@ class PipelineConfig:
         return cls(**values)
 
     def __post_init__(self):
+        if self.training_processes is None:
+            self.training_processes = self.threads if self.ablations else 1
         for name in ("train_samples", "eval_samples", "timing_samples", "swd_steps", "batch_size", "max_new_tokens",
-                     "eval_batch_size", "threads", "eval_threads", "shift_eval_every"):
+                     "eval_batch_size", "threads", "eval_threads", "shift_eval_every", "training_processes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
@@ -191,10 +214,13 @@ class PipelineConfig:
             )
         if not 0 < self.edit_threshold <= 1:
             raise ValueError(f"`edit_threshold` must lie in (0, 1], got {self.edit_threshold!r}.")
-        low, high = self.swd_mask_rates
-        if not 0 < low < high <= 1:
-            raise ValueError(f"`swd_mask_rates` must be (low, high) with 0 < low < high <= 1, got {self.swd_mask_rates!r}.")
-        self.swd_mask_rates = (float(low), float(high))
+        if self.pbm_mask_rates is None:
+            self.pbm_mask_rates = DEFAULT_PBM_MASK_RATES.get(self.task, DEFAULT_PBM_MASK_RATES["digits"])
+        for name in ("swd_mask_rates", "pbm_mask_rates"):
+            low, high = getattr(self, name)
+            if not 0 < low < high <= 1:
+                raise ValueError(f"`{name}` must be (low, high) with 0 < low < high <= 1, got {getattr(self, name)!r}.")
+            setattr(self, name, (float(low), float(high)))
         if self.swd_loss_normalization not in ("token", "sample"):
             raise ValueError(
                 f"`swd_loss_normalization` must be 'token' or 'sample', got {self.swd_loss_normalization!r}."
@@ -248,6 +274,11 @@ class PipelineConfig:
         """The task's question types (the test rows hold each equally often)."""
         return TASKS[self.task]
 
+    @property
+    def training_threads(self) -> int:
+        """torch threads of each training: all of `threads` in one process, else an equal share of them."""
+        return max(1, self.threads // self.training_processes)
+
     def stage_steps(self) -> list[int]:
         """Optimizer steps of each PBM stage, one per block size."""
         if isinstance(self.pbm_steps, int):
@@ -259,12 +290,14 @@ class PipelineConfig:
 class _Progress:
     """Prints each stage's wall time, the total elapsed time and an estimate of what is left.
 
-    The estimate extrapolates the seconds per optimizer step measured so far over the training steps still to run,
-    and the seconds per evaluated (model, threshold) over those still to decode.
+    The estimate extrapolates the seconds per optimizer step measured so far over the training steps still to run
+    (divided by the `processes` training side by side), and the seconds per evaluated (model, threshold) over those
+    still to decode.
     """
 
-    def __init__(self, report, train_steps: int, eval_runs: int):
+    def __init__(self, report, train_steps: int, eval_runs: int, processes: int = 1):
         self.report, self.started, self.last = report, time.perf_counter(), time.perf_counter()
+        self.processes = processes
         self.train_left, self.train_done, self.train_seconds = train_steps, 0, 0.0
         self.eval_left, self.eval_done, self.eval_seconds = eval_runs, 0, 0.0
         self.timings: dict[str, float] = {}
@@ -272,7 +305,7 @@ class _Progress:
     def _left(self) -> str:
         parts = []
         if self.train_left and self.train_done:
-            parts.append(self.train_left * self.train_seconds / self.train_done)
+            parts.append(self.train_left * self.train_seconds / self.train_done / self.processes)
         if self.eval_left and self.eval_done:
             parts.append(self.eval_left * self.eval_seconds / self.eval_done)
         if not self.train_left and not self.eval_left:
@@ -284,10 +317,13 @@ class _Progress:
         unknown = " + evaluation" if self.eval_left and not self.eval_done else ""
         return f"about {_minutes(sum(parts))} left{unknown}"
 
-    def stage(self, name: str, train_steps: int = 0, eval_runs: int = 0, detail: str = "") -> None:
-        """Close stage `name` (its wall time is summed under that key in `timings`); `detail` is only printed."""
+    def stage(self, name: str, train_steps: int = 0, eval_runs: int = 0, detail: str = "",
+              seconds: float | None = None) -> None:
+        """Close stage `name` (its wall time is summed under that key in `timings`); `detail` is only printed.
+        `seconds`: the stage's own time, for a training that ran in a process of its own (default: since the last
+        stage closed)."""
         now = time.perf_counter()
-        seconds = now - self.last
+        seconds = now - self.last if seconds is None else seconds
         self.last = now
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
         if train_steps:
@@ -323,8 +359,72 @@ def _common_args(cfg: PipelineConfig, output_dir: Path) -> dict:
         seed=cfg.seed,  # the trainer's seed, and the base seed of the noise (BlockDiffusionConfig.noise_seed)
         dataloader_num_workers=0,
         activation_checkpointing=False,  # a few-million-parameter model has no activation memory to save
-        disable_tqdm=False,  # per-stage progress bar with elapsed and remaining time
+        # per-stage progress bar with elapsed and remaining time; trainings side by side print their logs instead
+        disable_tqdm=cfg.training_processes > 1,
     )
+
+
+def _timed(threads: int, fn, args: tuple, kwargs: dict):
+    """Run `fn(*args, **kwargs)` on `threads` torch threads; returns (its result, its wall seconds)."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start
+
+
+class _Trainings:
+    """Runs the pipeline's training jobs: in this process one after another (`processes` 1, the order they are
+    submitted in), or in `processes` spawned worker processes side by side, first submitted first started.
+
+    `submit(stage, steps, fn, *args)` returns a future of `fn`'s result; `result(future)` waits for it and closes
+    its progress stage with the job's own time. `collect()` waits for every job still running, closing each stage
+    as it ends. A job that fails cancels the ones not started and raises here.
+    """
+
+    def __init__(self, cfg: PipelineConfig, progress: _Progress):
+        self.threads, self.progress, self.pending = cfg.training_threads, progress, {}
+        self.pool = None
+        if cfg.training_processes > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: a forked copy of a process that has run torch's thread pool can hang in it
+            self.pool = ProcessPoolExecutor(cfg.training_processes, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, stage: str, steps: int, fn, *args, **kwargs):
+        from concurrent.futures import Future
+
+        if self.pool is None:
+            future = Future()
+            future.set_result(_timed(self.threads, fn, args, kwargs))
+        else:
+            future = self.pool.submit(_timed, self.threads, fn, args, kwargs)
+        self.pending[future] = (stage, steps)
+        return future
+
+    def _close(self, future) -> None:
+        stage, steps = self.pending.pop(future)
+        self.progress.stage(stage, train_steps=steps, seconds=future.result()[1])
+
+    def result(self, future):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while future in self.pending:  # close the stages of the jobs that end first
+            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+            for finished in done:
+                self._close(finished)
+        return future.result()[0]
+
+    def collect(self) -> None:
+        while self.pending:
+            self.result(next(iter(self.pending)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        return False
 
 
 def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, train, block_sizes, steps,
@@ -340,7 +440,8 @@ def run_block_merge(cfg: PipelineConfig, model_dir: Path, output_dir: Path, trai
         common.update(save_strategy="steps", save_steps=save_every, save_only_model=True)
     args = BlockMergeConfig(
         block_sizes=list(block_sizes), stage_steps=list(steps), learning_rate=cfg.learning_rate,
-        max_warmup_steps=max(1, min(steps) // 10), noise_prior=cfg.noise_prior, **common,
+        max_warmup_steps=max(1, min(steps) // 10), noise_prior=cfg.noise_prior, noise_min_rate=cfg.pbm_mask_rates[0],
+        noise_max_rate=cfg.pbm_mask_rates[1], **common,
     )
     trainer = BlockMergeTrainer(str(model_dir), args=args, train_dataset=train)
     trainer.train()
@@ -501,6 +602,32 @@ def judge_claims(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
     return claims
 
 
+def _shift_run(cfg: PipelineConfig, ar_dir: Path, out: Path, train, save_every: int | None):
+    """Ablation `shift`: the same AR source, schedule, data and seeds; only the head's meaning differs (DESIGN 4.1).
+    Returns ({B: PBM stage folder}, the B = largest SWD folder)."""
+    from ..conversion import convert_from_autoregressive
+
+    shifted = out / "bard-b4-shift"
+    convert_from_autoregressive(ar_dir, shifted, block_size=cfg.block_sizes[0], prediction_shift=True, overwrite=True)
+    pbm = run_block_merge(cfg, shifted, out / "pbm-shift", train, cfg.block_sizes, cfg.stage_steps(),
+                          save_every=save_every)
+    largest = cfg.block_sizes[-1]
+    return pbm, run_distill(cfg, pbm[largest], pbm[cfg.block_sizes[0]], out / f"swd-shift-b{largest}", train)
+
+
+def _causal_prompt_run(cfg: PipelineConfig, ar_dir: Path, out: Path, train):
+    """Ablation `causal_prompt`: the same AR source, schedule, data and seeds; only the prompt's mask differs
+    (DESIGN 3.2). Returns ({B: PBM stage folder}, the B = largest SWD folder)."""
+    from ..conversion import convert_from_autoregressive
+
+    causal = out / "bard-b4-causal"
+    convert_from_autoregressive(ar_dir, causal, block_size=cfg.block_sizes[0], prompt_attention="causal",
+                                overwrite=True)
+    pbm = run_block_merge(cfg, causal, out / "pbm-causal", train, cfg.block_sizes, cfg.stage_steps())
+    largest = cfg.block_sizes[-1]
+    return pbm, run_distill(cfg, pbm[largest], pbm[cfg.block_sizes[0]], out / f"swd-causal-b{largest}", train)
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     """Run conversion, PBM, SWD, ablations, evaluation and claims; write results.json, results.md and results.png."""
@@ -528,7 +655,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         eval_runs += len(cfg.thresholds) + 2 * (2 + stage_steps[0] // cfg.shift_eval_every)
     if "causal_prompt" in cfg.ablations:  # its PBM model too
         eval_runs += len(cfg.thresholds)
-    progress = _Progress(report, train_steps, eval_runs)
+    progress = _Progress(report, train_steps, eval_runs, processes=cfg.training_processes)
     report(
         f"{cfg.task} demo: {train_steps} optimizer steps, {eval_runs} evaluations of {cfg.eval_samples} test rows; "
         f"writing to {out.resolve()}"
@@ -556,69 +683,73 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     names = {"ar": AR_NAME}
     tag, extra = cfg.prior_tag, cfg.decode_kwargs  # under mix: "(mix)" in every name, revision in every decode
     save_every = cfg.shift_eval_every if "shift" in cfg.ablations else None  # B = 4 checkpoints for the study
-    pbm = run_block_merge(cfg, converted, out / "pbm", train, cfg.block_sizes, stage_steps, save_every=save_every)
+    total, first = sum(stage_steps), cfg.block_sizes[0]
+    mix_cfg = replace(cfg, noise_prior="mix", ablations=())  # ablation `mix`: the same run with the other prior
+    with _Trainings(cfg, progress) as jobs:
+        # The PBM-sized runs first (longest first: with several processes they set the run's length), then the SWD
+        # students once PBM is done.
+        pbm_job = jobs.submit("progressive block merging", total, run_block_merge, cfg, converted, out / "pbm", train,
+                              cfg.block_sizes, stage_steps, save_every=save_every)
+        job = {}
+        if "shift" in cfg.ablations:
+            job["shift"] = jobs.submit("ablation: shifted prediction", total + cfg.swd_steps, _shift_run, cfg, ar_dir,
+                                       out, train, save_every)
+        if "causal_prompt" in cfg.ablations:
+            job["causal_prompt"] = jobs.submit("ablation: causal prompt", total + cfg.swd_steps, _causal_prompt_run,
+                                               cfg, ar_dir, out, train)
+        if "direct" in cfg.ablations:
+            # The same number of optimizer steps as the whole PBM schedule, all at the largest block size.
+            job["direct"] = jobs.submit("ablation: direct conversion", total, run_block_merge, cfg, converted,
+                                        out / "direct", train, [largest], [total])
+        if "mix" in cfg.ablations:
+            job["mix"] = jobs.submit("ablation: mixed noise", total, run_block_merge, mix_cfg, converted,
+                                     out / "pbm-mix", train, cfg.block_sizes, stage_steps)
+        pbm = jobs.result(pbm_job)
+        anchor = pbm[first]
+        swd_jobs = {b: jobs.submit(f"stage-wise distillation B={b}", cfg.swd_steps, run_distill, cfg, pbm[b], anchor,
+                                   out / f"swd-b{b}", train) for b in cfg.block_sizes[1:]}
+        if "ar_teacher" in cfg.ablations:
+            job["ar_teacher"] = jobs.submit("ablation: AR teacher", cfg.swd_steps, run_distill, cfg, pbm[largest],
+                                            ar_dir, out / f"swd-ar-b{largest}", train, teacher_type="autoregressive")
+        for key, (folder, _, stage, overrides) in swd_setting_ablations(cfg).items():
+            if key in cfg.ablations:  # the same student and teacher, one SWD setting changed
+                job[key] = jobs.submit(f"ablation: {stage}", cfg.swd_steps, run_distill, replace(cfg, **overrides),
+                                       pbm[largest], anchor, out / f"{folder}-b{largest}", train)
+        jobs.collect()
+        swd = {b: jobs.result(future) for b, future in swd_jobs.items()}
+        done = {key: jobs.result(future) for key, future in job.items()}
+
+    # The models in the table's order: PBM stages, SWD students, then the ablations.
     for b, path in pbm.items():
         models[f"PBM{tag} B={b}"] = (path, cfg.thresholds if b == largest else cfg.stage_thresholds, extra)
     names["pbm"] = f"PBM{tag} B={largest}"
-    progress.stage("progressive block merging", train_steps=sum(stage_steps))
-
-    anchor = pbm[cfg.block_sizes[0]]
-    for b in cfg.block_sizes[1:]:
-        path = run_distill(cfg, pbm[b], anchor, out / f"swd-b{b}", train)
+    for b, path in swd.items():
         models[f"PBM{tag}+SWD B={b}"] = (path, cfg.thresholds if b == largest else cfg.stage_thresholds, extra)
-        progress.stage(f"stage-wise distillation B={b}", train_steps=cfg.swd_steps)
     names["swd"] = f"PBM{tag}+SWD B={largest}"
-
-    if "direct" in cfg.ablations:
-        # The same number of optimizer steps as the whole PBM schedule, all at the largest block size.
-        direct = run_block_merge(cfg, converted, out / "direct", train, [largest], [sum(stage_steps)])
+    if "direct" in done:
         names["direct"] = f"direct{tag} B={largest}"
-        models[names["direct"]] = (direct[largest], cfg.thresholds, extra)
-        progress.stage("ablation: direct conversion", train_steps=sum(stage_steps))
-    if "ar_teacher" in cfg.ablations:
-        path = run_distill(cfg, pbm[largest], ar_dir, out / f"swd-ar-b{largest}", train, teacher_type="autoregressive")
+        models[names["direct"]] = (done["direct"][largest], cfg.thresholds, extra)
+    if "ar_teacher" in done:
         names["ar_teacher"] = f"PBM{tag}+SWD(AR teacher) B={largest}"
-        models[names["ar_teacher"]] = (path, cfg.thresholds, extra)
-        progress.stage("ablation: AR teacher", train_steps=cfg.swd_steps)
-    for key, (folder, label, stage, overrides) in swd_setting_ablations(cfg).items():
-        if key in cfg.ablations:  # the same student and teacher, one SWD setting changed
-            path = run_distill(replace(cfg, **overrides), pbm[largest], anchor, out / f"{folder}-b{largest}", train)
+        models[names["ar_teacher"]] = (done["ar_teacher"], cfg.thresholds, extra)
+    for key, (_, label, _, _) in swd_setting_ablations(cfg).items():
+        if key in done:
             names[key] = f"PBM{tag}+{label} B={largest}"
-            models[names[key]] = (path, cfg.thresholds, extra)
-            progress.stage(f"ablation: {stage}", train_steps=cfg.swd_steps)
-    if "mix" in cfg.ablations:
-        mix_cfg = replace(cfg, noise_prior="mix", ablations=())  # the same run with the other prior
-        mixed = run_block_merge(mix_cfg, converted, out / "pbm-mix", train, cfg.block_sizes, stage_steps)
+            models[names[key]] = (done[key], cfg.thresholds, extra)
+    if "mix" in done:
         names["mix"] = f"PBM(mix)+revision B={largest}"
-        models[names["mix"]] = (mixed[largest], cfg.thresholds, mix_cfg.decode_kwargs)
-        progress.stage("ablation: mixed noise", train_steps=sum(stage_steps))
-    if "shift" in cfg.ablations:
-        # the same AR source, schedule, data and seeds; only the head's meaning differs (DESIGN 4.1)
-        shifted = out / "bard-b4-shift"
-        convert_from_autoregressive(ar_dir, shifted, block_size=cfg.block_sizes[0], prediction_shift=True,
-                                    overwrite=True)
-        pbm_shift = run_block_merge(cfg, shifted, out / "pbm-shift", train, cfg.block_sizes, stage_steps,
-                                    save_every=save_every)
-        swd_shift = run_distill(cfg, pbm_shift[largest], pbm_shift[cfg.block_sizes[0]], out / f"swd-shift-b{largest}",
-                                train)
+        models[names["mix"]] = (done["mix"][largest], cfg.thresholds, mix_cfg.decode_kwargs)
+    if "shift" in done:
+        pbm_shift, swd_shift = done["shift"]
         names["shift_pbm"], names["shift"] = f"PBM{tag}(shift) B={largest}", f"PBM{tag}+SWD(shift) B={largest}"
         models[names["shift_pbm"]] = (pbm_shift[largest], cfg.thresholds, extra)
         models[names["shift"]] = (swd_shift, cfg.thresholds, extra)
-        progress.stage("ablation: shifted prediction", train_steps=sum(stage_steps) + cfg.swd_steps)
-
-    if "causal_prompt" in cfg.ablations:
-        # the same AR source, schedule, data and seeds; only the prompt's mask differs (DESIGN 3.2)
-        causal = out / "bard-b4-causal"
-        convert_from_autoregressive(ar_dir, causal, block_size=cfg.block_sizes[0], prompt_attention="causal",
-                                    overwrite=True)
-        pbm_causal = run_block_merge(cfg, causal, out / "pbm-causal", train, cfg.block_sizes, stage_steps)
-        swd_causal = run_distill(cfg, pbm_causal[largest], pbm_causal[cfg.block_sizes[0]],
-                                 out / f"swd-causal-b{largest}", train)
+    if "causal_prompt" in done:
+        pbm_causal, swd_causal = done["causal_prompt"]
         names["causal_prompt_pbm"] = f"PBM{tag}(causal prompt) B={largest}"
         names["causal_prompt"] = f"PBM{tag}+SWD(causal prompt) B={largest}"
         models[names["causal_prompt_pbm"]] = (pbm_causal[largest], cfg.thresholds, extra)
         models[names["causal_prompt"]] = (swd_causal, cfg.thresholds, extra)
-        progress.stage("ablation: causal prompt", train_steps=sum(stage_steps) + cfg.swd_steps)
 
     # Accuracy: batched greedy decoding of the same test rows by every model and threshold, one thread.
     torch.set_num_threads(cfg.eval_threads)
@@ -667,8 +798,8 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
         # repeatable on one machine, but the same seed and code have given different models in other sessions
         # (docs/demo_results/README.md, "Training variance")
         "machine": f"{os.cpu_count()} CPU cores ({torch.backends.cpu.get_cpu_capability()} kernels), torch "
-        f"{torch.__version__}, {cfg.threads} training threads, "
-        f"{cfg.eval_threads} decoding thread(s)",
+        f"{torch.__version__}, {cfg.threads} training threads ({cfg.training_processes} training process(es) of "
+        f"{cfg.training_threads} thread(s)), {cfg.eval_threads} decoding thread(s)",
         "eval_samples": len(test),
         "eval_samples_per_type": evals[(AR_NAME, None)]["counts"],
         "timing_samples": len(timing),
