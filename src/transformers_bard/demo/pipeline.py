@@ -83,7 +83,7 @@ DEFAULT_QUESTION_WEIGHTS = {
 # match vs the AR source, uniform mix: 1x 0.825 / 0.740 (seeds 0 / 1), 2x 1.000 / 0.877, 4x 1.000 / 1.000; this
 # default (with DEFAULT_PBM_MASK_RATES): 0.998 / 1.000 (without the raised floor 1.000 / 1.000, but seed 1's PBM
 # B = 32 before SWD at 0.730: the exclusion still fragile). Cost on 2 idle cores:
-# the default run 17.6 min (4x: 27.8), `--ablations all` 48.9 min with two training processes (4x: about 110 in one).
+# the default run 17.4 min (4x: 27.8), `--ablations all` 48.9 min with two training processes (4x: about 110 in one).
 DEFAULT_PBM_STEPS = {"digits": (500, 100, 450, 450), "choice": (500, 200, 900, 900)}
 
 # PBM mask-rate clamp [min, max] of the per-block rate draw per task. digits: the paper's [0.001, 1.0]. choice: the
