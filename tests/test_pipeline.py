@@ -87,16 +87,6 @@ def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
     assert (noise["min_rate"], noise["max_rate"]) == (0.001, 1.0)  # the setting asked for was trained
 
 
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    assert tensors, folder
-    return tensors
-
-
 @pytest.mark.slow
 def test_trainings_side_by_side_give_the_same_models(tiny_qwen3_vl_dir, tmp_path):
     # Two spawned training processes of one thread each against one process on one thread: every trained model
@@ -110,8 +100,10 @@ def test_trainings_side_by_side_give_the_same_models(tiny_qwen3_vl_dir, tmp_path
     for stage in ("pbm/stage-b8", "direct/stage-b8"):  # the PBM-sized runs trained with the asked-for clamp
         noise = json.loads((tmp_path / "side" / stage / "noise_scheduler_config.json").read_text())
         assert (noise["min_rate"], noise["max_rate"]) == (0.1, 1.0), stage
+    from transformers_bard.trainer.block_diffusion_trainer import load_safetensors_weights
+
     for stage in ("pbm/stage-b4", "pbm/stage-b8", "swd-b8/stage-b8", "direct/stage-b8", "swd-ar-b8/stage-b8"):
-        a, b = _weights(tmp_path / "side" / stage), _weights(tmp_path / "alone" / stage)
+        a, b = (load_safetensors_weights(str(tmp_path / run / stage)) for run in ("side", "alone"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     drop = ("tokens_per_second", "speedup")
     assert [{k: v for k, v in r.items() if k not in drop} for r in side["rows"]] == [

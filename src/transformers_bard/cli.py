@@ -153,7 +153,10 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--swd-steps", type=int, default=None, help="Optimizer steps per distilled student.")
     p.add_argument("--swd-mask-rates", default=None, help="SWD mask-rate clamp as low,high (default 0.1,0.5).")
-    p.add_argument("--pbm-mask-rates", default=None, help="PBM mask-rate clamp as low,high (default 0.001,1.0 on digits, 0.1,1.0 on choice).")
+    p.add_argument(
+        "--pbm-mask-rates", default=None,
+        help="PBM mask-rate clamp as low,high (default 0.001,1.0 on digits, 0.1,1.0 on choice).",
+    )
     p.add_argument(
         "--swd-kd-eos-padding", choices=("on", "off"), default=None,
         help="SWD's KD term at the EOS padding past the real end: on (DESIGN 3.6) or off (CE only there).",

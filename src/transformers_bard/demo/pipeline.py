@@ -602,30 +602,20 @@ def judge_claims(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
     return claims
 
 
-def _shift_run(cfg: PipelineConfig, ar_dir: Path, out: Path, train, save_every: int | None):
-    """Ablation `shift`: the same AR source, schedule, data and seeds; only the head's meaning differs (DESIGN 4.1).
-    Returns ({B: PBM stage folder}, the B = largest SWD folder)."""
+def _reconverted_run(cfg: PipelineConfig, ar_dir: Path, out: Path, train, name: str, save_every: int | None = None,
+                     **conversion):
+    """Ablations `shift` and `causal_prompt`: the same AR source, schedule, data and seeds, converted again with one
+    `convert_from_autoregressive` setting changed (`conversion`: the head's meaning, DESIGN 4.1, or the prompt's
+    mask, DESIGN 3.2), then PBM and the B = largest SWD student into the `-{name}` folders. Returns ({B: PBM stage
+    folder}, the SWD folder)."""
     from ..conversion import convert_from_autoregressive
 
-    shifted = out / "bard-b4-shift"
-    convert_from_autoregressive(ar_dir, shifted, block_size=cfg.block_sizes[0], prediction_shift=True, overwrite=True)
-    pbm = run_block_merge(cfg, shifted, out / "pbm-shift", train, cfg.block_sizes, cfg.stage_steps(),
+    converted = out / f"bard-b4-{name}"
+    convert_from_autoregressive(ar_dir, converted, block_size=cfg.block_sizes[0], overwrite=True, **conversion)
+    pbm = run_block_merge(cfg, converted, out / f"pbm-{name}", train, cfg.block_sizes, cfg.stage_steps(),
                           save_every=save_every)
     largest = cfg.block_sizes[-1]
-    return pbm, run_distill(cfg, pbm[largest], pbm[cfg.block_sizes[0]], out / f"swd-shift-b{largest}", train)
-
-
-def _causal_prompt_run(cfg: PipelineConfig, ar_dir: Path, out: Path, train):
-    """Ablation `causal_prompt`: the same AR source, schedule, data and seeds; only the prompt's mask differs
-    (DESIGN 3.2). Returns ({B: PBM stage folder}, the B = largest SWD folder)."""
-    from ..conversion import convert_from_autoregressive
-
-    causal = out / "bard-b4-causal"
-    convert_from_autoregressive(ar_dir, causal, block_size=cfg.block_sizes[0], prompt_attention="causal",
-                                overwrite=True)
-    pbm = run_block_merge(cfg, causal, out / "pbm-causal", train, cfg.block_sizes, cfg.stage_steps())
-    largest = cfg.block_sizes[-1]
-    return pbm, run_distill(cfg, pbm[largest], pbm[cfg.block_sizes[0]], out / f"swd-causal-b{largest}", train)
+    return pbm, run_distill(cfg, pbm[largest], pbm[cfg.block_sizes[0]], out / f"swd-{name}-b{largest}", train)
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -692,11 +682,11 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
                               cfg.block_sizes, stage_steps, save_every=save_every)
         job = {}
         if "shift" in cfg.ablations:
-            job["shift"] = jobs.submit("ablation: shifted prediction", total + cfg.swd_steps, _shift_run, cfg, ar_dir,
-                                       out, train, save_every)
+            job["shift"] = jobs.submit("ablation: shifted prediction", total + cfg.swd_steps, _reconverted_run, cfg,
+                                       ar_dir, out, train, "shift", save_every, prediction_shift=True)
         if "causal_prompt" in cfg.ablations:
-            job["causal_prompt"] = jobs.submit("ablation: causal prompt", total + cfg.swd_steps, _causal_prompt_run,
-                                               cfg, ar_dir, out, train)
+            job["causal_prompt"] = jobs.submit("ablation: causal prompt", total + cfg.swd_steps, _reconverted_run,
+                                               cfg, ar_dir, out, train, "causal", prompt_attention="causal")
         if "direct" in cfg.ablations:
             # The same number of optimizer steps as the whole PBM schedule, all at the largest block size.
             job["direct"] = jobs.submit("ablation: direct conversion", total, run_block_merge, cfg, converted,
