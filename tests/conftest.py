@@ -136,6 +136,38 @@ def tiny_bard_vl_teacher_dir(tiny_bard_vl_dir, tmp_path_factory):
     return output
 
 
+# ---------------------------------------------------------------------- a trained model (slow tests)
+@pytest.fixture(scope="session")
+def trained_digits_b8(tmp_path_factory):
+    """(model, processor): the shipped digits AR model converted to B = 8 and trained with block merging for 30 steps
+    (about a minute on one thread), once per session: a model that learned EOS padding and drafts the AR model's
+    answers often (used by the EOS-fill and verified-decoding tests)."""
+    import torch
+
+    from transformers_bard import BardVLForConditionalGeneration, convert_from_autoregressive
+    from transformers_bard.demo.digits import build_digits_dataset, load_digits_ar_path
+    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
+    from transformers_bard.trainer.block_merge_config import BlockMergeConfig
+    from transformers_bard.trainer.block_merge_trainer import BlockMergeTrainer
+
+    tmp_path = tmp_path_factory.mktemp("trained_digits_b8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        converted = convert_from_autoregressive(load_digits_ar_path(), tmp_path / "b8", block_size=8)
+        args = BlockMergeConfig(
+            block_sizes=[8], stage_steps=[30], learning_rate=5e-4, max_warmup_steps=1,
+            output_dir=str(tmp_path / "pbm"), per_device_train_batch_size=8, max_length=512, use_cpu=True,
+            bf16=False, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
+            activation_checkpointing=False, disable_tqdm=True,
+        )
+        BlockMergeTrainer(str(converted), args=args, train_dataset=build_digits_dataset("train", 240, seed=0)).train()
+    finally:
+        torch.set_num_threads(threads)
+    model = BardVLForConditionalGeneration.from_pretrained(tmp_path / "pbm" / "stage-b8").eval()
+    return model, BardVLProcessor.from_pretrained(tmp_path / "pbm" / "stage-b8")
+
+
 # ---------------------------------------------------------------------- example scripts and `accelerate launch`
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

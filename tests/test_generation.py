@@ -931,25 +931,13 @@ def test_processor_batch_with_images(tiny_qwen3_vl_dir):
 
 # ---------------------------------------------------------------------------------------------- a trained model
 @pytest.mark.slow
-def test_eos_fill_leaves_the_output_of_a_trained_model_unchanged(tmp_path):
+def test_eos_fill_leaves_the_output_of_a_trained_model_unchanged(trained_digits_b8):
     """EOS fill is exact only for a model that learned EOS padding (DESIGN 3.1, 4.4), so check it on one: the shipped
-    digits AR model converted to B = 8 and trained with block merging for 30 steps (about a minute on one thread).
+    digits AR model converted to B = 8 and trained with block merging for 30 steps (conftest's `trained_digits_b8`).
     Outputs with and without EOS fill are identical at tau = 1.0 and 0.9, and EOS fill saves forwards."""
-    from transformers_bard import convert_from_autoregressive
-    from transformers_bard.demo.digits import build_digits_dataset, load_digits_ar_path, prompt_messages
-    from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
-    from transformers_bard.trainer.block_merge_config import BlockMergeConfig
-    from transformers_bard.trainer.block_merge_trainer import BlockMergeTrainer
+    from transformers_bard.demo.digits import build_digits_dataset, prompt_messages
 
-    converted = convert_from_autoregressive(load_digits_ar_path(), tmp_path / "b8", block_size=8)
-    args = BlockMergeConfig(
-        block_sizes=[8], stage_steps=[30], learning_rate=5e-4, max_warmup_steps=1, output_dir=str(tmp_path / "pbm"),
-        per_device_train_batch_size=8, max_length=512, use_cpu=True, bf16=False, save_strategy="no",
-        report_to="none", seed=0, dataloader_num_workers=0, activation_checkpointing=False, disable_tqdm=True,
-    )
-    BlockMergeTrainer(str(converted), args=args, train_dataset=build_digits_dataset("train", 240, seed=0)).train()
-    model = BardVLForConditionalGeneration.from_pretrained(tmp_path / "pbm" / "stage-b8").eval()
-    processor = BardVLProcessor.from_pretrained(tmp_path / "pbm" / "stage-b8")
+    model, processor = trained_digits_b8
     forwards = {True: 0, False: 0}
     for row in build_digits_dataset("test", 8, seed=1):
         text = processor.apply_chat_template(prompt_messages(row["messages"]), add_generation_prompt=True)

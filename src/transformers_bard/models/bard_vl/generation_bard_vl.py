@@ -41,6 +41,7 @@ from transformers.generation import (
 from transformers.utils import ModelOutput, logging
 
 from .masking_bard_vl import CLEAN, NOISY, PAD, PREFIX, block_ids_from_segments
+from .verification_bard_vl import ARVerifier, check_verifier, split_vision_inputs, verified_generate_row
 
 logger = logging.get_logger(__name__)
 
@@ -477,6 +478,19 @@ class BardVLGenerationOutput(ModelOutput):
             tail with `eos_tail_fill`) and `block_tokens` (the block after the forward, `mask_token_id` where still
             masked). Replaying `unmasked`, then
             `revised`, then `eos_filled` block by block rebuilds the generated tokens.
+            With `verifier=`: the verifier's prefill comes first (`kind` `"verifier_prefill"`, `verified`:
+            `[[0, token]]`), then BARD's events as above, and after every check an event of `kind` `"verify"`:
+            `block`, `block_start`, `checked_from` (first checked position of the block), `drafts` (the checked
+            tokens), `accepted` (how many of them were accepted), `rejected` (`[[position, draft]]` of the first
+            rejected draft, empty when all agreed), `verified` (`[[position, token]]`: the verifier's token placed
+            there; empty when it came after the block), `next_block_first` (that token when every draft agreed, so
+            it starts the next block, else None) and `block_tokens` (the block after the check, masked again after
+            `verified`). `len(trace[row]) == num_forwards[row] + 2` (two prefills).
+        num_draft_forwards, num_verify_forwards (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            With `verifier=`: BARD's forwards after its prefill (denoising steps and commits) and the verifier's
+            forwards after its prefill (one per check); `num_forwards` is their sum.
+        accepted_lengths (`list[list[int]]`, *optional*):
+            With `verifier=`: per row, the number of drafts each check accepted, in order.
     """
 
     sequences: torch.LongTensor | None = None
@@ -484,6 +498,9 @@ class BardVLGenerationOutput(ModelOutput):
     num_forwards: torch.LongTensor | None = None
     num_generated_tokens: torch.LongTensor | None = None
     trace: list | None = None
+    num_draft_forwards: torch.LongTensor | None = None
+    num_verify_forwards: torch.LongTensor | None = None
+    accepted_lengths: list | None = None
 
 
 @dataclass
@@ -669,6 +686,7 @@ class BardVLGenerationMixin:
         streamer=None,
         return_dict_in_generate: bool | None = None,
         generator: torch.Generator | None = None,
+        verifier=None,
         **kwargs,
     ) -> torch.LongTensor | BardVLGenerationOutput:
         r"""
@@ -721,6 +739,13 @@ class BardVLGenerationMixin:
                 Return a `BardVLGenerationOutput` instead of the `sequences` tensor.
             generator (`torch.Generator`, *optional*):
                 Random source of sampling (temperature > 0); the global RNG (`torch.manual_seed`) otherwise.
+            verifier (`Qwen3VLForConditionalGeneration`, *optional*):
+                Verified decoding (DESIGN 4.2 a, `verification_bard_vl`): this model drafts each block, the
+                autoregressive `verifier` (the AR source, same tokenizer) checks it, and the output equals
+                `verifier.generate(**inputs, do_sample=False)` token for token (the same `eos_token_id`,
+                `pad_token_id` and `max_new_tokens`). Greedy only; no `logits_processor`/`stopping_criteria`.
+                Costs: both models in memory, two prefills, one verifier forward per check; rows are decoded one
+                after another. The output adds `num_draft_forwards`, `num_verify_forwards` and `accepted_lengths`.
             kwargs:
                 Generation config fields, and `pixel_values_videos` / `video_grid_thw`.
 
@@ -738,6 +763,10 @@ class BardVLGenerationMixin:
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, model_kwargs, streamer
         )
         plan = self._decoding_plan(generation_config, input_ids, attention_mask, stopping_criteria)
+        if verifier is not None:
+            check_verifier(self, verifier, generation_config, logits_processor, stopping_criteria, generator)
+            return self._verified_generate(verifier, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                           mm_token_type_ids, model_kwargs, plan, streamer, return_dict_in_generate)
         B = plan.block_size
         batch = input_ids.shape[0]
         device = input_ids.device
@@ -775,12 +804,7 @@ class BardVLGenerationMixin:
         if streamer is not None:
             streamer.end()
         # 5. outputs
-        width = int(lengths.max())
-        new_tokens = generated[:, :width]
-        if plan.pad_token_id is not None:
-            beyond = torch.arange(width, device=device)[None, :] >= lengths[:, None]
-            new_tokens = new_tokens.masked_fill(beyond, plan.pad_token_id)
-        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        sequences = self._sequences(input_ids, generated, lengths, plan)
         if not return_dict_in_generate:
             return sequences
         return BardVLGenerationOutput(
@@ -789,6 +813,63 @@ class BardVLGenerationMixin:
             num_forwards=forwards,
             num_generated_tokens=lengths,
             trace=trace,
+        )
+
+    @staticmethod
+    def _sequences(input_ids, generated, lengths, plan: _DecodingPlan):
+        """The prompt followed by each row's kept tokens ``[batch, P + longest]``, pad-filled after a row's end."""
+        width = int(lengths.max())
+        new_tokens = generated[:, :width]
+        if plan.pad_token_id is not None:
+            beyond = torch.arange(width, device=generated.device)[None, :] >= lengths[:, None]
+            new_tokens = new_tokens.masked_fill(beyond, plan.pad_token_id)
+        return torch.cat([input_ids, new_tokens], dim=1)
+
+    def _verified_generate(self, verifier, input_ids, attention_mask, pixel_values, image_grid_thw,
+                           mm_token_type_ids, model_kwargs, plan, streamer, return_dict_in_generate):
+        """Verified decoding (DESIGN 4.2 a): each row on its own (`verified_generate_row`: unpadded, with its own
+        images), then the rows are put together as `generate` does."""
+        batch = input_ids.shape[0]
+        merge = self.config.vision_config.spatial_merge_size
+        images = split_vision_inputs(input_ids, attention_mask, self.config.image_token_id, pixel_values,
+                                     image_grid_thw, merge)
+        videos = split_vision_inputs(input_ids, attention_mask, self.config.video_token_id,
+                                     model_kwargs.get("pixel_values_videos"), model_kwargs.get("video_grid_thw"), merge)
+        fill = plan.pad_token_id if plan.pad_token_id is not None else 0
+        generated = input_ids.new_full((batch, plan.num_blocks * plan.block_size), fill)
+        lengths, drafts, checks = (torch.zeros(batch, dtype=torch.long, device=input_ids.device) for _ in range(3))
+        trace = [[] for _ in range(batch)] if plan.output_trace else None
+        accepted = []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for row in range(batch):
+            real = attention_mask[row].bool()
+            vision = {}
+            if images[row][0] is not None:
+                vision.update(pixel_values=images[row][0], image_grid_thw=images[row][1])
+            if videos[row][0] is not None:
+                vision.update(pixel_values_videos=videos[row][0], video_grid_thw=videos[row][1])
+            out, length, draft_forwards, verify_forwards, accepted_row = verified_generate_row(
+                self, ARVerifier(verifier), input_ids[row : row + 1, real], mm_token_type_ids[row : row + 1, real],
+                vision, plan, streamer, trace[row] if trace is not None else None,
+            )
+            generated[row], lengths[row], drafts[row], checks[row] = out[0], length, draft_forwards, verify_forwards
+            accepted.append(accepted_row)
+        if streamer is not None:
+            streamer.end()
+        sequences = self._sequences(input_ids, generated, lengths, plan)
+        if not return_dict_in_generate:
+            return sequences
+        forwards = drafts + checks
+        return BardVLGenerationOutput(
+            sequences=sequences,
+            tokens_per_forward=lengths.float() / forwards.clamp(min=1).float(),
+            num_forwards=forwards,
+            num_generated_tokens=lengths,
+            trace=trace,
+            num_draft_forwards=drafts,
+            num_verify_forwards=checks,
+            accepted_lengths=accepted,
         )
 
     # ------------------------------------------------------------------ 0. configuration and inputs
@@ -885,14 +966,15 @@ class BardVLGenerationMixin:
 
     # ------------------------------------------------------------------ 1. prefill
     def _prefill_prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
-                        model_kwargs, plan):
+                        model_kwargs, plan, first_tokens=None):
         """Run the prompt into a new DynamicCache (DESIGN 4.1), with block 0's B mask tokens appended when
         `plan.prefill_step` (DESIGN 4.4).
 
         The appended block is labelled NOISY with block id ceil(real prompt length / B), so the mask of DESIGN 3.2
         lets it see the whole prompt and itself while no prompt query sees it: the prompt's keys/values are those of
         a prompt-only forward, and the block's logits those of a first denoising step. Its keys/values are cropped
-        off afterwards. Returns the cache, the rows' state (`_Rows`, prompt key labels ``[batch, P]``) and the
+        off afterwards. `first_tokens` ``[batch]`` (optional) decides block 0's position 0 beforehand (verified decoding,
+        DESIGN 4.2: the verifier's first token). Returns the cache, the rows' state (`_Rows`, prompt key labels ``[batch, P]``) and the
         block's logits ``[batch * B, vocab]`` (None without `prefill_step`).
         """
         B = plan.block_size
@@ -924,6 +1006,8 @@ class BardVLGenerationMixin:
             first_logits=torch.empty(batch, 0, device=input_ids.device),
             max_new_tokens=torch.full((batch,), plan.max_new_tokens, dtype=torch.long, device=input_ids.device),
         )
+        if first_tokens is not None:
+            rows.block[:, 0] = first_tokens
         q_ids, q_segments, q_blocks, q_positions, mm_types = input_ids, segments, blocks, positions, mm_token_type_ids
         wanted = torch.zeros_like(attention_mask, dtype=torch.bool)  # no logits needed from the prompt
         if plan.prediction_shift:
@@ -1212,10 +1296,12 @@ class BardVLGenerationMixin:
         return step_mask
 
     def _end_finished_blocks(self, rows: _Rows, input_ids, generated, lengths, plan: _DecodingPlan,
-                             stopping_criteria, streamer):
-        """Step 4: rows whose block has no mask left keep its tokens (`_finish_blocks`), then stop or move on to their
-        next block (committed by their next forward). Returns which rows stop ``[m]``; the caller removes them."""
-        complete = (rows.block != plan.mask_token_id).all(-1)  # [m]
+                             stopping_criteria, streamer, complete=None):
+        """Step 4: rows whose block has no mask left (or the rows `complete` ``[m]`` says are done: verified decoding
+        decides that itself) keep its tokens (`_finish_blocks`), then stop or move on to their next block (committed
+        by their next forward). Returns which rows stop ``[m]``; the caller removes them."""
+        if complete is None:
+            complete = (rows.block != plan.mask_token_id).all(-1)  # [m]
         if not complete.any():
             return torch.zeros_like(complete)
         stop = self._finish_blocks(rows, complete, input_ids, generated, lengths, plan, stopping_criteria, streamer)
