@@ -84,6 +84,7 @@ def test_model_args_reference_aliases_map_to_ours():
         (dict(pretrained="x", batch_size="auto"), "batch_size"),
         (dict(pretrained="x", dtype="fp8"), "dtype"),
         (dict(pretrained="x", source="y"), "autoregressive"),
+        (dict(pretrained="x", verifier="y", autoregressive=True), "verifier"),
     ],
 )
 def test_model_args_errors_name_the_argument(kwargs, message):
@@ -239,13 +240,16 @@ def test_lmms_eval_runs_bard_and_ar_on_digits(converted_digits, digits_tasks, tm
     from transformers_bard import BardVLProcessor
     from transformers_bard.demo.digits import load_digits_ar_path
 
-    # Three lmms-eval command lines at once (separate processes: lmms-eval patches global state on import).
+    # Four lmms-eval command lines at once (separate processes: lmms-eval patches global state on import).
     bard_args = f"pretrained={converted_digits},device=cpu"
     runs = {
         "bard": _lmms_eval("bard_vl", bard_args, digits_tasks, tmp_path / "bard", "--batch_size", "4"),
         "simple": _lmms_eval("transformers_bard", bard_args, digits_tasks, tmp_path / "simple", "--force_simple"),
         # The AR source is found through the converted checkpoint's `source_model`.
         "ar": _lmms_eval("bard_vl_ar", bard_args, digits_tasks, tmp_path / "ar", "--batch_size", "4"),
+        # Verified decoding (DESIGN 4.2 a) with the recorded source as the verifier: the AR model's answers.
+        "verified": _lmms_eval("bard_vl", bard_args + ",verifier=source", digits_tasks, tmp_path / "verified",
+                               "--batch_size", "4"),
     }
     outputs = {name: _read_run(process, tmp_path / name) for name, process in runs.items()}
 
@@ -257,8 +261,9 @@ def test_lmms_eval_runs_bard_and_ar_on_digits(converted_digits, digits_tasks, tm
 
     ar_dir = load_digits_ar_path()
     ar = AutoModelForImageTextToText.from_pretrained(ar_dir).eval()
-    _check_results(*outputs["ar"], _direct_answers(ar, BardVLProcessor.from_pretrained(ar_dir), autoregressive=True),
-                   autoregressive=True)
+    direct_ar = _direct_answers(ar, BardVLProcessor.from_pretrained(ar_dir), autoregressive=True)
+    _check_results(*outputs["ar"], direct_ar, autoregressive=True)
+    _check_results(*outputs["verified"], direct_ar, autoregressive=False)
 
 
 def test_lmms_eval_command_for_transformers_bard_eval():

@@ -417,3 +417,42 @@ def test_serve_benchmark_runs_at_toy_size(tmp_path):
     for row in cells:
         assert int(row[2]) == int(row[1])  # one request per client
         assert float(row[3]) > 0 and 0 < float(row[4]) <= float(row[5]) <= float(row[6])
+
+
+# ---------------------------------------------------------------------------------------------- verified serving
+def test_verified_server_answers_are_the_ar_answers(confident_bard_dir, tiny_qwen3_vl_dir):
+    """`serve --verifier AR` (DESIGN 4.2 a): the app with the `VerifiedGenerateEngine`, in process through FastAPI's
+    test client, streaming and not, text and image: every answer is the AR source's greedy `generate` answer (the
+    tiny drafter is untrained, so most drafts are rejected), and sampling is refused with a 400."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    from transformers_bard.serving import load_engine
+    from transformers_bard.serving.openai_api import create_app
+
+    engine, processor = load_engine(str(confident_bard_dir), verifier=str(tiny_qwen3_vl_dir))
+    ar = Qwen3VLForConditionalGeneration.from_pretrained(tiny_qwen3_vl_dir).eval()
+    ar_processor = AutoProcessor.from_pretrained(confident_bard_dir)
+    try:
+        with TestClient(create_app(engine, processor, "bard-tiny", MAX_MODEL_LEN)) as http:
+            for stream, image in ((False, None), (True, make_image(5, (32, 32))), (False, make_image(6, (64, 32)))):
+                body = {"model": "bard-tiny", "messages": openai_messages("What is in the picture?", image),
+                        "max_tokens": 13, "stream": stream}
+                reply = http.post("/v1/chat/completions", json=body)
+                assert reply.status_code == 200, reply.text
+                if stream:
+                    chunks = [json.loads(line[len("data: "):]) for line in reply.text.splitlines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+                else:
+                    text = reply.json()["choices"][0]["message"]["content"]
+                inputs = model_inputs(ar_processor, "What is in the picture?", image)
+                want = ar.generate(**inputs, do_sample=False, max_new_tokens=13,
+                                   pad_token_id=ar_processor.tokenizer.pad_token_id)
+                assert text == ar_processor.tokenizer.decode(want[0, inputs["input_ids"].shape[1]:],
+                                                             skip_special_tokens=True)
+            refused = http.post("/v1/chat/completions", json={"model": "bard-tiny", "temperature": 0.7,
+                                                              "messages": openai_messages("hi")})
+            assert refused.status_code == 400 and "greedy" in refused.json()["error"]["message"]
+    finally:
+        engine.close()

@@ -206,3 +206,25 @@ def test_cli_compare_ar_names_a_missing_folder(tiny_bard_vl_dir, tmp_path, capsy
                  "--compare-ar", str(tmp_path / "nowhere")])
     assert code == 2
     assert "--compare-ar" in capsys.readouterr().err
+
+
+def test_cli_verifier_gives_the_ar_answer_and_shows_rejected_drafts(tiny_bard_vl_dir, tiny_qwen3_vl_dir, capsys):
+    """`generate --verifier AR`: the printed answer is the AR model's greedy answer (`--compare-ar` prints it); with
+    `--show-steps` the verifier's checks are frames of their own (kind `verify`), one line per forward of both
+    models after the two prefills. The untrained tiny drafter is rejected often, so some check revises a draft."""
+    from transformers_bard.cli import main
+
+    code = main(["generate", str(tiny_bard_vl_dir), "--prompt", "What color is the star?", "--max-new-tokens", "8",
+                 "--verifier", str(tiny_qwen3_vl_dir), "--show-steps", "--compare-ar", str(tiny_qwen3_vl_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.splitlines()
+    answer = next(line for line in lines if line.startswith("answer: "))[len("answer: "):]
+    ar_answer = next(line for line in lines if line.startswith("AR answer"))
+    assert ar_answer.endswith(": " + answer)
+    steps = [line for line in lines if line.startswith("fwd ")]
+    forwards = int(re.search(r"in (\d+) forwards", next(line for line in lines if line.startswith("BARD: "))).group(1))
+    assert len(steps) == forwards + 2
+    assert any("verify" in line for line in steps) and any("verifier_prefill" in line for line in steps)
+    assert main(["generate", str(tiny_bard_vl_dir), "--prompt", "hi", "--verifier", str(tiny_bard_vl_dir)]) == 2
+    assert "--verifier" in capsys.readouterr().err

@@ -25,7 +25,11 @@ def _add_convert(sub) -> None:
         help="Shifted prediction (DESIGN 4.1): the hidden state at i predicts token i + 1, as in the AR source. "
         "Default: off (the paper), or a BARD-VL source's own setting.",
     )
-    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="Replace an earlier conversion's output in OUTPUT (a folder holding any other file is refused; the "
+        "source, a folder holding it and the current folder never are).",
+    )
     p.set_defaults(func=_run_convert)
 
 
@@ -56,6 +60,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps-per-block", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--stream", action="store_true", help="Print finished blocks as they are decoded.")
+    p.add_argument(
+        "--verifier", default=None, metavar="PATH",
+        help="Verified decoding (DESIGN 4.2 a): the AR Qwen3-VL checkpoint at PATH (the source this model was "
+        "converted from) checks every drafted block, so the answer is exactly its greedy answer. Greedy only; both "
+        "models are loaded.",
+    )
     p.add_argument(
         "--show-steps", action="store_true",
         help="Replay the denoising trace: one line per forward, masks as _, new tokens highlighted, then a summary.",
@@ -91,6 +101,8 @@ def _run_generate(args) -> int:
         ).items()
         if value is not None
     }
+    if args.verifier:
+        options["verifier"] = load_verifier(args.verifier)
     if args.show_steps or args.compare_ar:
         from .app.terminal import run_show_steps
 
@@ -104,6 +116,18 @@ def _run_generate(args) -> int:
         print(text)
     print(f"[tokens per forward: {float(out.tokens_per_forward[0]):.2f}]", file=sys.stderr)
     return 0
+
+
+def load_verifier(path: str):
+    """The AR Qwen3-VL model at `path` for `verifier=` (DESIGN 4.2 a), in eval mode, with an error naming the path
+    when it is not one."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
+    if model_type != "qwen3_vl":
+        raise ValueError(f"--verifier {path}: expected an autoregressive Qwen3-VL checkpoint (model_type 'qwen3_vl'), "
+                         f"found model_type {model_type!r}. Pass the AR source the BARD model was converted from.")
+    return Qwen3VLForConditionalGeneration.from_pretrained(path).eval()
 
 
 def _add_demo(sub) -> None:
@@ -321,6 +345,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--autoregressive", action="store_true",
                    help="Serve a stock (AR) Qwen3-VL checkpoint with one `generate` at a time, as a baseline.")
+    p.add_argument("--verifier", default=None, metavar="PATH",
+                   help="Verified decoding (DESIGN 4.2 a): the AR Qwen3-VL checkpoint at PATH checks every drafted "
+                   "block, so every answer is its greedy answer; one request at a time, greedy only.")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning).")
     p.set_defaults(func=_run_serve)
 
@@ -340,7 +367,7 @@ def _run_serve(args) -> int:
 
     run_server(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-               autoregressive=args.autoregressive, log_level=args.log_level)
+               autoregressive=args.autoregressive, log_level=args.log_level, verifier=args.verifier)
     return 0
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "token_texts",
 ]
 
-EVENT_KINDS = ("prefill", "denoise", "commit")
+EVENT_KINDS = ("prefill", "denoise", "commit", "verifier_prefill", "verify")  # the last two: verified decoding
 _REQUIRED_KEYS = ("forward", "kind", "block", "step", "block_start", "unmasked", "block_tokens")
 
 # Roles of a rendered token: still masked, decided in an earlier forward, decided by this forward's confidence

@@ -76,6 +76,9 @@ class BardVLEvalArgs:
     autoregressive: bool = False  # evaluate the AR source with stock `generate` (model name `bard_vl_ar`)
     source: str | None = None  # the AR source for `autoregressive` (default: `pretrained` when it is AR, else the
     # BARD checkpoint's `source_model`, recorded by the conversion)
+    # verified decoding (DESIGN 4.2 a): the AR checkpoint that checks every drafted block, so every answer is its
+    # greedy answer; "source" = the BARD checkpoint's `source_model` (greedy tasks only)
+    verifier: str | None = None
     system_prompt: str | None = None  # a system turn added to every prompt (default: none, as the demo prompts)
     attn_implementation: str | None = None  # e.g. "sdpa", "eager"
     trust_remote_code: bool = False  # load through the checkpoint's exported code instead of the installed package
@@ -131,6 +134,9 @@ class BardVLEvalArgs:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.source is not None and not self.autoregressive:
             raise ValueError("`source` names the AR model for `autoregressive=true`; set that too, or drop `source`.")
+        if self.verifier is not None and self.autoregressive:
+            raise ValueError(f"`verifier`={self.verifier!r} checks a BARD model's drafts; with autoregressive=true "
+                             "there are none. Drop one of them.")
         # The BARD options themselves (threshold range, unmasking names, ...) are validated by
         # BardVLGenerationConfig when the model loads, with its own messages.
 
@@ -177,13 +183,19 @@ class BardVL(lmms):
             return args.source
         if not is_bard:
             return args.pretrained
+        return self._source_model(config)
+
+    def _source_model(self, config) -> str:
+        """The AR source a BARD checkpoint records (`config.source_model`): a local folder or a Hub id."""
+        args = self.args
         source = getattr(config, "source_model", None)
         # A local folder, or a Hub id ("org/name"); a recorded local path that no longer exists is an error here.
         hub_id = bool(source) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
         if not source or not (Path(source).expanduser().is_dir() or hub_id):
             raise ValueError(
                 f"`pretrained`={args.pretrained!r} is a BARD-VL checkpoint whose AR source is unknown "
-                f"(config.source_model={source!r}). Pass source=PATH (the autoregressive checkpoint)."
+                f"(config.source_model={source!r}). Pass {'verifier' if args.verifier else 'source'}=PATH (the "
+                "autoregressive checkpoint)."
             )
         return source
 
@@ -207,6 +219,16 @@ class BardVL(lmms):
                 f"autoregressive=true needs an autoregressive checkpoint, but {checkpoint!r} is BARD-VL. Pass "
                 "source=PATH of its AR source."
             )
+        self.verifier = None
+        if args.verifier is not None:
+            path = args.verifier
+            if path == "source":
+                path = self._source_model(config)
+            verifier_config = AutoConfig.from_pretrained(path)
+            if verifier_config.model_type != "qwen3_vl":
+                raise ValueError(f"`verifier`={args.verifier!r} is a {verifier_config.model_type!r} checkpoint; "
+                                 "verified decoding needs the autoregressive Qwen3-VL source (model_type 'qwen3_vl').")
+            self.verifier = AutoModelForImageTextToText.from_pretrained(path, **load_kwargs).to(self._device).eval()
         self._model = model.to(self._device).eval()
         self.checkpoint = checkpoint
         self.processor = BardVLProcessor.from_pretrained(checkpoint)
@@ -337,6 +359,8 @@ class BardVL(lmms):
         autoregressive = self.args.autoregressive
         options = self._ar_options(gen_kwargs) if autoregressive else self._bard_options(gen_kwargs)
         began = time.perf_counter()
+        if self.verifier is not None:
+            options["verifier"] = self.verifier
         with torch.inference_mode():
             out = self._model.generate(**inputs, return_dict_in_generate=True, **options)
         seconds = time.perf_counter() - began

@@ -1,11 +1,16 @@
-"""An autoregressive Qwen3-VL behind the same HTTP API, for baselines (`transformers-bard serve --autoregressive`).
+"""One `generate` at a time behind the same HTTP API: an autoregressive Qwen3-VL for baselines (`transformers-bard
+serve --autoregressive`), and verified decoding (`transformers-bard serve --verifier AR`).
 
 It serves the AR source the way `transformers serve` serves a vision-language model: one `model.generate` at a time
 on one thread, streaming through a streamer (`transformers serve` only batches continuously for text-only LMs, and
 cannot load a stock Qwen3-VL processor without torchvision, so it cannot serve the AR source here at all).
+Verified decoding (DESIGN 4.2 a) decodes each row on its own already, so it gains nothing from the continuous batching
+scheduler and runs here too: `bard.generate(verifier=ar)`, whose answers are the AR source's greedy answers.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import GenerationConfig
@@ -75,18 +80,49 @@ class SequentialGenerateEngine(ModelThread):
             if not request.cancelled.is_set():
                 self._generate(request)
 
+    def _call_generate(self, inputs: dict, request: DecodeRequest, streamer) -> None:
+        self.model.generate(**inputs, generation_config=request.plan, streamer=streamer)
+
     @torch.no_grad()
     def _generate(self, request: DecodeRequest) -> None:
         streamer = _SinkStreamer(request)
         inputs = {key: value for key, value in request.inputs.items() if value is not None}
         try:
-            self.model.generate(**inputs, generation_config=request.plan, streamer=streamer)
+            self._call_generate(inputs, request, streamer)
         except _Cancelled:
             return
         except Exception as error:  # noqa: BLE001 (reported to the request; the server goes on)
             request.sink(ERROR, error)
             return
-        eos = request.plan.eos_token_id
+        eos = self.model.generation_config.eos_token_id if request.plan is None else request.plan.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         stopped = bool(streamer.tokens) and streamer.tokens[-1] in eos
         request.sink(DONE, "stop" if stopped else "length")
+
+
+class VerifiedGenerateEngine(SequentialGenerateEngine):
+    """A BARD-VL model drafting and its AR source verifying (DESIGN 4.2 a), one request at a time: every answer is
+    the AR source's greedy answer. Greedy only: a request with `temperature` > 0 is refused."""
+
+    thread_name = "verified-generate"
+
+    def __init__(self, model, verifier):
+        super().__init__(model)
+        self.verifier = verifier
+
+    def prepare(self, request: DecodeRequest) -> DecodeRequest:
+        options = dict(request.options)
+        temperature = options.pop("temperature", None)
+        options.pop("top_p", None)  # no effect on greedy decoding
+        if temperature:
+            raise ValueError(f"`temperature`={temperature} asks for sampling, but this server decodes with a verifier, "
+                             "which is greedy (the answer is the AR model's greedy answer). Send temperature 0.")
+        config = copy.copy(self.model.generation_config)
+        config.update(max_new_tokens=options.pop("max_new_tokens"), temperature=0.0)
+        if options:
+            raise ValueError(f"Unsupported options {sorted(options)}.")
+        request.plan = config
+        return request
+
+    def _call_generate(self, inputs: dict, request: DecodeRequest, streamer) -> None:
+        self.model.generate(**inputs, generation_config=request.plan, streamer=streamer, verifier=self.verifier)

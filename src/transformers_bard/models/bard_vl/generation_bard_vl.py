@@ -479,13 +479,15 @@ class BardVLGenerationOutput(ModelOutput):
             masked). Replaying `unmasked`, then
             `revised`, then `eos_filled` block by block rebuilds the generated tokens.
             With `verifier=`: the verifier's prefill comes first (`kind` `"verifier_prefill"`, `verified`:
-            `[[0, token]]`), then BARD's events as above, and after every check an event of `kind` `"verify"`:
-            `block`, `block_start`, `checked_from` (first checked position of the block), `drafts` (the checked
-            tokens), `accepted` (how many of them were accepted), `rejected` (`[[position, draft]]` of the first
-            rejected draft, empty when all agreed), `verified` (`[[position, token]]`: the verifier's token placed
-            there; empty when it came after the block), `next_block_first` (that token when every draft agreed, so
-            it starts the next block, else None) and `block_tokens` (the block after the check, masked again after
-            `verified`). `len(trace[row]) == num_forwards[row] + 2` (two prefills).
+            `[[0, token]]`, empty `block_tokens`), then BARD's events as above, and after every check an event of
+            `kind` `"verify"` (`step` -1): `block`, `block_start`, `checked_from` (first checked position of the
+            block), `drafts` (the checked tokens), `accepted` (how many of them were accepted), `rejected`
+            (`[[position, draft]]` of the first rejected draft, empty when all agreed), `verified` (`[[position,
+            token]]`: the verifier's token placed there; empty when it came after the block), `next_block_first`
+            (that token when every draft agreed, so it starts the next block, else None) and `block_tokens` (the
+            block after the check, masked again after `verified`); for viewers the rejected draft also appears in
+            `revised` (replaced by the verifier's token, confidence 1) and an unopposed verifier token in `unmasked`.
+            `len(trace[row]) == num_forwards[row] + 2` (two prefills).
         num_draft_forwards, num_verify_forwards (`torch.LongTensor` of shape `(batch,)`, *optional*):
             With `verifier=`: BARD's forwards after its prefill (denoising steps and commits) and the verifier's
             forwards after its prefill (one per check); `num_forwards` is their sum.

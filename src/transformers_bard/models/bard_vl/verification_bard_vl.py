@@ -212,8 +212,8 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
     # 0. the verifier's prefill: response token 0
     token = verifier.prefill(input_ids, mm_token_type_ids, **vision)
     if traces is not None:
-        trace.append({"forward": len(trace), "kind": "verifier_prefill", "block": 0, "block_start": 0,
-                      "verified": [[0, token]]})
+        trace.append({"forward": len(trace), "kind": "verifier_prefill", "block": 0, "step": -1, "block_start": 0,
+                      "unmasked": [], "revised": [], "eos_filled": [], "block_tokens": [], "verified": [[0, token]]})
     # 1. BARD's prefill with block 0 = [token, mask ...] (+ its first denoising step)
     bard_vision = {key: vision[key] for key in ("pixel_values", "image_grid_thw") if key in vision}
     model_kwargs = {key: vision[key] for key in ("pixel_values_videos", "video_grid_thw") if key in vision}
@@ -263,12 +263,15 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
         verified, pending = block_start + position + 1, token
         stop = stops(torch.cat([drafts[:accepted], torch.tensor([token], device=drafts.device)]))
         if traces is not None:
+            rejected = [[position, int(drafts[accepted])]] if accepted < drafts.shape[0] else []
             trace.append({
-                "forward": len(trace), "kind": "verify", "block": block_start // B, "block_start": block_start,
-                "checked_from": fixed, "drafts": drafts.tolist(), "accepted": accepted,
-                "rejected": [[position, int(drafts[accepted])]] if accepted < drafts.shape[0] else [],
-                "verified": [[position, token]] if position < B else [], "next_block_first": token if position == B
-                else None, "block_tokens": new_block.tolist(),
+                "forward": len(trace), "kind": "verify", "block": block_start // B, "step": -1,
+                "block_start": block_start, "checked_from": fixed, "drafts": drafts.tolist(), "accepted": accepted,
+                "rejected": rejected, "verified": [[position, token]] if position < B else [],
+                "next_block_first": token if position == B else None, "block_tokens": new_block.tolist(),
+                # for trace viewers: the rejected draft as a revision to the verifier's token (confidence 1)
+                "unmasked": [[position, token, 1.0]] if position < B and not rejected else [],
+                "revised": [[position, rejected[0][1], token, 1.0]] if rejected else [], "eos_filled": [],
             })
         rows.block[0] = new_block
         fixed, known = new_fixed, new_block[:new_fixed].clone()
