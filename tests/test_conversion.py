@@ -221,12 +221,17 @@ def test_conversion_errors_leave_nothing_behind(tiny_qwen3_vl_dir, tmp_path):
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="overwrite"):
-        convert_from_autoregressive(tiny_qwen3_vl_dir, out)
-    assert (out / "keep.txt").read_text() == "user data"
-    assert _no_leftovers(tmp_path) == []
-    convert_from_autoregressive(tiny_qwen3_vl_dir, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    for overwrite in (False, True):  # `overwrite` replaces an earlier conversion only (tests/test_data_safety.py)
+        with pytest.raises(FileExistsError, match="keep.txt.*`overwrite` replaces only"):
+            convert_from_autoregressive(tiny_qwen3_vl_dir, out, overwrite=overwrite)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+        assert _no_leftovers(tmp_path) == []
+    (out / "keep.txt").unlink()  # an empty folder takes a conversion without `overwrite`; an earlier one needs it
+    convert_from_autoregressive(tiny_qwen3_vl_dir, out)
+    with pytest.raises(FileExistsError, match="holds an earlier conversion.*overwrite=True"):
+        convert_from_autoregressive(tiny_qwen3_vl_dir, out, block_size=8)
+    convert_from_autoregressive(tiny_qwen3_vl_dir, out, block_size=8, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["block_size"] == 8
     assert _no_leftovers(tmp_path) == []
 
 
@@ -294,11 +299,12 @@ def test_converting_an_upstream_bard_vl_checkpoint_keeps_mask_id_151671(tiny_qwe
     assert tokenizer.convert_tokens_to_ids("<|mask|>") in (None, tokenizer.unk_token_id)
     for name in (p.name for p in upstream.glob("*.safetensors")):
         assert sha(out / name) == sha(upstream / name)
-    # an explicit id is kept too; a BARD-VL config of a small vocabulary without one gets `<|mask|>` added as usual
+    # an explicit id with no string is kept too (one on a real token is refused: tests/test_data_safety.py); a
+    # BARD-VL config of a small vocabulary without one gets `<|mask|>` added as usual
     explicit = convert_from_autoregressive(
-        _as_upstream_bard_vl(tiny_qwen3_vl_dir, tmp_path / "explicit", mask_token_id=7), tmp_path / "explicit-out"
+        _as_upstream_bard_vl(tiny_qwen3_vl_dir, tmp_path / "explicit", mask_token_id=500), tmp_path / "explicit-out"
     )
-    assert json.loads((explicit / "config.json").read_text())["mask_token_id"] == 7
+    assert json.loads((explicit / "config.json").read_text())["mask_token_id"] == 500
     small = convert_from_autoregressive(_as_upstream_bard_vl(tiny_qwen3_vl_dir, tmp_path / "small"), tmp_path / "s")
     small_tokenizer = AutoTokenizer.from_pretrained(small)
     assert json.loads((small / "config.json").read_text())["mask_token_id"] == small_tokenizer.convert_tokens_to_ids(

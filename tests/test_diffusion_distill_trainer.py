@@ -399,7 +399,8 @@ def test_bad_teachers_and_students_are_refused(
     tiny_qwen3_vl_dir, tiny_bard_vl_dir, tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, dataset, tmp_path
 ):
     student, teacher = str(tiny_bard_vl_b8_dir), str(tiny_bard_vl_teacher_dir)
-    args = make_args(tmp_path)
+    out = tmp_path / "out"  # apart from the teacher made under tmp_path below (an output may not hold a teacher)
+    args = make_args(out)
 
     def refused(message, student=student, teacher=teacher, args=args, error=ValueError, **kwargs):
         with pytest.raises(error, match=re.escape(message)):
@@ -411,11 +412,11 @@ def test_bad_teachers_and_students_are_refused(
     )
     refused(
         "`teacher_block_size`=3 does not divide the student's block size 8",
-        args=make_args(tmp_path, teacher_block_size=3),
+        args=make_args(out, teacher_block_size=3),
     )
-    refused("does not match the student's `config.block_size`=8", args=make_args(tmp_path, block_sizes=[4]))
+    refused("does not match the student's `config.block_size`=8", args=make_args(out, block_sizes=[4]))
     refused("The student (qwen3_vl) has no `config.block_size`", student=str(tiny_qwen3_vl_dir))
-    refused("`args` must be a DiffusionDistillConfig", args=make_args(tmp_path).to_dict(), error=TypeError)
+    refused("`args` must be a DiffusionDistillConfig", args=make_args(out).to_dict(), error=TypeError)
 
     config = BardVLConfig.from_pretrained(teacher)
     config.text_config.vocab_size += 8
@@ -425,7 +426,7 @@ def test_bad_teachers_and_students_are_refused(
     refused(
         "`teacher_model_init_kwargs`={'dtype': 'float32'} was set but the teacher is already instantiated",
         teacher=other_mask,
-        args=make_args(tmp_path, teacher_model_init_kwargs={"dtype": "float32"}),
+        args=make_args(out, teacher_model_init_kwargs={"dtype": "float32"}),
     )
     same = BardVLForConditionalGeneration.from_pretrained(student)
     refused("The teacher shares parameters with the student", student=same, teacher=same)
@@ -437,14 +438,14 @@ def test_bad_teachers_and_students_are_refused(
     processor.save_pretrained(other_tokenizer)
     refused("The teacher's tokenizer", teacher=str(other_tokenizer))
     # a config reused for another student: each trainer reads its student's block size and leaves the config as is
-    reused = make_args(tmp_path)
+    reused = make_args(out)
     assert DiffusionDistillTrainer(student, teacher, args=reused, train_dataset=dataset).block_sizes == [8]
     other = DiffusionDistillTrainer(str(tiny_bard_vl_dir), teacher, args=reused, train_dataset=dataset)
     assert other.block_sizes == [4]
     assert reused.block_sizes is None
     # the autoregressive source has no <|mask|> in its tokenizer: that difference alone is accepted
     DiffusionDistillTrainer(
-        student, str(tiny_qwen3_vl_dir), args=make_args(tmp_path, teacher_type="autoregressive"), train_dataset=dataset
+        student, str(tiny_qwen3_vl_dir), args=make_args(out, teacher_type="autoregressive"), train_dataset=dataset
     )
 
 

@@ -1,7 +1,7 @@
 """Kills, tried on purpose (issue 23): a training run SIGKILLed between checkpoints, inside a checkpoint save or inside
 a stage save resumes from its last complete checkpoint to the same weights and losses as a run never interrupted; a
-half-written checkpoint folder is never resumed from; a conversion killed mid-write leaves no target folder; a
-failed upload leaves the local files intact and says so.
+half-written checkpoint folder is never resumed from (killed inside the first save, resuming starts from step 0); a
+conversion killed mid-write leaves no target folder; a failed upload leaves the local files intact and says so.
 
 The runs (marked slow) are subprocesses of `tests/killed_run.py` (the example scripts' entry points, with a kill at a chosen point:
 see its docstring), on the tiny recipes with a checkpoint every 2 steps.
@@ -124,6 +124,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(kind, kill_at, half_writ
     assert all(torch.isfinite(param).all() for param in loaded.parameters())
 
     # 2. resuming ends where the uninterrupted run ended: same final weights, same losses
+    resume_to_the_uninterrupted_result(kind, dirs, data_dir, output, uninterrupted)
+
+
+def resume_to_the_uninterrupted_result(kind, dirs, data_dir, output, uninterrupted) -> subprocess.CompletedProcess:
+    """Run the same command again with `--resume_from_checkpoint true` (a requeued job); it must end with the
+    uninterrupted run's final weights and losses, every checkpoint folder left complete."""
     result = run(arguments(kind, dirs, data_dir, output) + ["--resume_from_checkpoint", "true"])
     assert result.returncode == 0, result.stderr[-4000:]
     expected_dir, got_dir = final_stage(uninterrupted[kind], kind), final_stage(output, kind)
@@ -136,18 +142,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(kind, kill_at, half_writ
     for folder in output.glob("checkpoints-b*/checkpoint-*"):
         assert (folder / STAGE_STATE_NAME).is_file(), folder
     assert not list(output.glob(".stage-*"))
+    return result
 
 
 @pytest.mark.slow
-def test_killed_before_any_checkpoint_is_not_resumed_from_a_half_written_one(dirs, data_dir, tmp_path):
-    """Killed inside the very first checkpoint save: there is nothing to resume from, and resuming says so."""
+def test_killed_inside_the_first_save_restarts_from_step_0(dirs, data_dir, uninterrupted, tmp_path):
+    """Killed inside the very first checkpoint save: nothing complete to resume from. The half-written folder is
+    refused by path; the same command with `--resume_from_checkpoint true` (a requeued job) warns, starts from step 0
+    and ends with the uninterrupted run's result (issue 39)."""
     output = tmp_path / "run"
     assert killed(run(arguments("block_merge", dirs, data_dir, output), kill_at="save-marker:4:2"))
     assert (output / "checkpoints-b4" / "checkpoint-2" / "model.safetensors").is_file()
-    with pytest.raises(ValueError, match="no checkpoint was found"):
-        resume_point(str(output), [4, 8], True)
+    assert resume_point(str(output), [4, 8], True) == (0, None, None)
     with pytest.raises(ValueError, match="its save was interrupted"):
         resume_point(str(output), [4, 8], str(output / "checkpoints-b4" / "checkpoint-2"))
+    result = resume_to_the_uninterrupted_result("block_merge", dirs, data_dir, output, uninterrupted)
+    assert "holds no complete checkpoint" in result.stderr and "from the beginning (step 0)" in result.stderr
 
 
 @pytest.mark.slow

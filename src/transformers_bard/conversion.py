@@ -4,6 +4,11 @@ The weights do not change (block diffusion needs no new parameter): when `<|mask
 rows the safetensors shards are copied byte for byte; only when it does not fit is the model loaded, resized and saved.
 Everything is written into a temporary folder beside the target and renamed into place at the end, so a failure
 never leaves a half-written checkpoint.
+
+The source is only ever read (issue 39): an output folder that is, holds or lies inside it is refused, as is the
+current folder; `overwrite` replaces only an earlier conversion's output (`_check_output`). A source whose tokenizer
+does not load with its vocabulary, or whose mask id would land on a token the model already uses, is refused too
+(`_load_tokenizer`, `_mask_token_id`): its conversion would not reproduce it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save
 
-from .checkpoint_files import check_safetensors_files
+from .checkpoint_files import check_output_dir, check_safetensors_files
 from .models.bard_vl.configuration_bard_vl import (
     MASK_TOKEN,
     PROMPT_ATTENTION_CHOICES,
@@ -47,6 +52,18 @@ CARRIED_FILES = (
     "video_preprocessor_config.json",
     "processor_config.json",
 )
+# Everything else a conversion writes, besides the `*.safetensors` weights and the model code (`*_bard_vl.py`): a
+# folder of these names only, with a BARD-VL config.json, is an earlier conversion's output, which `overwrite` replaces.
+WRITTEN_FILES = frozenset(CARRIED_FILES) | {
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    "model.safetensors.index.json",
+}
+# The files a tokenizer loads from, named in the errors about it.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+# Text any byte-level BPE (Qwen's) encodes and decodes back unchanged; a tokenizer loaded without its vocabulary does not.
+TOKENIZER_PROBE = "The 3 red squares are at the left, 42 blue ones."
 
 
 def _resolve_source(source: str | os.PathLike) -> Path:
@@ -71,9 +88,7 @@ def _resolve_source(source: str | os.PathLike) -> Path:
         ) from error
 
 
-def _check_arguments(
-    source_dir: Path, output_dir: Path, block_size, prompt_attention, prediction_shift, overwrite: bool
-) -> dict:
+def _check_arguments(source_dir: Path, block_size, prompt_attention, prediction_shift) -> dict:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}. The paper starts at 4.")
     if prediction_shift is not None and not isinstance(prediction_shift, bool):
@@ -103,15 +118,161 @@ def _check_arguments(
         raise ValueError(f"`source`={str(source_dir)!r} has no .safetensors weights; convert .bin weights first.")
     # the shards are copied without being read: check their headers now, so a damaged source writes nothing
     check_safetensors_files(source_dir, "source")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        if not overwrite:
-            raise FileExistsError(
-                f"`output_dir`={str(output_dir)!r} exists and is not empty. Choose another directory or pass "
-                "overwrite=True (CLI: --overwrite)."
-            )
-    if output_dir.resolve() == source_dir.resolve():
-        raise ValueError("`output_dir` must differ from `source`: the source checkpoint is never modified.")
     return config
+
+
+def _check_output(source, source_dir: Path, output_dir, overwrite: bool) -> Path:
+    """The folder the checkpoint goes to, links resolved: refused if it is, holds or lies inside the source, is the
+    current folder (or holds it), is a file, or holds anything but an earlier conversion's output (which it may
+    replace only with `overwrite`)."""
+    check_output_dir(output_dir, "output_dir", {"source": [source, source_dir]}, replaced=True, suffix="bard")
+    target = Path(output_dir).expanduser().resolve()
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise FileExistsError(
+            f"`output_dir`={str(output_dir)!r} ({target}) is a file, not a folder. Choose a folder path; nothing was "
+            "written."
+        )
+    entries = sorted(entry.name for entry in target.iterdir())
+    if not entries:
+        return target
+    foreign = _not_written_by_a_conversion(target, entries)
+    if foreign == entries:
+        raise FileExistsError(
+            f"`output_dir`={str(output_dir)!r} ({target}) is not the output of a conversion (it holds {foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}): `overwrite` replaces only an earlier conversion's output. Choose "
+            "a new folder; nothing was written."
+        )
+    if foreign:
+        raise FileExistsError(
+            f"`output_dir`={str(output_dir)!r} ({target}) holds files a conversion does not write: {foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}; `overwrite` replaces only an earlier conversion's output. Move "
+            "them out or choose a new folder; nothing was written."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"`output_dir`={str(output_dir)!r} holds an earlier conversion. Choose another folder, or pass "
+            "overwrite=True (CLI: --overwrite) to replace it."
+        )
+    return target
+
+
+def _not_written_by_a_conversion(folder: Path, entries: list[str]) -> list[str]:
+    """The entries of `folder` a conversion does not write: all of them unless config.json is a BARD-VL config."""
+    try:
+        is_bard = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "bard_vl"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        is_bard = False
+    if not is_bard:
+        return entries
+
+    def written(name: str) -> bool:
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            return False
+        return name in WRITTEN_FILES or name.endswith((".safetensors", "_bard_vl.py"))
+
+    return [name for name in entries if not written(name)]
+
+
+def _tokenizer_files(source_dir: Path) -> str:
+    """The tokenizer files `source_dir` holds, for the errors, and whether its vocabulary file is missing."""
+    present = [str(source_dir / name) for name in TOKENIZER_FILES if (source_dir / name).is_file()]
+    has_vocabulary = (source_dir / "tokenizer.json").is_file() or (
+        (source_dir / "vocab.json").is_file() and (source_dir / "merges.txt").is_file()
+    )
+    return ", ".join(present) + ("" if has_vocabulary else "; missing: tokenizer.json (or vocab.json and merges.txt)")
+
+
+def _load_tokenizer(source_dir: Path, source_config: dict):
+    """The source's tokenizer, refused (naming its files) if it does not load with its vocabulary: text must round-trip
+    through it and the vision placeholder tokens must carry the ids config.json gives them (DESIGN 2)."""
+    from .models.bard_vl.processing_bard_vl import VISION_TOKEN_DEFAULTS
+
+    files = _tokenizer_files(source_dir)
+    fix = "Restore the tokenizer files (tokenizer.json, or vocab.json and merges.txt) from the original checkpoint."
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    except Exception as error:  # a damaged or missing file surfaces as any of JSON, OS, value or import errors
+        raise ValueError(
+            f"`source`: the tokenizer ({files}) does not load ({type(error).__name__}: {error}). {fix}"
+        ) from error
+    ids = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    if not ids or tokenizer.decode(ids) != TOKENIZER_PROBE:
+        raise ValueError(
+            f"`source`: the tokenizer ({files}) does not load with its vocabulary: {TOKENIZER_PROBE!r} encodes to "
+            f"{ids[:8]}{' ...' if len(ids) > 8 else ''} and decodes to {tokenizer.decode(ids)!r} "
+            f"({len(tokenizer)} tokens). {fix}"
+        )
+    for kind, default in VISION_TOKEN_DEFAULTS.items():
+        key = f"{kind}_token_id"
+        expected = source_config.get(key)
+        token = getattr(tokenizer, f"{kind}_token", None) or default
+        if expected is not None and tokenizer.convert_tokens_to_ids(token) != expected:
+            raise ValueError(
+                f"`source` config.json has {key}={expected}, but the tokenizer ({files}) maps {token!r} to "
+                f"{tokenizer.convert_tokens_to_ids(token)}: they are not the same model's. {fix}"
+            )
+    return tokenizer
+
+
+def _token_roles(tokenizer, source_config: dict, token_id: int) -> list[str]:
+    """What `token_id` already is to the model: a special token of the tokenizer (`<|im_end|>`, `<|im_start|>`, ...),
+    an id of config.json (`image_token_id`, ...), or a token text can contain. Empty for a fresh id and for a mask
+    token (a special token with no other use)."""
+    roles = [
+        name for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token")
+        if getattr(tokenizer, name, None) is not None and getattr(tokenizer, f"{name}_id", None) == token_id
+    ]
+    for config, where in ((source_config, "config.json"), (source_config.get("text_config") or {}, "text_config")):
+        for key, value in config.items():
+            if key.endswith("_token_id") and key != "mask_token_id" and token_id in (
+                value if isinstance(value, list) else [value]
+            ):
+                roles.append(f"{where} {key}")
+    string = tokenizer.convert_ids_to_tokens(token_id) if token_id < len(tokenizer) else None
+    if string is not None:
+        added = tokenizer.added_tokens_decoder.get(token_id)
+        if added is None or not added.special:
+            roles.append(f"a token text can contain ({string!r})")
+        elif string in tokenizer.all_special_tokens and string not in (MASK_TOKEN, tokenizer.mask_token) and not roles:
+            roles.append(f"the special token {string!r}")
+    return roles
+
+
+def _mask_token_id(source_dir: Path, source_config: dict, tokenizer, mask_token: str, vocab_rows: int) -> int:
+    """The id of the mask token (DESIGN 2), refused if it would land on a token the model already uses.
+
+    A BARD-VL source keeps the id its weights were trained with (a new token would point the config at an untrained
+    row); an autoregressive source reuses its tokenizer's `mask_token` if that is a special token with no other use,
+    else gets a new one (added to `tokenizer`; the tokenizer was checked complete, so the new id is past every token).
+    """
+    files = _tokenizer_files(source_dir)
+    mask_id = _existing_mask_token_id(source_config, vocab_rows)
+    if mask_id is not None:
+        string = tokenizer.convert_ids_to_tokens(mask_id) if mask_id < len(tokenizer) else None
+        roles = _token_roles(tokenizer, source_config, mask_id)
+        if roles or string not in (None, mask_token, MASK_TOKEN):
+            raise ValueError(
+                f"`source` config.json has mask_token_id={mask_id}, which is the token {string!r} in its tokenizer "
+                f"({files}){': ' + ', '.join(roles) if roles else ''}. Masked positions would read as that token. "
+                f"Fix `mask_token_id` in config.json to the id of {MASK_TOKEN!r}, or convert the autoregressive "
+                "checkpoint it came from."
+            )
+        return mask_id
+    mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    if mask_id is not None and mask_id != tokenizer.unk_token_id:
+        roles = _token_roles(tokenizer, source_config, mask_id)
+        if roles:
+            raise ValueError(
+                f"`mask_token`={mask_token!r} is id {mask_id} in the tokenizer of `source` ({files}), a token the "
+                f"model already uses: {', '.join(roles)}. Masked positions would read as that token. Pass a "
+                f"`mask_token` the tokenizer does not have (default {MASK_TOKEN!r})."
+            )
+        return mask_id
+    tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(mask_token)
 
 
 def _existing_mask_token_id(source_config: dict, vocab_rows: int) -> int | None:
@@ -176,7 +337,8 @@ def convert_from_autoregressive(
     Args:
         source: a local checkpoint directory (config.json, safetensors shards + index, tokenizer, processor files,
             chat template, generation config) or a Hub id (downloaded; needs network).
-        output_dir: where to write the BARD checkpoint. Must be empty or absent unless `overwrite=True`.
+        output_dir: where to write the BARD checkpoint: absent, an empty folder, or (with `overwrite=True`) an earlier
+            conversion's output. It may not be, hold or lie inside the source, nor be the current folder (or hold it).
         block_size: the block size B written to the config (DESIGN 3.5 starts at 4).
         prompt_attention: `"block_causal"` (reference) or `"causal"` (DESIGN 3.2). `"causal"` is the only prompt mask
             vLLM can serve (`transformers_bard.integrations.vllm`); the demo's `causal_prompt` ablation found no
@@ -193,7 +355,8 @@ def convert_from_autoregressive(
         mask_token: the mask token string added to the tokenizer if absent (DESIGN 2). A BARD-VL source keeps the
             mask id it was trained with (its `mask_token_id`, or 151671 for an upstream checkpoint without one),
             even when the tokenizer has no string for it; nothing is added then.
-        overwrite: replace a non-empty `output_dir`.
+        overwrite: replace an earlier conversion's output in `output_dir` (only that: a folder holding any other file
+            is refused).
 
     Returns:
         The output directory. It loads with `AutoModel`/`AutoModelForImageTextToText`/`AutoProcessor` after
@@ -209,23 +372,18 @@ def convert_from_autoregressive(
     ```
     """
     source_dir = _resolve_source(source)
-    output_dir = Path(output_dir)
-    source_config = _check_arguments(source_dir, output_dir, block_size, prompt_attention, prediction_shift, overwrite)
+    target = _check_output(source, source_dir, output_dir, overwrite)
+    source_config = _check_arguments(source_dir, block_size, prompt_attention, prediction_shift)
 
-    # 1. the tokenizer, with <|mask|> (DESIGN 2): its id must fall inside the embedding rows. A BARD-VL source keeps
-    #    the id its weights were trained with (a new token would point the config at an untrained row).
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    # 1. the tokenizer, with <|mask|> (DESIGN 2): its id must fall inside the embedding rows, on no token in use
+    tokenizer = _load_tokenizer(source_dir, source_config)
     vocab_rows = (source_config.get("text_config") or {}).get("vocab_size", source_config.get("vocab_size"))
-    mask_id = _existing_mask_token_id(source_config, vocab_rows)
-    if mask_id is None:
-        mask_id = tokenizer.convert_tokens_to_ids(mask_token)
-    if mask_id is None or mask_id == tokenizer.unk_token_id:
-        tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
-        mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    mask_id = _mask_token_id(source_dir, source_config, tokenizer, mask_token, vocab_rows)
     needs_resize = mask_id >= vocab_rows
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    # beside the real output folder (links resolved): outside the source and the output, on the output's file system
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         # when <|mask|> needs new embedding rows, the config takes its id only after the resize
         config = _bard_config(
@@ -252,14 +410,25 @@ def convert_from_autoregressive(
         _write_generation_config(source_dir, tmp_dir, config, tokenizer)
         model_card(config).save(tmp_dir / "README.md")
         # 5. move into place
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp_dir, output_dir)
+        _move_into_place(tmp_dir, target)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     logger.info("Converted %s to a BARD-VL checkpoint at %s (block_size=%d)", source, output_dir, block_size)
-    return output_dir
+    return Path(output_dir)
+
+
+def _move_into_place(tmp_dir: Path, target: Path) -> None:
+    """Rename `tmp_dir` to `target`. An earlier conversion there (the only non-empty folder `_check_output` lets
+    through) is renamed aside first and removed once the new one is in place; an empty folder is replaced by the
+    rename itself."""
+    if not (target.is_dir() and any(target.iterdir())):
+        os.replace(tmp_dir, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old)
+    os.replace(tmp_dir, target)
+    shutil.rmtree(old)
 
 
 def _export_model_code(folder: Path, config: BardVLConfig) -> None:

@@ -9,7 +9,6 @@ grid with block-diffusion `generate`. The converted model has not been trained f
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -26,14 +25,12 @@ def run_walkthrough(output_dir: Path, block_size: int = 4, report=print) -> dict
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source, converted = load_digits_ar_path(), output_dir / f"digits-bard-vl-b{block_size}"
-    if converted.exists():
-        shutil.rmtree(converted)
 
     start = time.perf_counter()
     n_shards = len(list(source.glob("*.safetensors")))
     report(f"1. the shipped autoregressive Qwen3-VL source (Hub layout, {n_shards} shard(s)) is at {source}")
 
-    convert_from_autoregressive(source, converted, block_size=block_size)
+    convert_from_autoregressive(source, converted, block_size=block_size, overwrite=True)  # replaces an earlier run's
     config = json.loads((converted / "config.json").read_text())
     report(
         f"2. converted it to BARD-VL at {converted}: model_type={config['model_type']}, "

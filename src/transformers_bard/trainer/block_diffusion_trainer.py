@@ -36,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotat
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from ..checkpoint_files import check_model_type, check_safetensors_files
+from ..checkpoint_files import check_model_type, check_output_dir, check_safetensors_files
 from ..models.bard_vl.processing_bard_vl import BardVLProcessor
 from .block_diffusion_config import BlockDiffusionConfig
 from .collator import BlockDiffusionCollator, add_sample_index
@@ -81,6 +81,23 @@ def load_pretrained_model(
         init_kwargs["device_map"] = None  # distributed training places the model itself ("auto" fails)
     init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return create_model_from_path(str(model_id), architecture=AutoModelForImageTextToText, **init_kwargs)
+
+
+def input_paths(value) -> list[str]:
+    """The local paths a trainer input reads: a path as given, a model's folder (`name_or_path`), the folders of the
+    files a dataset was loaded from (`cache_files`; one per split of a dict). Hub ids are filtered out later (they
+    do not exist locally); an in-memory dataset has none."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    if isinstance(value, dict):
+        return [path for split in value.values() for path in input_paths(split)]
+    if isinstance(value, torch.nn.Module):  # a model, PEFT-wrapped or not
+        base = value.get_base_model() if is_peft_model(value) else value
+        name = getattr(getattr(base, "config", None), "_name_or_path", None)
+        return [name] if name else []
+    return sorted({os.path.dirname(entry["filename"]) for entry in getattr(value, "cache_files", None) or []})
 
 
 def is_vision_tower_parameter(name: str) -> bool:
@@ -167,13 +184,20 @@ class BlockDiffusionTrainer(SFTTrainer):
     loss_is_scaled_for_ga = True
 
     @classmethod
-    def resolve_args(cls, model, args):
-        """`args`, or the config class's defaults with ``output_dir`` = ``{model name}-{trainer name}``."""
+    def resolve_args(cls, model, args, **inputs):
+        """`args`, or the config class's defaults with ``output_dir`` = ``{model name}-{trainer name}``.
+
+        Its ``output_dir`` is checked against `model` and the other `inputs` (name -> a path, a model or a dataset)
+        before anything is written: it may not be, hold or lie inside any of them (`check_output_dir`).
+        """
         if args is None:
             name = model if isinstance(model, (str, os.PathLike)) else model.config._name_or_path
-            return cls.config_class(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-{cls._name}")
-        if not isinstance(args, cls.config_class):
+            args = cls.config_class(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-{cls._name}")
+        elif not isinstance(args, cls.config_class):
             raise TypeError(f"`args` must be a {cls.config_class.__name__}, got {type(args).__name__}.")
+        named = {"model": model, **inputs}
+        check_output_dir(args.output_dir, "output_dir", {name: input_paths(value) for name, value in named.items()},
+                         suffix=cls._name)
         return args
 
     def __init__(
@@ -757,6 +781,7 @@ __all__ = [
     "NonFiniteStepCallback",
     "NonFiniteTrainingError",
     "enable_cpu_fsdp2",
+    "input_paths",
     "is_vision_tower_parameter",
     "load_pretrained_model",
     "unsharded_class",

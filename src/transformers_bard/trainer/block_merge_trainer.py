@@ -112,7 +112,7 @@ class BlockMergeTrainer(BlockDiffusionTrainer):
         optimizers: tuple = (None, None),
         peft_config=None,
     ):
-        args = self.resolve_args(model, args)
+        args = self.resolve_args(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset)
         super().__init__(
             model,
             args=args,

@@ -201,7 +201,12 @@ class DiffusionDistillTrainer(BlockDiffusionTrainer):
         optimizers: tuple = (None, None),
         peft_config=None,
     ):
-        args = self.resolve_args(model, args)
+        teacher = (
+            {"teacher_model": teacher_model}
+            if teacher_model is not None
+            else {"teacher_model_name_or_path": getattr(args, "teacher_model_name_or_path", None)}
+        )
+        args = self.resolve_args(model, args, **teacher, train_dataset=train_dataset, eval_dataset=eval_dataset)
         # 1. the student, and its block size B_s: the one stage trained, the block size of the noise and of the
         #    checkpoint
         if isinstance(model, (str, os.PathLike)):

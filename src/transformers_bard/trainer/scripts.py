@@ -20,6 +20,19 @@ def _model_init_kwargs(training_args, model_args) -> dict:
     return {**base, **(training_args.model_init_kwargs or {})}
 
 
+def _check_output_dir(script_args, training_args, model_args) -> None:
+    """Refuse an `--output_dir` that is, holds or lies inside the model, the teacher or the dataset folder, before the
+    dataset or a model is loaded (the trainer checks the model and the teacher again, under their Python names)."""
+    from ..checkpoint_files import check_output_dir
+
+    inputs = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--teacher_model_name_or_path": getattr(training_args, "teacher_model_name_or_path", None),
+        "--dataset_name": script_args.dataset_name,
+    }
+    check_output_dir(training_args.output_dir, "--output_dir", inputs)
+
+
 def _load_splits(script_args, training_args):
     from datasets import load_dataset
 
@@ -48,6 +61,7 @@ def block_merge_main(script_args, training_args, model_args):
 
     from .block_merge_trainer import BlockMergeTrainer
 
+    _check_output_dir(script_args, training_args, model_args)
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     train, evaluation = _load_splits(script_args, training_args)
     trainer = BlockMergeTrainer(
@@ -68,6 +82,7 @@ def diffusion_distill_main(script_args, training_args, model_args):
 
     from .diffusion_distill_trainer import DiffusionDistillTrainer
 
+    _check_output_dir(script_args, training_args, model_args)
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     # the teacher loads like the student (dtype, attention) unless `teacher_model_init_kwargs` says otherwise
     shared = {

@@ -103,8 +103,9 @@ def resume_point(
     """(first stage to train, mid-stage checkpoint to resume, finished-stage folder to load weights from).
 
     `resume_from_checkpoint=True` skips the finished stages, continues the first unfinished one from its last
-    mid-stage checkpoint or, without one, from the previous stage's weights. A path names a ``checkpoint-*`` or
-    ``stage-b*`` folder of this layout.
+    mid-stage checkpoint or, without one, from the previous stage's weights; with nothing complete at all (killed
+    inside the first save) it warns and starts from the beginning. A path names a ``checkpoint-*`` or ``stage-b*``
+    folder of this layout.
     """
     sizes = block_sizes
     if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() == "true":
@@ -121,11 +122,15 @@ def resume_point(
             if last is not None:
                 return stage, last, None
             if stage == 0:
-                raise ValueError(
-                    f"`resume_from_checkpoint=True` but no checkpoint was found in output_dir={output_dir!r} "
-                    f"(neither {stage_dir_name(block_size)}/ nor {stage_checkpoints_dir_name(block_size)}/"
-                    "checkpoint-*). Start without `resume_from_checkpoint`."
+                # nothing complete yet: a run killed inside its first checkpoint save, or not started, which a
+                # requeued job resumes with the same command; the half-written folder is replaced when its step is
+                # saved again (`_save_checkpoint`)
+                logger.warning(
+                    "`resume_from_checkpoint=True` but output_dir=%r holds no complete checkpoint (neither %s/ nor "
+                    "%s/checkpoint-* with %s): training starts from the beginning (step 0).",
+                    output_dir, stage_dir_name(block_size), stage_checkpoints_dir_name(block_size), STAGE_STATE_NAME,
                 )
+                return 0, None, None
             return stage, None, os.path.join(output_dir, stage_dir_name(sizes[stage - 1]))
         return len(sizes), None, None
     path = str(resume_from_checkpoint)

@@ -40,7 +40,7 @@ VIDEO_ERROR = (
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # Qwen's vision placeholder tokens, used when the tokenizer does not name them itself.
-_VISION_TOKEN_DEFAULTS = {
+VISION_TOKEN_DEFAULTS = {
     "image": "<|image_pad|>",
     "video": "<|video_pad|>",
     "vision_start": "<|vision_start|>",
@@ -158,7 +158,7 @@ class BardVLProcessor(Qwen3VLProcessor):
             raise TypeError(f"BardVLProcessor got unexpected keyword arguments {sorted(kwargs)}.")
         # Qwen3VLProcessor resolves these names and ids before handing three sub-processors to ProcessorMixin; this
         # processor has two (no video processor), so it resolves them itself and calls ProcessorMixin directly.
-        for name, default in _VISION_TOKEN_DEFAULTS.items():
+        for name, default in VISION_TOKEN_DEFAULTS.items():
             token = getattr(tokenizer, f"{name}_token", None) or default
             token_id = getattr(tokenizer, f"{name}_token_id", None)
             setattr(self, f"{name}_token", token)
