@@ -23,6 +23,11 @@ The breakdown splits the median repeat's time per prompt into prefill (the first
 forwards, commit forwards (the fused commit + step of 2B tokens; AR: its decode steps go to "denoise"), and the
 decoder's own overhead (the call's time outside the model's forward).
 
+`--verify` adds "BARD verified" decoders (DESIGN 4.2 a): each BARD model and threshold also decodes with the AR
+source as `verifier` (`--model` and the tiny/random models; the answers are then the AR's), its forwards of both models
+counted, its time split into draft forwards (prefill, denoise, commit) and the verifier's checks ("verify ms"). At
+`--size 2b/4b` the one-forward table gains the verifier's check: a causal forward of B tokens against the same cache.
+
 `--baseline FILE` adds the decoder of an older `generation_bard_vl.py` (e.g. a copy of the committed file taken before
 a change) as "BARD (before)", on the very same weights: before/after columns from one run.
 
@@ -31,6 +36,8 @@ a change) as "BARD (before)", on the very same weights: before/after columns fro
         --prompts digits:mix digits:position digits:read --thresholds 0.9 1.0 --batch-sizes 1 8
     python benchmarks/decode.py --size 0.35b --block-sizes 4 32 --thresholds 0.9 --batch-sizes 1 --new-tokens 32
     python benchmarks/decode.py --size 2b --threads 2 --context 2048
+    python benchmarks/decode.py --model demo_output/swd-b32 --prompts digits:read digits:read_twice --verify \
+        --thresholds 0.9 --batch-sizes 1 8
 """
 
 import argparse
@@ -105,6 +112,11 @@ def parse_args():
                         help="Random-weight models: new tokens per prompt (a multiple of every B). --model: the "
                              "max_new_tokens budget.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed repeats (median reported).")
+    parser.add_argument("--verify", action="store_true",
+                        help="Also time verified decoding (the AR source as `verifier`) of every BARD decoder.")
+    parser.add_argument("--draft", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="With --verify: a draft rule (generate options, e.g. unmasking=static,steps_per_block=1) "
+                             "timed as its own verified decoder; repeatable.")
     parser.add_argument("--baseline", default=None,
                         help="An older generation_bard_vl.py to time as 'BARD (before)' next to the current one.")
     parser.add_argument("--threads", type=int, default=1,
@@ -235,7 +247,7 @@ class Timing:
     """Seconds of one pass over the prompt set, split by forward kind."""
 
     total: float = 0.0
-    parts: dict = field(default_factory=lambda: {"prefill": 0.0, "denoise": 0.0, "commit": 0.0})
+    parts: dict = field(default_factory=lambda: {"prefill": 0.0, "denoise": 0.0, "commit": 0.0, "verify": 0.0})
     calls: int = 0  # model forwards (batched: one per forward of the whole batch)
 
 
@@ -246,6 +258,7 @@ class ForwardClock:
     def __init__(self, model):
         self.model, self.inner = model, model.forward
         self.timing, self.first, self.block_size = None, True, None
+        self.rest = "denoise"  # the kind of an AR model's later calls: decode steps, or a verifier's checks
         functools.update_wrapper(self, self.inner)  # AR `generate` reads the forward's signature
         model.forward = self
 
@@ -259,7 +272,7 @@ class ForwardClock:
         elif self.block_size and ids is not None and ids.shape[1] == 2 * self.block_size:
             kind = "commit"
         else:
-            kind = "denoise"
+            kind = self.rest
         self.first = False
         if self.timing is not None:
             self.timing.parts[kind] += seconds
@@ -284,6 +297,25 @@ def tokens_until_eos(new_tokens: torch.Tensor, eos_ids) -> torch.Tensor:
     is_eos = torch.isin(new_tokens, torch.tensor(eos_ids))
     first = is_eos.int().argmax(-1)
     return torch.where(is_eos.any(-1), first + 1, torch.full_like(first, new_tokens.shape[1]))
+
+
+def _option(pair: str):
+    """`--draft` KEY=VALUE -> (key, int | float | str value)."""
+    key, _, value = pair.partition("=")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _answer(new_tokens: list[int], eos_ids) -> list[int]:
+    """A row's generated tokens up to and including the first EOS (padding after it dropped)."""
+    for index, token in enumerate(new_tokens):
+        if token in eos_ids:
+            return new_tokens[: index + 1]
+    return new_tokens
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -342,8 +374,15 @@ def _one_forward_times(args, layers: int, batch: int) -> dict:
             model(input_ids=prompt[:, -1:], position_ids=full((3, batch, 1), K), cache=cache, use_cache=True)
         cache.crop(-1)
 
+    def verify_step(B):  # the verifier's check: a causal forward of B tokens appended to the cache
+        with torch.no_grad():
+            model(input_ids=prompt[:, -B:], position_ids=(K + arange(B))[None, None].expand(3, batch, B),
+                  cache=cache, use_cache=True)
+        cache.crop(-B)
+
     calls = {"AR": ar_step}
     for B in args.block_sizes:
+        calls[("verify", B)] = functools.partial(verify_step, B)
         key_seg, key_blk = full((batch, K), PREFIX), (arange(K) // B).expand(batch, K)
         first = -(-K // B)
         noisy = full((batch, B), QWEN_MASK)
@@ -379,15 +418,15 @@ def forward_costs(args):
           f"{text['num_attention_heads']}/{text['num_key_value_heads']} heads, vocab {QWEN_VOCAB:,}), {depth} text "
           f"layers, random weights, {args.dtype}, {torch.get_num_threads()} threads; {args.context} cached tokens "
           f"(prefill apart); medians of {args.repeats} interleaved repeats\n")
-    print("| batch | B | AR step ms | BARD denoise fwd ms | / AR | fused commit fwd ms | / AR | tokens/forward "
-          "(demo) | AR tok/s | BARD tok/s (projection) | speed-up (projection) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | B | AR step ms | BARD denoise fwd ms | / AR | fused commit fwd ms | / AR | verify fwd ms | / AR | "
+          "tokens/forward (demo) | AR tok/s | BARD tok/s (projection) | speed-up (projection) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for batch in args.batch_sizes:
         times = _one_forward_times(args, depth, batch)
         ar = times["AR"]
         for B in args.block_sizes:
-            denoise, fused = times[("denoise", B)], times[("fused", B)]
+            denoise, fused, verify = times[("denoise", B)], times[("fused", B)], times[("verify", B)]
             tpf = DEMO_TOKENS_PER_FORWARD.get(B)
             cells = "- | - | - | -"
             if tpf:
@@ -395,8 +434,9 @@ def forward_costs(args):
                 bard_tps = batch * B / (fused + max(B / tpf - 1, 0) * denoise)
                 cells = f"{tpf:.1f} | {batch / ar:,.1f} | {bard_tps:,.1f} | {bard_tps * ar / batch:.2f}x"
             print(f"| {batch} | {B} | {ar * 1e3:.1f} | {denoise * 1e3:.1f} | {denoise / ar:.2f} | {fused * 1e3:.1f} "
-                  f"| {fused / ar:.2f} | {cells} |")
-            rows.append(dict(batch=batch, block_size=B, layers=depth, ar_s=ar, denoise_s=denoise, fused_s=fused))
+                  f"| {fused / ar:.2f} | {verify * 1e3:.1f} | {verify / ar:.2f} | {cells} |")
+            rows.append(dict(batch=batch, block_size=B, layers=depth, ar_s=ar, denoise_s=denoise, fused_s=fused,
+                             verify_s=verify))
     return rows
 
 
@@ -459,7 +499,7 @@ def main():
         out = ar.generate(**batch, generation_config=ar_config)
         new = out[:, batch["input_ids"].shape[1]:]
         count = torch.full((new.shape[0],), new.shape[1]) if fixed else tokens_until_eos(new, eos)
-        return count, count  # AR: one forward per token (the prefill yields the first)
+        return count, count, out  # AR: one forward per token (the prefill yields the first)
 
     # decoders per (set, batch): AR first, then every BARD model x threshold, before and after
     decoders = []
@@ -471,6 +511,12 @@ def main():
             variants = [("BARD", None)] + ([("BARD (before)", baseline_class)] if baseline_class else [])
             for label, cls in variants:
                 decoders.append((label, name, block_size, threshold, model, cls, options))
+            if args.verify:
+                drafts = [("", {})] + [(spec, dict(_option(kv) for kv in spec.split(","))) for spec in args.draft]
+                for spec, rule in drafts:
+                    label = "BARD verified" + (f" ({spec})" if spec else "")
+                    verified = {**options, **rule, "verifier": ar, "eos_token_id": options["eos_token_id"] or eos}
+                    decoders.append((label, name, block_size, threshold, model, None, verified))
 
     ar_clock = ForwardClock(ar)
     clocks = {id(model): ForwardClock(model) for _, model, _ in bards}
@@ -479,7 +525,7 @@ def main():
         for (spec, batch_size), prompt_batches in batches.items():
             runs = [("AR", None, "-", "-", None, None, None)] + decoders
             timings = {i: [] for i in range(len(runs))}
-            counts, calls = {}, {}
+            counts, calls, same, answers = {}, {}, {}, {}
 
             def run_one(i, batches=prompt_batches, timing=None, runs=runs):
                 label, name, block_size, threshold, model, cls, options = runs[i]
@@ -487,15 +533,32 @@ def main():
                     return ar_clock.run(ar_call, batches, timing=timing)
                 if cls is not None:
                     model.__class__ = cls
+                clock = clocks[id(model)]
+
+                def call(inputs):
+                    if "verifier" not in options:
+                        return model.generate(**inputs, **options)
+                    # the verifier's forwards go to the same timing: its prefill to "prefill", checks to "verify"
+                    ar_clock.timing, ar_clock.first, ar_clock.rest = clock.timing, True, "verify"
+                    try:
+                        return model.generate(**inputs, **options)
+                    finally:
+                        ar_clock.timing, ar_clock.rest = None, "denoise"
+
                 try:
-                    return clocks[id(model)].run(lambda b: model.generate(**b, **options), batches, block_size,
-                                                 timing=timing)
+                    return clock.run(call, batches, block_size, timing=timing)
                 finally:
                     model.__class__ = BardVLForConditionalGeneration
 
             for i in range(len(runs)):  # warm-up, and the token/forward counts (deterministic)
                 warm, outputs = run_one(i)
                 calls[i] = warm.calls / len(prompt_batches)
+                answers[i] = [  # each row's new tokens up to its first EOS
+                    _answer(row[b["input_ids"].shape[1]:], eos)
+                    for b, o in zip(prompt_batches, outputs)
+                    for row in (o[2] if runs[i][0] == "AR" else o.sequences).tolist()
+                ]
+                same[i] = "-"
                 if runs[i][0] == "AR":
                     tokens = torch.cat([o[0] for o in outputs]).float()
                     forwards = tokens
@@ -503,6 +566,9 @@ def main():
                     tokens = torch.cat([o.num_generated_tokens for o in outputs]).float()
                     forwards = torch.cat([o.num_forwards for o in outputs]).float()
                 counts[i] = (tokens, forwards)
+                if "verified" in runs[i][0]:  # the sequences (prompt, answer, padding) of the AR call, row for row
+                    hits = sum(a == b for a, b in zip(answers[i], answers[0]))
+                    same[i] = f"{hits}/{len(answers[0])}"
             for repeat in range(args.repeats):
                 # interleaved per prompt batch, in an order rotated per batch: a shared machine's load swings then hit
                 # every decoder alike
@@ -528,6 +594,7 @@ def main():
                     tau=threshold, tokens=float(tokens.mean()), forwards=float(forwards.mean()),
                     tpf=float(tokens.sum() / forwards.sum()), ms=1000 * median.total / args.num_prompts,
                     rate=rate, ratio=rate / ar_rate, **per_prompt, overhead=overhead, calls=calls[i],
+                    same=same[i],
                 ))
 
     for line in machine_lines():
@@ -535,13 +602,14 @@ def main():
     print(f"{description}; AR model {params / 1e6:.1f}M parameters; {args.num_prompts} prompts per set; median of "
           f"{args.repeats} interleaved repeats.\n")
     print("| prompts | batch | decoder | model | B | tau | tokens / row | forwards / row | batched forwards / call | "
-          "tokens / forward | ms / prompt | tokens / s | vs AR | prefill ms | denoise ms | commit ms | overhead ms |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "tokens / forward | ms / prompt | tokens / s | vs AR | prefill ms | denoise ms | commit ms | verify ms | "
+          "overhead ms | same as AR |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['prompts']} | {r['batch']} | {r['decoder']} | {r['model']} | {r['block']} | {r['tau']} | "
               f"{r['tokens']:.1f} | {r['forwards']:.1f} | {r['calls']:.1f} | {r['tpf']:.2f} | {r['ms']:.1f} | {r['rate']:.0f} | "
-              f"{r['ratio']:.2f}x | {r['prefill']:.1f} | {r['denoise']:.1f} | {r['commit']:.1f} | "
-              f"{r['overhead']:.1f} |")
+              f"{r['ratio']:.2f}x | {r['prefill']:.1f} | {r['denoise']:.1f} | {r['commit']:.1f} | {r['verify']:.1f} | "
+              f"{r['overhead']:.1f} | {r['same']} |")
     print("\nforwards / row: BARD counts the forwards after the prompt's forward (denoising steps + commits, a fused "
           "commit counting once; the prefill also takes block 0's first step in the current decoder); AR counts one "
           "forward per token, the prefill yielding the first. 'batched forwards / call': model forwards per generate call, the prompt's included (at batch 8 they serve all 8 rows). ms columns are per prompt, from the median repeat; "

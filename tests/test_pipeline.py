@@ -26,8 +26,11 @@ def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
     rows = results["rows"]
     assert [(r["model"], r["threshold"]) for r in rows] == [
         ("AR (source, greedy)", None), ("PBM B=4", 1.0), ("PBM B=8", 1.0), ("PBM B=8", 0.5), ("PBM+SWD B=8", 1.0),
-        ("PBM+SWD B=8", 0.5),
+        ("PBM+SWD B=8", 0.5), ("PBM B=8, verified", 1.0), ("PBM+SWD B=8, verified", 1.0),
     ]
+    # verified decoding (DESIGN 4.2 a): the final models' verified answers are the AR source's, row for row
+    assert [r["same_as_ar"] for r in rows if "same_as_ar" in r] == [1.0, 1.0]
+    assert [r["accuracy"] for r in rows[-2:]] == [rows[0]["accuracy"]] * 2
     for stage in ("pbm/stage-b4", "pbm/stage-b8", "swd-b8/stage-b8"):
         assert (tmp_path / stage / "config.json").is_file(), stage
     assert results["eval_samples"] == 4 and results["eval_samples_per_type"] == {

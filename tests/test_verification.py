@@ -8,9 +8,9 @@ BARD model trained by block merging from the shipped digits AR model, verified b
 
 import pytest
 import torch
-from test_generation import CONFIDENT, left_pad, make_model, make_prompt
 from transformers import LogitsProcessorList, Qwen3VLForConditionalGeneration, TopKLogitsWarper
 
+from test_generation import CONFIDENT, left_pad, make_model, make_prompt
 from transformers_bard.models.bard_vl.verification_bard_vl import accept_prefix, place_verified
 from transformers_bard.testing import tiny_qwen3_vl_config
 
