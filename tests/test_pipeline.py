@@ -47,6 +47,11 @@ def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
     assert claims["c"]["verdict"] in ("holds", "does not hold", "cannot tell")
     assert claims["c"]["num_samples"] == 4
     assert [claims[k]["verdict"] for k in "bde"] == ["not run"] * 3
+    # claim (c) again by verified forwards per answer, paired per row (DESIGN 4.2 a)
+    verified = {c["claim"]: c for c in results["verified_claims"]}
+    assert sorted(verified) == ["c"] and verified["c"]["num_samples"] == 4
+    assert verified["c"]["verdict"] in ("holds", "does not hold", "cannot tell")
+    assert "| claim (verified) |" in results_markdown(results)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["claims"] == json.loads(json.dumps(results["claims"]))
     assert (tmp_path / "results.md").read_text() == results_markdown(results)
@@ -77,6 +82,7 @@ def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
                   "swd-wide-rates-b8/stage-b8"):
         assert (tmp_path / stage / "config.json").is_file(), stage
     assert all(c["verdict"] in ("holds", "does not hold", "cannot tell") for c in results["claims"])
+    assert [c["claim"] for c in results["verified_claims"]] == ["b", "c", "d", "e"]
     # the settings ablations: each against the default SWD model, same rows, same threshold
     settings = {s["claim"]: s for s in results["settings"]}
     assert sorted(settings) == ["sample_norm", "wide_mask_rates"]

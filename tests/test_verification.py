@@ -214,3 +214,18 @@ def test_trained_drafter_gives_the_ar_answer_and_is_accepted(trained_digits_b8):
         tokens += int(got.num_generated_tokens[0])
         drafted += sum(got.accepted_lengths[0])
     assert drafted / tokens > 0.3  # measured 0.49 (131 of 268 tokens)
+
+
+def test_draft_threshold_changes_the_cost_not_the_answer(ar_model):
+    """`draft_threshold` sets the drafts' tau under a verifier only: tau 1.0 drafts one token per forward, tau 0.01
+    nearly a block per forward; both give the AR answer, the second with fewer draft forwards."""
+    drafter = make_model(8, seed=0)
+    inputs = inputs_of([make_prompt(seed, 6, False) for seed in range(2)])
+    want = ar_answer(ar_model, inputs, max_new_tokens=16)
+    outs = {tau: drafter.generate(**inputs, verifier=ar_model, max_new_tokens=16, pad_token_id=0,
+                                  draft_threshold=tau, return_dict_in_generate=True) for tau in (1.0, 0.01)}
+    for out in outs.values():
+        assert torch.equal(out.sequences, want)
+    assert int(outs[0.01].num_draft_forwards.sum()) < int(outs[1.0].num_draft_forwards.sum())
+    with pytest.raises(ValueError, match="draft_threshold"):
+        drafter.generate(**inputs, verifier=ar_model, max_new_tokens=4, draft_threshold=0.0)

@@ -66,6 +66,8 @@ def _add_generate(sub) -> None:
         "converted from) checks every drafted block, so the answer is exactly its greedy answer. Greedy only; both "
         "models are loaded.",
     )
+    p.add_argument("--draft-threshold", type=float, default=None,
+                   help="With --verifier: the drafts' confidence threshold (default: the generation config's).")
     p.add_argument(
         "--show-steps", action="store_true",
         help="Replay the denoising trace: one line per forward, masks as _, new tokens highlighted, then a summary.",
@@ -98,6 +100,7 @@ def _run_generate(args) -> int:
         for key, value in dict(
             block_size=args.block_size, threshold=args.threshold, unmasking=args.unmasking,
             unmask_order=args.unmask_order, steps_per_block=args.steps_per_block, temperature=args.temperature,
+            draft_threshold=args.draft_threshold,
         ).items()
         if value is not None
     }

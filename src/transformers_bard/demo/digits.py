@@ -475,8 +475,8 @@ def evaluate(
 
     Returns:
         `{"accuracy", "per_type": {type: accuracy}, "counts": {type: n}, "num_samples", "correct": [bool per row],
-        "predictions": [str per row], "question_types": [str per row], "generated_tokens", "num_forwards",
-        "tokens_per_forward", "seconds"}`. Generated tokens count every new token up to and including the first EOS;
+        "predictions": [str per row], "question_types": [str per row], "row_forwards": [int per row],
+        "generated_tokens", "num_forwards", "tokens_per_forward", "seconds"}`. Generated tokens count every new token up to and including the first EOS;
         `num_forwards` and `tokens_per_forward` are BARD's (DESIGN 4.5: prefill excluded); an AR model makes one
         forward per token, so both are taken as `generated_tokens` and 1.0.
     """
@@ -488,7 +488,7 @@ def evaluate(
     tokenizer = processor.tokenizer
     eos_ids = _eos_ids(model)
     kwargs = _generate_kwargs(model, max_new_tokens, tokenizer.pad_token_id, generate_kwargs)
-    correct, predictions, types = [], [], []
+    correct, predictions, types, row_forwards = [], [], [], []
     generated, forwards, bard_tokens, seconds = 0, 0, 0, 0.0
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not show_progress):
         rows = dataset[start : start + batch_size]
@@ -499,8 +499,10 @@ def evaluate(
         seconds += time.perf_counter() - began
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()  # [batch, new]
         references = rows.get("accepted") or [[messages[-1]["content"][-1]["text"]] for messages in rows["messages"]]
-        for tokens, accepted, question_type in zip(new_tokens, references, rows["question_type"]):
+        counted = getattr(output, "num_forwards", None)
+        for row, (tokens, accepted, question_type) in enumerate(zip(new_tokens, references, rows["question_type"])):
             kept = _answer_tokens(tokens, eos_ids)
+            row_forwards.append(int(counted[row]) if counted is not None else len(kept))
             generated += len(kept)
             text = tokenizer.decode(kept, skip_special_tokens=True)
             predictions.append(text)
@@ -521,6 +523,7 @@ def evaluate(
         "correct": correct,
         "predictions": predictions,
         "question_types": types,
+        "row_forwards": row_forwards,
         "generated_tokens": generated,
         "num_forwards": forwards if forwards else generated,
         "tokens_per_forward": bard_tokens / forwards if forwards else 1.0,

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .claims import paired_difference_interval, verdict, wilson_interval
+from .claims import paired_difference_interval, paired_mean_difference_interval, verdict, wilson_interval
 from .digits import ALL_QUESTION_TYPES, TASKS
 
 logger = logging.getLogger(__name__)
@@ -509,6 +509,48 @@ def _compare(claim: str, statement: str, first: tuple, second: tuple, evals: dic
     }
 
 
+def _compare_verified(claim: str, statement: str, first: str, second: str, evals: dict, tau: float) -> dict:
+    """A claim judged by verified decoding (DESIGN 4.2 a): both models give the AR source's answers, so they differ
+    only in how far their drafts are accepted. Measure: forwards per answer (both models' forwards), paired per row;
+    the difference is `second - first` (forwards the first model saves), so "holds" means the first drafts better."""
+    a, b = evals[(f"{first}, verified", tau)], evals[(f"{second}, verified", tau)]
+    paired = paired_mean_difference_interval(b["row_forwards"], a["row_forwards"])
+    return {
+        "claim": claim,
+        "statement": statement,
+        "compared": [
+            {"model": first, "threshold": tau, "forwards_per_answer": sum(a["row_forwards"]) / a["num_samples"],
+             "tokens_per_forward": a["tokens_per_forward"]},
+            {"model": second, "threshold": tau, "forwards_per_answer": sum(b["row_forwards"]) / b["num_samples"],
+             "tokens_per_forward": b["tokens_per_forward"]},
+        ],
+        "difference": paired["difference"],
+        "ci95": paired["ci95"],
+        "num_samples": paired["num_samples"],
+        "verdict": verdict(paired["ci95"]),
+    }
+
+
+def judge_verified_claims(cfg: PipelineConfig, evals: dict, names: dict) -> list[dict]:
+    """Claims (b)-(e) again, by a measure that does not saturate once every model is exact: verified forwards per
+    answer (`_compare_verified`), at `claim_threshold`, for the models whose verified rows ran."""
+    tau, largest = cfg.claim_threshold, cfg.block_sizes[-1]
+    pairs = {
+        "b": (f"progressive merging drafts better than direct conversion to B={largest}", "pbm", "direct"),
+        "c": (f"SWD drafts better than PBM alone at B={largest}", "swd", "pbm"),
+        "d": (f"the B={cfg.block_sizes[0]} anchor is a better SWD teacher than the AR source (B={largest})", "swd",
+              "ar_teacher"),
+        "e": (f"mixed noise with revision drafts better than mask-only noise (B={largest})", "mix", "pbm"),
+    }
+    claims = []
+    for claim, (statement, first, second) in pairs.items():
+        keys = [(f"{names.get(role)}, verified", tau) for role in (first, second)]
+        if all(role in names for role in (first, second)) and all(key in evals for key in keys):
+            claims.append(_compare_verified(claim, statement + " (verified forwards per answer)", names[first],
+                                            names[second], evals, tau))
+    return claims
+
+
 def _not_run(claim: str, statement: str, why: str) -> dict:
     return {"claim": claim, "statement": statement, "verdict": "not run", "note": why}
 
@@ -789,6 +831,7 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
 
     claims = judge_claims(cfg, evals, names)
     settings = judge_settings(cfg, evals, names)
+    verified_claims = judge_verified_claims(cfg, evals, names) if cfg.verify else []
     results = {
         "config": asdict(cfg),
         # the CPU kernels torch dispatches to (AVX2, AVX512, ...) may round differently: training is bitwise
@@ -807,6 +850,8 @@ def run_pipeline(cfg: PipelineConfig, report=print) -> dict:
     }
     if settings:
         results["settings"] = settings
+    if verified_claims:
+        results["verified_claims"] = verified_claims
     if shift is not None:
         results["shift"] = shift
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -949,6 +994,14 @@ def results_markdown(results: dict) -> str:
         lines += ["", f"| {title} | compared (exact match) | paired difference [95% CI] | verdict |",
                   "|---|---|---|---|"]
         lines += [_comparison_line(c) for c in results[key]]
+    if results.get("verified_claims"):
+        lines += ["", "| claim (verified) | compared (forwards per answer, tokens/forward) | forwards saved per answer "
+                  "[95% CI] | verdict |", "|---|---|---|---|"]
+        for c in results["verified_claims"]:
+            compared = " vs ".join(f"{m['model']}: {m['forwards_per_answer']:.2f}, {m['tokens_per_forward']:.2f}"
+                                   for m in c["compared"])
+            lines.append(f"| ({c['claim']}) {c['statement']} | {compared} | {_interval(c['difference'], c['ci95'])} "
+                         f"| {c['verdict']} |")
     if results.get("shift"):
         lines += ["", shift_markdown(results["shift"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

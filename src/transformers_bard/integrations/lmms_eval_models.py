@@ -46,7 +46,8 @@ ALIASES = {"confidence_threshold": "threshold", "denoising_steps": "steps_per_bl
 REMASKING_STRATEGIES = {"low_confidence_dynamic": "threshold", "low_confidence_static": "static"}
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Options that steer BARD decoding; accepted in `model_args` and in the task's / CLI's `gen_kwargs`.
-BARD_OPTIONS = ("block_size", "threshold", "unmasking", "unmask_order", "steps_per_block", "edit_threshold")
+BARD_OPTIONS = ("block_size", "threshold", "unmasking", "unmask_order", "steps_per_block", "edit_threshold",
+                "draft_threshold")
 VIDEO_ERROR = (
     "The transformers-bard lmms-eval adapter evaluates images and text only, but the task sent a {kind}. Video needs "
     "Qwen3-VL's video processor (torchvision); choose an image task."
@@ -71,6 +72,7 @@ class BardVLEvalArgs:
     unmask_order: str | None = None  # "left_to_right" (default) or "confidence": which positions fill a step's minimum
     steps_per_block: int | None = None  # denoising steps per block (alias: denoising_steps)
     edit_threshold: float | None = None  # revision of decoded tokens (models trained with mixed noise)
+    draft_threshold: float | None = None  # with `verifier`: the drafts' threshold (default: the generation config's)
     max_new_tokens: int | None = None  # used when the task does not set it (default: the checkpoint's, else 256)
     temperature: float | None = None  # used when the task does not set it (default 0: argmax)
     autoregressive: bool = False  # evaluate the AR source with stock `generate` (model name `bard_vl_ar`)

@@ -62,6 +62,7 @@ BARD_FIELDS = (
     "eos_tail_fill",
     "prefill_step",
     "output_trace",
+    "draft_threshold",
 )
 # What survives from an AR generation_config.json read from disk (DESIGN 4.6).
 KEPT_FROM_AR_FILE = ("max_new_tokens", "max_length", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -209,6 +210,10 @@ class BardVLGenerationConfig(GenerationConfig):
         Take the first denoising step of block 0 inside the prompt's forward (DESIGN 4.4): the B mask tokens are
         appended to the prompt, their logits taken and their keys/values cropped again. Exact (prompt queries never
         see noisy keys), and one forward fewer per prompt. `False` runs the prompt alone first.
+    draft_threshold (`float`, *optional*):
+        The threshold tau of the drafts when `generate` is given a `verifier` (verified decoding, DESIGN 4.2 a): a
+        wrong draft then costs a redraft instead of a wrong answer, so a lower tau may be faster. `None` (default)
+        drafts with `threshold`. Never changes the answer (the verifier's greedy answer either way).
     output_trace (`bool`, defaults to `False`):
         With `return_dict_in_generate=True`, record every forward of every row in `BardVLGenerationOutput.trace`
         (what was unmasked, with which confidence, what was revised or EOS-filled; format in the output's
@@ -236,6 +241,7 @@ class BardVLGenerationConfig(GenerationConfig):
         self.eos_tail_fill = kwargs.pop("eos_tail_fill", True)
         self.prefill_step = kwargs.pop("prefill_step", True)
         self.output_trace = kwargs.pop("output_trace", False)
+        self.draft_threshold = kwargs.pop("draft_threshold", None)
         kwargs.setdefault("temperature", 0.0)
         super().__init__(**kwargs)
 
@@ -266,6 +272,11 @@ class BardVLGenerationConfig(GenerationConfig):
         if not _is_number(self.threshold) or not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold!r}. Use e.g. 0.9 (1.0 = one token "
                              "per step).")
+        if self.draft_threshold is not None and (
+            not _is_number(self.draft_threshold) or not 0.0 < self.draft_threshold <= 1.0
+        ):
+            raise ValueError(f"`draft_threshold` must be in (0, 1] or None (= `threshold`), got "
+                             f"{self.draft_threshold!r}.")
         if self.edit_threshold is not None and (
             not _is_number(self.edit_threshold) or not 0.0 < self.edit_threshold <= 1.0
         ):
@@ -767,6 +778,8 @@ class BardVLGenerationMixin:
         plan = self._decoding_plan(generation_config, input_ids, attention_mask, stopping_criteria)
         if verifier is not None:
             check_verifier(self, verifier, generation_config, logits_processor, stopping_criteria, generator)
+            if generation_config.draft_threshold is not None:
+                plan.threshold = float(generation_config.draft_threshold)
             return self._verified_generate(verifier, input_ids, attention_mask, pixel_values, image_grid_thw,
                                            mm_token_type_ids, model_kwargs, plan, streamer, return_dict_in_generate)
         B = plan.block_size
