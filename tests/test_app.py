@@ -250,3 +250,20 @@ def test_app_in_a_real_browser(app_server, tmp_path):
             shutil.copy(screenshot, os.environ["BARD_APP_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_run_handler_verifies_with_the_ar_model(tiny_decoder, tmp_path):
+    """With "verify" ticked the BARD answer is the AR answer (DESIGN 4.2 a) and the replay holds the verifier's
+    frames (one per forward of both models after the two prefills)."""
+    from transformers_bard.app.gradio_app import decode_run
+    from transformers_bard.testing import make_image
+
+    decoder, models = tiny_decoder
+    image = tmp_path / "good.png"
+    make_image(0, (32, 32)).save(image)
+    *_, final = decode_run(decoder, models, image, "What color is it?", "4", 0.9, 8, replay_seconds=0.05, verify=True)
+    status, _, _, _, state = final
+    ar = decoder.run_ar(decoder.inputs(make_image(0, (32, 32)), "What color is it?"), 8)
+    assert f"BARD answer: {ar.text}  |  AR answer: {ar.text}" in status
+    kinds = [frame.kind for frame in state["frames"]]
+    assert kinds[0] == "verifier_prefill" and "verify" in kinds

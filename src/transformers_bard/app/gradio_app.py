@@ -122,9 +122,10 @@ def _open_image(path):
 
 
 def decode_run(decoder: Decoder, models: AppModels, image_file, question, block_size, threshold, max_new_tokens,
-               replay_seconds: float = 3.0):
+               replay_seconds: float = 3.0, verify: bool = False):
     """The page's run handler: yields (status, bard html, ar html, stats html, frames state) tuples; a final one with
-    the whole result. Bad input yields one message and stops (never raises)."""
+    the whole result. Bad input yields one message and stops (never raises). `verify`: BARD decodes with the AR
+    model as `verifier` (DESIGN 4.2 a), whose checks appear as frames of their own (rejected drafts as revisions)."""
     empty = ('<div class="bard-tokens"></div>',) * 2 + ("", None)
     try:
         threshold = _parse_threshold(threshold)
@@ -136,12 +137,15 @@ def decode_run(decoder: Decoder, models: AppModels, image_file, question, block_
             raise ValueError("Type a question (e.g. 'Read all digits row by row.').")
         block_size = int(block_size) if block_size not in (None, "") else decoder.block_size
         max_new_tokens = int(max_new_tokens)
+        if verify and decoder.ar is None:
+            raise ValueError("Verifying needs the AR model: start the app with --ar-source.")
     except (TypeError, ValueError) as error:
         yield (_message(str(error)),) + empty
         return
 
     inputs = decoder.inputs(image, question)
-    bard = decoder.run_bard(inputs, block_size=block_size, threshold=threshold, max_new_tokens=max_new_tokens)
+    bard = decoder.run_bard(inputs, block_size=block_size, threshold=threshold, max_new_tokens=max_new_tokens,
+                            verify=verify)
     ar = decoder.run_ar(inputs, max_new_tokens=max_new_tokens) if decoder.ar is not None else None
     text = token_texts(decoder.processor.tokenizer, decoder.eos_token_ids)
     frames = replay_trace(bard.trace, decoder.mask_token_id)
@@ -190,6 +194,8 @@ def build_app(decoder: Decoder, models: AppModels, examples: list[list[str]] | N
                                              elem_id="block-size")
                     threshold = gr.Number(value=0.9, label="confidence threshold τ in (0, 1]", elem_id="threshold")
                 max_new_tokens = gr.Slider(4, 256, value=64, step=1, label="max new tokens", elem_id="max-new")
+                verify = gr.Checkbox(value=False, label="verify with the AR model (its exact answer; rejected drafts "
+                                     "shown)", interactive=decoder.ar is not None, elem_id="verify")
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 if examples:
                     gr.Examples(examples, inputs=[image_file, question], label="digit grids from the test split")
@@ -213,9 +219,10 @@ def build_app(decoder: Decoder, models: AppModels, examples: list[list[str]] | N
 
         image_file.change(show_preview, inputs=image_file, outputs=[preview, status])
 
-        def on_run(file, question_text, block, tau, max_new):
+        def on_run(file, question_text, block, tau, max_new, verified):
             result = None
-            for result in decode_run(decoder, models, file, question_text, block, tau, max_new, replay_seconds):
+            for result in decode_run(decoder, models, file, question_text, block, tau, max_new, replay_seconds,
+                                     verify=bool(verified)):
                 *views, state = result
                 yield *views, state, gr.update(visible=False), ""
             *views, state = result
@@ -224,7 +231,7 @@ def build_app(decoder: Decoder, models: AppModels, examples: list[list[str]] | N
                 label = frame_label(state["frames"][last])
                 yield *views, state, gr.update(visible=True, maximum=last, value=last), f"`{label}`"
 
-        run.click(on_run, inputs=[image_file, question, block_size, threshold, max_new_tokens],
+        run.click(on_run, inputs=[image_file, question, block_size, threshold, max_new_tokens, verify],
                   outputs=[status, bard_view, ar_view, stats, frames_state, step, step_label])
 
         def on_step(index, state):

@@ -160,7 +160,7 @@ def _frame_times(trace: list[dict], prompt_done: float, block_ends: list[float],
     by_block: dict[int, list[int]] = {}
     times = [0.0] * len(trace)
     for index, event in enumerate(trace):
-        if event["kind"] == "prefill" and not event.get("unmasked"):
+        if event["kind"] in ("prefill", "verifier_prefill") and not event.get("unmasked"):
             times[index] = prompt_done
         else:
             by_block.setdefault(int(event["block"]), []).append(index)
@@ -250,8 +250,11 @@ class Decoder:
         text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         return self.processor(images=[image] if image is not None else None, text=[text], return_tensors="pt")
 
-    def run_bard(self, inputs, block_size: int | None = None, threshold: float = 0.9, max_new_tokens: int = 64):
+    def run_bard(self, inputs, block_size: int | None = None, threshold: float = 0.9, max_new_tokens: int = 64,
+                 verify: bool = False):
         options = {} if block_size is None else {"block_size": block_size}
+        if verify:  # verified decoding (DESIGN 4.2 a): the AR model checks every draft
+            options["verifier"] = self.ar
         return decode_bard(self.bard, self.processor.tokenizer, inputs, max_new_tokens, threshold=threshold, **options)
 
     def run_ar(self, inputs, max_new_tokens: int = 64) -> ArRun:
