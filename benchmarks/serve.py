@@ -7,6 +7,9 @@ Both models are served over the same OpenAI-compatible HTTP API on local ports, 
   `transformers serve` cannot load a stock Qwen3-VL here at all: its processor needs torchvision
   (docs/serving/README.md, "Why not transformers serve").
 
+With `--verify` a third transformers-bard server joins: "bard-verified", `transformers-bard serve CHECKPOINT --verifier
+AR_SOURCE` (verified decoding, DESIGN 4.2 a: one `generate(verifier=...)` at a time, every answer the AR source's).
+
 With `--engines transformers-bard vllm` the same two checkpoints are also served by vLLM (`python -m
 vllm.entrypoints.openai.api_server` from the vLLM environment of `make vllm`, one engine core; on this CPU through
 Model Runner V2, docs/serving/engines.md section 9): "bard-vllm" through this package's vLLM plugin, which needs a
@@ -63,6 +66,8 @@ def parse_args():
     parser.add_argument("--prompts", choices=["generic", "digits"], default="generic",
                         help="generic: short questions, every other with a random image; digits: the digits task's "
                              "test questions with their grids (for the demo's models), and exact match reported")
+    parser.add_argument("--verify", action="store_true",
+                        help="Also serve the checkpoint with `--verifier AR_SOURCE` (the 'bard-verified' rows).")
     parser.add_argument("--engines", nargs="+", choices=["transformers-bard", "vllm"], default=["transformers-bard"],
                         help="which servers to load: transformers-bard serve (default) and/or vLLM's OpenAI server")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"),
@@ -308,6 +313,8 @@ def main():
         if "transformers-bard" in args.engines:
             servers += [Server("bard", str(bard_path), ["--max-batch-size", str(args.max_batch_size)], args.threads),
                         Server("ar", str(ar_path), ["--autoregressive"], args.threads)]
+            if args.verify:
+                servers.append(Server("bard-verified", str(bard_path), ["--verifier", str(ar_path)], args.threads))
         if "vllm" in args.engines:
             servers += [VllmServer("bard-vllm", str(bard_path), args.vllm_python, args.threads, bard=True),
                         VllmServer("ar-vllm", str(ar_path), args.vllm_python, args.threads, bard=False)]
@@ -324,7 +331,7 @@ def main():
         finally:
             for server in servers:
                 server.stop()
-    order = ["bard", "ar", "bard-vllm", "ar-vllm"]
+    order = ["bard", "bard-verified", "ar", "bard-vllm", "ar-vllm"]
     rows.sort(key=lambda row: (row["clients"], order.index(row["server"])))
     print(f"bard: {bard_path}\nar: {ar_path} (transformers-bard serve: one generate at a time)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
@@ -335,6 +342,7 @@ def main():
     answers = {(row["server"], row["clients"], r["index"]): r["text"] for row in rows for r in row["results"]}
     print()
     for left, right, what in (("bard", "ar", "BARD's answers equal to AR's"),
+                              ("bard-verified", "ar", "verified BARD's answers equal to AR's"),
                               ("bard-vllm", "ar-vllm", "BARD's answers equal to AR's under vLLM"),
                               ("bard-vllm", "bard", "BARD's answers under vLLM equal to transformers-bard serve's")):
         same = [text == answers[(right, clients, index)] for (server, clients, index), text in answers.items()

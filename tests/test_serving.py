@@ -404,16 +404,18 @@ def test_models_endpoint_lists_the_served_name(client):
 
 # ---------------------------------------------------------------------------------------------- load benchmark
 def test_serve_benchmark_runs_at_toy_size(tmp_path):
-    """`benchmarks/serve.py --quick` builds toy checkpoints, serves BARD and its AR source, and prints the table."""
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick",
+    """`benchmarks/serve.py --quick --verify` builds toy checkpoints, serves BARD, BARD verified by its AR source and
+    the AR source, and prints the table; the verified server's answers are the AR server's on every request."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--verify",
                              "--workdir", str(tmp_path)], cwd=REPO, env=offline_env(), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]  # after the header
     cells = [[cell.strip() for cell in line.strip("| ").split("|")] for line in rows]
     assert sorted((row[0], int(row[1])) for row in cells) == sorted(
-        (server, clients) for server in ("bard", "ar") for clients in (1, 4, 16)
+        (server, clients) for server in ("bard", "bard-verified", "ar") for clients in (1, 4, 16)
     )
+    assert "verified BARD's answers equal to AR's on the same requests: 21 of 21" in result.stdout
     for row in cells:
         assert int(row[2]) == int(row[1])  # one request per client
         assert float(row[3]) > 0 and 0 < float(row[4]) <= float(row[5]) <= float(row[6])
