@@ -90,13 +90,15 @@ def test_eos_inside_a_block_and_eos_lists(ar_model):
     inputs = inputs_of(prompts)
     P = inputs["input_ids"].shape[1]
     free = ar_answer(ar_model, inputs, max_new_tokens=16)[:, P:]
-    # row 0 stops at its 6th token (inside block 1), row 2 at its first token of that id, if any
-    eos = [int(free[0, 5]), int(free[2, 2])]
+    # row 0 stops at its 6th token (inside block 1), row 1 at its first (the verifier's prefill: no forward after
+    # it), row 2 at its first token of that id, if any
+    eos = [int(free[0, 5]), int(free[1, 0]), int(free[2, 2])]
     want = ar_answer(ar_model, inputs, max_new_tokens=16, eos_token_id=eos)
     got = drafter.generate(**inputs, verifier=ar_model, max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
                            return_dict_in_generate=True)
     assert torch.equal(got.sequences, want)
-    assert int(got.num_generated_tokens[0]) <= 6 and int(got.num_generated_tokens.max()) > 6
+    assert int(got.num_generated_tokens[0]) <= 6 and len(set(got.num_generated_tokens.tolist())) == 3
+    assert int(got.num_generated_tokens[1]) == 1 and int(got.num_forwards[1]) == 0
 
 
 def scripted_drafter(drafter, monkeypatch, answer, response_start, wrong_at=()):
@@ -121,7 +123,7 @@ def scripted_drafter(drafter, monkeypatch, answer, response_start, wrong_at=()):
 
 def test_accepted_drafts_and_redrafts_count_exactly(ar_model, monkeypatch):
     """B = 4, 11 tokens, an oracle drafter: blocks are accepted whole ([3, 3, 2]: position 0 of each block is the
-    verifier's token; the oracle knows nothing past token 11, so block 2's last draft is wrong), 2 draft forwards
+    verifier's token; block 2's last draft lies past `max_new_tokens` and is not checked), 2 draft forwards
     (block 0's drafts ride in the prefill) and 3 checks. A wrong draft at offset 5 is rejected, the verifier's token
     replaces it, positions 6-7 are redrafted: [3, 0, 2, 2] and one draft and one check more."""
     drafter = make_model(4, seed=0)

@@ -214,6 +214,11 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
     if traces is not None:
         trace.append({"forward": len(trace), "kind": "verifier_prefill", "block": 0, "step": -1, "block_start": 0,
                       "unmasked": [], "revised": [], "eos_filled": [], "block_tokens": [], "verified": [[0, token]]})
+    if plan.max_new_tokens == 1 or (eos is not None and token in eos.tolist()):  # done: BARD has nothing to draft
+        generated[0, 0], lengths[0] = token, 1
+        if streamer is not None:
+            streamer.put(generated[0, :1].cpu())
+        return generated, 1, 0, 0, accepted_lengths
     # 1. BARD's prefill with block 0 = [token, mask ...] (+ its first denoising step)
     bard_vision = {key: vision[key] for key in ("pixel_values", "image_grid_thw") if key in vision}
     model_kwargs = {key: vision[key] for key in ("pixel_values_videos", "video_grid_thw") if key in vision}
@@ -250,9 +255,12 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
             draft_step()
         if bool(rows.committing.any()):  # nothing was drafted since the last block was verified: commit it now
             draft_step()
-        # 3. verify [newest verified token, drafts]
+        # 3. verify [newest verified token, drafts]; drafts after the first EOS or past `max_new_tokens` cannot be
+        # part of the answer, so they are not checked
         block_start = int(rows.block_index[0]) * B
-        drafts = rows.block[0, fixed : fixed if alone else B]
+        drafts = rows.block[0, fixed : fixed if alone else min(B, plan.max_new_tokens - block_start)]
+        if eos is not None and drafts.numel() and bool(torch.isin(drafts, eos).any()):
+            drafts = drafts[: int(torch.isin(drafts, eos).int().argmax()) + 1]
         inputs = torch.cat([torch.tensor([pending], device=drafts.device), drafts])
         predicted = verifier.check(inputs, offset=block_start + fixed - 1)
         verify_forwards += 1
