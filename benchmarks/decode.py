@@ -186,14 +186,16 @@ def load_baseline(path: str):
 # ---------------------------------------------------------------------------------------------- prompts
 def digits_prompts(spec: str, processor, num_prompts: int):
     """(rows of processor inputs, one per prompt): the test split, one question type or the mix."""
-    from transformers_bard.demo.digits import QUESTION_TYPES, build_digits_dataset, prompt_messages
+    from transformers_bard.demo.digits import ALL_QUESTION_TYPES, TASKS, build_digits_dataset, prompt_messages
 
     kind = spec.split(":", 1)[1]
-    if kind != "mix" and kind not in QUESTION_TYPES:
-        raise SystemExit(f"--prompts {spec}: the digits question types are {QUESTION_TYPES} (or mix).")
+    if kind != "mix" and kind not in ALL_QUESTION_TYPES:
+        raise SystemExit(f"--prompts {spec}: the question types are {ALL_QUESTION_TYPES} (or mix: the digits task's).")
     rows, size = [], num_prompts
     while len(rows) < num_prompts:  # the dataset draws types at random: draw more until the set is full
-        data = build_digits_dataset("test", size, seed=1)
+        # the mix draws the digits task's types; a choice-task type (`--task choice` of the demo) is asked for alone
+        weights = [kind] if kind in ALL_QUESTION_TYPES and kind not in TASKS["digits"] else None
+        data = build_digits_dataset("test", size, seed=1, question_weights=weights)
         rows = [row for row in data if kind == "mix" or row["question_type"] == kind][:num_prompts]
         size *= 4
     texts = [processor.apply_chat_template(prompt_messages(row["messages"]), add_generation_prompt=True)
