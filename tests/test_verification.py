@@ -154,14 +154,16 @@ def test_accepted_drafts_and_redrafts_count_exactly(ar_model, monkeypatch):
     assert rejected["block_tokens"][2:] == [drafter.config.mask_token_id] * 2  # masked again, then redrafted
 
 
-def test_a_verified_mask_id_is_decoded_by_the_verifier_alone(ar_model, monkeypatch):
+@pytest.mark.parametrize("index", [0, 5])
+def test_a_verified_mask_id_is_decoded_by_the_verifier_alone(ar_model, monkeypatch, index):
     """The AR model may emit the mask id (nothing stops an AR model from predicting any id): BARD's canvas cannot
-    hold it as a decided token, so the verifier decodes the rest of that block alone; the output is still the AR's."""
+    hold it as a decided token, so the verifier decodes the rest of that block alone; the output is still the AR's,
+    whether the mask id is the answer's first token (the verifier's prefill) or a later one."""
     drafter = make_model(4, seed=0)
     inputs = inputs_of([make_prompt(3, 6, False)])
     P = inputs["input_ids"].shape[1]
     want = ar_answer(ar_model, inputs)
-    mask_id = int(want[0, P + 5])  # pretend the AR's 6th token is the mask id
+    mask_id = int(want[0, P + index])  # pretend this AR token is the mask id
     monkeypatch.setattr(drafter.config, "mask_token_id", mask_id)
     got = drafter.generate(**inputs, verifier=ar_model, max_new_tokens=MAX_NEW, pad_token_id=0,
                            return_dict_in_generate=True)

@@ -227,13 +227,14 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
         mm_token_type_ids, model_kwargs, plan, first_tokens=torch.tensor([token], device=input_ids.device),
     )
     decide = (rows.block == mask) & plan.prefill_step  # [1, B]: not position 0, which the verifier decided
+    decide[:, 0] = False
     if logits is not None:  # the prefill scores every block position (in target order, DESIGN 4.1 included)
         logits = logits[decide.reshape(-1)]
     model._take_step(rows, logits, decide, input_ids, generated, plan, None, None, traces, "prefill")
     # positions < `fixed` of the current block are verified; `pending` is the newest verified token (not yet in the
     # verifier's cache: the first input of its next check); `verified` counts the verified response tokens
     fixed, verified, pending = 1, 1, token
-    known = rows.block[0, :1].clone()  # the block's verified tokens (a step with revision may touch them)
+    known = input_ids.new_tensor([token])  # the block's verified tokens (a step with revision may touch them)
     step_mask = None
     draft_forwards = verify_forwards = 0
     one = torch.ones(1, dtype=torch.bool, device=input_ids.device)
