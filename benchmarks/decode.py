@@ -517,7 +517,7 @@ def main():
                 drafts = [("", {})] + [(spec, dict(_option(kv) for kv in spec.split(","))) for spec in args.draft]
                 for spec, rule in drafts:
                     label = "BARD verified" + (f" ({spec})" if spec else "")
-                    verified = {**options, **rule, "verifier": ar, "eos_token_id": options["eos_token_id"] or eos}
+                    verified = {**options, **rule, "verifier": ar}
                     decoders.append((label, name, block_size, threshold, model, None, verified))
 
     ar_clock = ForwardClock(ar)
