@@ -75,7 +75,7 @@ def test_random_drafter_gives_the_ar_answer_batched_and_per_row(ar_model, block_
     assert torch.equal(got.sequences, want)
     assert got.num_generated_tokens.tolist() == [MAX_NEW] * 3
     assert torch.equal(got.num_forwards, got.num_draft_forwards + got.num_verify_forwards)
-    assert [len(a) for a in got.accepted_lengths] == got.num_verify_forwards.tolist()
+    assert [len(a) - 1 for a in got.accepted_lengths] == got.num_verify_forwards.tolist()  # + the prefill's check
     for row, prompt in enumerate(prompts):
         one = inputs_of([prompt])
         single = drafter.generate(**one, verifier=ar_model, max_new_tokens=MAX_NEW, pad_token_id=0)
@@ -90,15 +90,15 @@ def test_eos_inside_a_block_and_eos_lists(ar_model):
     inputs = inputs_of(prompts)
     P = inputs["input_ids"].shape[1]
     free = ar_answer(ar_model, inputs, max_new_tokens=16)[:, P:]
-    # row 0 stops at its 6th token (inside block 1), row 1 at its first (the verifier's prefill: no forward after
-    # it), row 2 at its first token of that id, if any
+    # row 0 stops at its 6th token (inside block 1), row 1 at its first (decided by the verifier's prefill: no
+    # forward after it), row 2 at its first token of that id, if any
     eos = [int(free[0, 5]), int(free[1, 0]), int(free[2, 2])]
     want = ar_answer(ar_model, inputs, max_new_tokens=16, eos_token_id=eos)
     got = drafter.generate(**inputs, verifier=ar_model, max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
                            return_dict_in_generate=True)
     assert torch.equal(got.sequences, want)
     assert int(got.num_generated_tokens[0]) <= 6 and len(set(got.num_generated_tokens.tolist())) == 3
-    assert int(got.num_generated_tokens[1]) == 1 and int(got.num_forwards[1]) == 0
+    assert int(got.num_generated_tokens[1]) == 1 and int(got.num_verify_forwards[1]) == 0
 
 
 def scripted_drafter(drafter, monkeypatch, answer, response_start, wrong_at=()):
@@ -122,10 +122,11 @@ def scripted_drafter(drafter, monkeypatch, answer, response_start, wrong_at=()):
 
 
 def test_accepted_drafts_and_redrafts_count_exactly(ar_model, monkeypatch):
-    """B = 4, 11 tokens, an oracle drafter: blocks are accepted whole ([3, 3, 2]: position 0 of each block is the
-    verifier's token; block 2's last draft lies past `max_new_tokens` and is not checked), 2 draft forwards
-    (block 0's drafts ride in the prefill) and 3 checks. A wrong draft at offset 5 is rejected, the verifier's token
-    replaces it, positions 6-7 are redrafted: [3, 0, 2, 2] and one draft and one check more."""
+    """B = 4, 11 tokens, an oracle drafter: blocks are accepted whole ([4, 3, 2]: block 0's four drafts are checked
+    in the verifier's prefill; position 0 of a later block is the verifier's token; block 2's last draft lies past
+    `max_new_tokens` and is not checked), 2 draft forwards (block 0's drafts ride in BARD's prefill) and 2 checks
+    after the verifier's prefill. A wrong draft at offset 5 is rejected, the verifier's token replaces it, positions
+    6-7 are redrafted: [4, 0, 2, 2] and one draft and one check more."""
     drafter = make_model(4, seed=0)
     prompt = make_prompt(3, 6, False)
     inputs = inputs_of([prompt])
@@ -136,19 +137,20 @@ def test_accepted_drafts_and_redrafts_count_exactly(ar_model, monkeypatch):
     out = drafter.generate(**inputs, verifier=ar_model, max_new_tokens=MAX_NEW, pad_token_id=0,
                            return_dict_in_generate=True, output_trace=True)
     assert torch.equal(out.sequences, want)
-    assert out.accepted_lengths == [[3, 3, 2]]
-    assert (int(out.num_draft_forwards[0]), int(out.num_verify_forwards[0])) == (2, 3)
-    assert out.tokens_per_forward.tolist() == pytest.approx([MAX_NEW / 5])
+    assert out.accepted_lengths == [[4, 3, 2]]
+    assert (int(out.num_draft_forwards[0]), int(out.num_verify_forwards[0])) == (2, 2)
+    assert out.tokens_per_forward.tolist() == pytest.approx([MAX_NEW / 4])
     scripted_drafter(drafter, monkeypatch, answer, response_start=P, wrong_at={5})
     out = drafter.generate(**inputs, verifier=ar_model, max_new_tokens=MAX_NEW, pad_token_id=0,
                            return_dict_in_generate=True, output_trace=True)
     assert torch.equal(out.sequences, want)
-    assert out.accepted_lengths == [[3, 0, 2, 2]]
-    assert (int(out.num_draft_forwards[0]), int(out.num_verify_forwards[0])) == (3, 4)
+    assert out.accepted_lengths == [[4, 0, 2, 2]]
+    assert (int(out.num_draft_forwards[0]), int(out.num_verify_forwards[0])) == (3, 3)
     trace = out.trace[0]
     assert len(trace) == int(out.num_forwards[0]) + 2
-    checks = [event for event in trace if event["kind"] == "verify"]
-    assert [event["accepted"] for event in checks] == [3, 0, 2, 2]
+    checks = [event for event in trace if event["kind"] in ("verify", "verifier_prefill")]
+    assert [event["kind"] for event in checks] == ["verifier_prefill"] + ["verify"] * 3
+    assert [event["accepted"] for event in checks] == [4, 0, 2, 2]
     rejected = checks[1]
     assert rejected["rejected"] == [[1, (answer[5] + 1) % 400]] and rejected["verified"] == [[1, answer[5]]]
     assert rejected["block_tokens"][2:] == [drafter.config.mask_token_id] * 2  # masked again, then redrafted

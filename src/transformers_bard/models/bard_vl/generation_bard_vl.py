@@ -489,10 +489,9 @@ class BardVLGenerationOutput(ModelOutput):
             tail with `eos_tail_fill`) and `block_tokens` (the block after the forward, `mask_token_id` where still
             masked). Replaying `unmasked`, then
             `revised`, then `eos_filled` block by block rebuilds the generated tokens.
-            With `verifier=`: the verifier's prefill comes first (`kind` `"verifier_prefill"`, `verified`:
-            `[[0, token]]`, empty `block_tokens`), then BARD's events as above, and after every check an event of
-            `kind` `"verify"` (`step` -1): `block`, `block_start`, `checked_from` (first checked position of the
-            block), `drafts` (the checked tokens), `accepted` (how many of them were accepted), `rejected`
+            With `verifier=`: BARD's events as above, and after every check an event of `kind` `"verify"` (the
+            first check, inside the verifier's prefill: `"verifier_prefill"`; `step` -1): `block`, `block_start`,
+            `checked_from` (first checked position of the block), `drafts` (the checked tokens), `accepted` (how many of them were accepted), `rejected`
             (`[[position, draft]]` of the first rejected draft, empty when all agreed), `verified` (`[[position,
             token]]`: the verifier's token placed there; empty when it came after the block), `next_block_first`
             (that token when every draft agreed, so it starts the next block, else None) and `block_tokens` (the
@@ -501,9 +500,11 @@ class BardVLGenerationOutput(ModelOutput):
             `len(trace[row]) == num_forwards[row] + 2` (two prefills).
         num_draft_forwards, num_verify_forwards (`torch.LongTensor` of shape `(batch,)`, *optional*):
             With `verifier=`: BARD's forwards after its prefill (denoising steps and commits) and the verifier's
-            forwards after its prefill (one per check); `num_forwards` is their sum.
+            forwards after its prefill (one per check but the first, which rides in the prefill); `num_forwards` is
+            their sum.
         accepted_lengths (`list[list[int]]`, *optional*):
-            With `verifier=`: per row, the number of drafts each check accepted, in order.
+            With `verifier=`: per row, the number of drafts each check accepted, in order (the first: the check
+            inside the verifier's prefill).
     """
 
     sequences: torch.LongTensor | None = None

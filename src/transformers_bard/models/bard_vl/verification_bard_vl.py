@@ -9,16 +9,20 @@ predictions from the commit forward).
 The loop of one row (`verified_generate_row`):
 
 ```
-0. The verifier prefills the prompt; its argmax at the last prompt token is response token 0 (verified).
-1. BARD prefills the prompt with block 0 = [token 0, mask, ..., mask] (its first denoising step rides along).
+1. BARD prefills the prompt (block 0's first denoising step rides along), as without a verifier.
 2. BARD denoises the block's masked positions (the generation config's unmasking rule) until none is left.
-3. One verifier forward over [last verified token, drafts]: accept the longest prefix of drafts equal to the
-   verifier's argmax, then the verifier's token at the first mismatch (or, when every draft agreed, after the block).
+3. One verifier forward checks the drafts: the first one is the verifier's prefill, [prompt ; block 0's drafts];
+   later ones run [newest verified token ; drafts] against its cache. Accept the longest prefix of drafts equal to
+   the verifier's argmax, then the verifier's token at the first mismatch (or, when every draft agreed, after the
+   block). Drafts after the first EOS or past `max_new_tokens` are not checked: they cannot be in the answer.
 4. Mismatch at j: positions < j stay, the verifier's token goes to j, the rest is masked again: back to 2.
    Whole block verified: it is committed to BARD's cache by the next forward (fused with the next block's first
-   step), whose position 0 is the verifier's token: back to 2.
+   step), whose position 0 is the verifier's token when every draft agreed: back to 2.
 5. The row stops at its first verified EOS or at `max_new_tokens`.
 ```
+
+DESIGN 4.2 a prefills the verifier first, for its token 0; checking block 0 inside that prefill gives the same
+tokens with one verifier forward less per answer.
 
 A verified token that is the mask id (an AR model may predict any id) cannot sit in BARD's canvas as a decided token
 (it would read as masked): from there to the end of that block the verifier decodes alone, one token per forward.
@@ -132,16 +136,19 @@ class ARVerifier:
         self.prompt_length = 0
         self.response_start = 0
 
-    def prefill(self, input_ids, mm_token_type_ids, pixel_values=None, image_grid_thw=None, video_grid_thw=None,
-                pixel_values_videos=None) -> int:
-        """Run the prompt ``[1, P]`` into a new cache; returns the argmax at the last prompt token (response token 0)."""
-        P = input_ids.shape[1]
+    def prefill(self, input_ids, mm_token_type_ids, drafts, pixel_values=None, image_grid_thw=None,
+                video_grid_thw=None, pixel_values_videos=None) -> torch.Tensor:
+        """Run the prompt ``[1, P]`` followed by the first `drafts` ``[n]`` (response offsets 0 .. n - 1) into a new
+        cache: the first check rides in the prefill. Returns the argmax at the last prompt token and after each draft
+        ``[n + 1]`` (entry i: the verifier's choice for response offset i)."""
+        P, n = input_ids.shape[1], drafts.shape[0]
         rope, _ = self.model.model.get_rope_index(
             input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw, attention_mask=torch.ones_like(input_ids),
         )  # [3, 1, P]
-        text = torch.arange(P, device=input_ids.device)[None, None]  # [1, 1, P]
         self.prompt_length, self.response_start = P, int(rope.max()) + 1
+        text = torch.arange(P + n, device=input_ids.device)[None, None]  # [1, 1, P + n]
+        rope = torch.cat([rope, (self.response_start + torch.arange(n, device=rope.device)).expand(3, 1, n)], dim=2)
         self.cache = DynamicCache(config=self.model.config)
         vision = {}
         if pixel_values is not None:
@@ -149,12 +156,13 @@ class ARVerifier:
         if pixel_values_videos is not None:
             vision.update(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
         logits = self.model(
-            input_ids=input_ids, position_ids=torch.cat([text, rope]), cache=self.cache, use_cache=True,
-            mm_token_type_ids=mm_token_type_ids, logits_to_keep=1, **vision,
-        ).logits  # [1, 1, vocab]
-        return int(logits[0, -1].argmax())
+            input_ids=torch.cat([input_ids, drafts[None]], dim=1), position_ids=torch.cat([text, rope]),
+            cache=self.cache, use_cache=True, logits_to_keep=n + 1,
+            mm_token_type_ids=torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(1, n)], dim=1), **vision,
+        ).logits  # [1, n + 1, vocab]
+        return logits[0].argmax(-1)
 
-    def check(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
+    def check(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:  # after `prefill`
         """Append `tokens` ``[n]`` (response offsets `offset` .. `offset` + n - 1; the cache holds the ones before) and
         return the argmax after each ``[n]``: entry i is the verifier's choice for offset `offset` + i + 1."""
         n = tokens.shape[0]
@@ -209,32 +217,20 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
     traces = [trace] if trace is not None else None
     accepted_lengths = []
 
-    # 0. the verifier's prefill: response token 0
-    token = verifier.prefill(input_ids, mm_token_type_ids, **vision)
-    if traces is not None:
-        trace.append({"forward": len(trace), "kind": "verifier_prefill", "block": 0, "step": -1, "block_start": 0,
-                      "unmasked": [], "revised": [], "eos_filled": [], "block_tokens": [], "verified": [[0, token]]})
-    if plan.max_new_tokens == 1 or (eos is not None and token in eos.tolist()):  # done: BARD has nothing to draft
-        generated[0, 0], lengths[0] = token, 1
-        if streamer is not None:
-            streamer.put(generated[0, :1].cpu())
-        return generated, 1, 0, 0, accepted_lengths
-    # 1. BARD's prefill with block 0 = [token, mask ...] (+ its first denoising step)
+    # 1. BARD's prefill with block 0's first denoising step, as without a verifier
     bard_vision = {key: vision[key] for key in ("pixel_values", "image_grid_thw") if key in vision}
     model_kwargs = {key: vision[key] for key in ("pixel_values_videos", "video_grid_thw") if key in vision}
     cache, rows, logits = model._prefill_prompt(
         input_ids, torch.ones_like(input_ids), bard_vision.get("pixel_values"), bard_vision.get("image_grid_thw"),
-        mm_token_type_ids, model_kwargs, plan, first_tokens=torch.tensor([token], device=input_ids.device),
+        mm_token_type_ids, model_kwargs, plan,
     )
-    decide = (rows.block == mask) & plan.prefill_step  # [1, B]: not position 0, which the verifier decided
-    decide[:, 0] = False
-    if logits is not None:  # the prefill scores every block position (in target order, DESIGN 4.1 included)
-        logits = logits[decide.reshape(-1)]
+    decide = torch.full((1, B), plan.prefill_step, dtype=torch.bool, device=input_ids.device)
     model._take_step(rows, logits, decide, input_ids, generated, plan, None, None, traces, "prefill")
     # positions < `fixed` of the current block are verified; `pending` is the newest verified token (not yet in the
-    # verifier's cache: the first input of its next check); `verified` counts the verified response tokens
-    fixed, verified, pending = 1, 1, token
-    known = input_ids.new_tensor([token])  # the block's verified tokens (a step with revision may touch them)
+    # verifier's cache: the first input of its next check; before the verifier's prefill, the prompt's last token);
+    # `verified` counts the verified response tokens
+    fixed, verified, pending = 0, 0, None
+    known = input_ids.new_zeros(0)  # the block's verified tokens (a step with revision may touch them)
     step_mask = None
     draft_forwards = verify_forwards = 0
     one = torch.ones(1, dtype=torch.bool, device=input_ids.device)
@@ -262,19 +258,23 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
         drafts = rows.block[0, fixed : fixed if alone else min(B, plan.max_new_tokens - block_start)]
         if eos is not None and drafts.numel() and bool(torch.isin(drafts, eos).any()):
             drafts = drafts[: int(torch.isin(drafts, eos).int().argmax()) + 1]
-        inputs = torch.cat([torch.tensor([pending], device=drafts.device), drafts])
-        predicted = verifier.check(inputs, offset=block_start + fixed - 1)
-        verify_forwards += 1
+        if pending is None:  # the verifier's prefill: the prompt, then block 0's drafts
+            predicted = verifier.prefill(input_ids, mm_token_type_ids, drafts, **vision)
+        else:
+            inputs = torch.cat([torch.tensor([pending], device=drafts.device), drafts])
+            predicted = verifier.check(inputs, offset=block_start + fixed - 1)
+            verify_forwards += 1
         accepted, token = accept_prefix(drafts, predicted)
         accepted_lengths.append(accepted)
         verifier.keep(block_start + fixed + accepted)
         new_block, new_fixed, position = place_verified(rows.block[0], fixed, accepted, token, mask)
-        verified, pending = block_start + position + 1, token
+        verified = block_start + position + 1
         stop = stops(torch.cat([drafts[:accepted], torch.tensor([token], device=drafts.device)]))
         if traces is not None:
             rejected = [[position, int(drafts[accepted])]] if accepted < drafts.shape[0] else []
             trace.append({
-                "forward": len(trace), "kind": "verify", "block": block_start // B, "step": -1,
+                "forward": len(trace), "kind": "verify" if pending is not None else "verifier_prefill",
+                "block": block_start // B, "step": -1,
                 "block_start": block_start, "checked_from": fixed, "drafts": drafts.tolist(), "accepted": accepted,
                 "rejected": rejected, "verified": [[position, token]] if position < B else [],
                 "next_block_first": token if position == B else None, "block_tokens": new_block.tolist(),
@@ -283,7 +283,7 @@ def verified_generate_row(model, verifier: ARVerifier, input_ids, mm_token_type_
                 "revised": [[position, rejected[0][1], token, 1.0]] if rejected else [], "eos_filled": [],
             })
         rows.block[0] = new_block
-        fixed, known = new_fixed, new_block[:new_fixed].clone()
+        fixed, known, pending = new_fixed, new_block[:new_fixed].clone(), token
         if not stop and position < B - 1:
             continue  # 4. redraft the rest of the block
         # 5. a verified block: keep it (the row stops here at EOS or the length limit), else move on; the next block
