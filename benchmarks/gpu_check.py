@@ -102,6 +102,7 @@ def flex_equals_sdpa(device: str) -> dict:
 # ---------------------------------------------------------------------- 4. whole generate calls
 def generate_throughput(device: str, quick: bool) -> dict:
     from transformers import Qwen3VLForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     from transformers_bard.testing import published_qwen3_vl_config
 
@@ -109,13 +110,19 @@ def generate_throughput(device: str, quick: bool) -> dict:
     config = published_qwen3_vl_config("2b", text_layers=layers, vision_depth=1)
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    ar = Qwen3VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    # random weights, initialised once (the plain constructor fills each twice: torch's default, then transformers')
+    with no_init_weights():
+        ar = Qwen3VLForConditionalGeneration(config)
+    ar.init_weights()
+    ar = ar.to(device=device, dtype=dtype).eval()
     fields = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         fields.pop(key, None)
-    bard = BardVLForConditionalGeneration(BardVLConfig(**fields, mask_token_id=decode.QWEN_MASK))
+    with no_init_weights():  # every weight is the AR model's (loaded next): random ones would be thrown away
+        bard = BardVLForConditionalGeneration(BardVLConfig(**fields, mask_token_id=decode.QWEN_MASK))
     bard = bard.to(device=device, dtype=dtype).eval()
     bard.load_state_dict(ar.state_dict())
+    bard.tie_weights()
     new_tokens, prompt_len = (32, 16) if quick else (256, 512)
     batches = (1,) if quick else (1, 8)
     block_sizes = (4, 32) if quick else tuple(decode.DEMO_TOKENS_PER_FORWARD)
@@ -128,7 +135,8 @@ def generate_throughput(device: str, quick: bool) -> dict:
         attention = torch.ones_like(ids)
 
         def timed(call):
-            call()  # warm-up
+            if not quick:  # toy sizes time nothing worth a warm-up
+                call()
             sync()
             start = time.perf_counter()
             result = call()
@@ -247,7 +255,8 @@ def main(argv=None):
         section(results, "train_step", deadline)(train)
     if wanted("decode_forward"):
         def forward():
-            args = argparse.Namespace(size="2b", layers=1 if cli.quick else None, context=16 if cli.quick else 2048,
+            # a context of at least the largest B: the verify forward re-reads the last B cached tokens
+            args = argparse.Namespace(size="2b", layers=1 if cli.quick else None, context=32 if cli.quick else 2048,
                                       dtype="bfloat16",
                                       device=device, repeats=1 if cli.quick else 5,
                                       batch_sizes=[1] if cli.quick else [1, 8],

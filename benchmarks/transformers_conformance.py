@@ -309,36 +309,52 @@ def ensure_test_dependencies(cache: Path) -> str | None:
     return str(target)
 
 
-def run_pytest(tests: Path, keyword: str | None, timeout: int, extra_path: str | None) -> tuple[Path, dict]:
+def run_pytest(tests: Path, keyword: str | None, timeout: int, extra_path: str | None) -> tuple[list[Path], dict]:
+    """Both test classes at once, one pytest process each (the two models' tests are independent, and each process
+    uses one thread); returns their JUnit reports and the setup the test module recorded."""
     module = tests / "test_bard_conformance.py"
     module.write_text(TEST_MODULE.format(mask_token_id=MASK_TOKEN_ID, block_size=BLOCK_SIZE))
-    report = tests.parent / "conformance-report.xml"
-    for stale in (report, tests.parent / "conformance-setup.json"):
-        stale.unlink(missing_ok=True)
-    select = ["StockQwen3VLTest", "BardVLTest"]
-    command = [
-        sys.executable, "-m", "pytest", str(module), "-p", "no:cacheprovider", "-q", "-rN", "-s",
-        f"--junitxml={report}", "-o", "junit_family=xunit1",
-        "-k", f"({' or '.join(select)})" + (f" and ({keyword})" if keyword else ""),
-    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
-    result = subprocess.run(command, cwd=tests.parent, env=env, timeout=timeout, capture_output=True, text=True)
+    tests.parent.joinpath("conformance-setup.json").unlink(missing_ok=True)
+    runs = []
+    for name in ("StockQwen3VLTest", "BardVLTest"):
+        report = tests.parent / f"conformance-report-{name}.xml"
+        report.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "pytest", str(module), "-p", "no:cacheprovider", "-q", "-rN", "-s",
+            f"--junitxml={report}", "-o", "junit_family=xunit1",
+            "-k", name + (f" and ({keyword})" if keyword else ""),
+        ]
+        output = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: neither process waits for a reader
+        process = subprocess.Popen(command, cwd=tests.parent, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   text=True)
+        runs.append((report, process, output))
+    for report, process, output in runs:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for _, other, _ in runs:
+                other.kill()
+            raise
+        if not report.is_file():
+            output.seek(0)
+            print(output.read()[-8000:])
+            raise SystemExit("pytest wrote no report: the test module did not import (see above).")
+        output.close()
     setup_file = tests.parent / "conformance-setup.json"
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
-    if not report.is_file():
-        print(result.stdout[-4000:], result.stderr[-4000:])
-        raise SystemExit("pytest wrote no report: the test module did not import (see above).")
-    return report, setup
+    return [report for report, _, _ in runs], setup
 
 
-def read_report(report: Path, mixin_tests: set[str]) -> dict[str, dict[str, tuple[str, str]]]:
+def read_report(reports: list[Path], mixin_tests: set[str]) -> dict[str, dict[str, tuple[str, str]]]:
     """{class name: {test name: (outcome, message)}}, outcome passed/failed/error/skipped/xfailed. Parameterized tests
     (`test_x_0_fp16`, ...) count one by one."""
     outcomes: dict[str, dict[str, tuple[str, str]]] = {"StockQwen3VLTest": {}, "BardVLTest": {}}
-    for case in ET.parse(report).getroot().iter("testcase"):
+    cases = [case for report in reports for case in ET.parse(report).getroot().iter("testcase")]
+    for case in cases:
         cls = case.get("classname", "").rsplit(".", 1)[-1]
         name = case.get("name", "")
         if cls not in outcomes or not any(name == test or name.startswith(test + "_") for test in mixin_tests):
@@ -389,8 +405,8 @@ def main(argv=None) -> int:
     mixin = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ModelTesterMixin")
     mixin_tests = {n.name for n in mixin.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
 
-    report, setup = run_pytest(tests, args.keyword, args.timeout, extra_path)
-    outcomes = read_report(report, mixin_tests)
+    reports, setup = run_pytest(tests, args.keyword, args.timeout, extra_path)
+    outcomes = read_report(reports, mixin_tests)
     stock, bard = outcomes["StockQwen3VLTest"], outcomes["BardVLTest"]
     passed_on_stock = sorted(name for name, (outcome, _) in stock.items() if outcome == "passed")
     regressions = [name for name in passed_on_stock if bard.get(name, ("not run", ""))[0] not in ("passed", "skipped")]

@@ -256,6 +256,37 @@ def interrupted_copies(full, tmp_path):
     return mid, boundary
 
 
+def fsdp2_resume_arguments(model_dir, data_dir, optim: str) -> list[str]:
+    """Arguments of examples/scripts/block_merge.py for the FSDP2 resume runs: the tiny recipe on `model_dir` and the
+    8-row tiny chat dataset (written to `data_dir`), B = 4 then 8 with 2 steps each, batch 2 per process, TRL's fused
+    LM head, a checkpoint every step, no warm-up, optimizer `optim`; no ``--output_dir``."""
+    from datasets import Dataset
+
+    data_dir.mkdir(parents=True)
+    Dataset.from_list(tiny_chat_rows(8)).to_parquet(str(data_dir / "train.parquet"))
+    return [
+        *("--config", str(EXAMPLES / "configs" / "block_merge_tiny.yaml"), "--model_name_or_path", str(model_dir)),
+        *("--dataset_name", str(data_dir)),
+        *("--block_sizes", "4", "8", "--stage_steps", "2", "--per_device_train_batch_size", "2"),
+        *("--use_fused_lm_head", "true", "--save_strategy", "steps", "--save_steps", "1"),
+        *("--max_warmup_steps", "0", "--disable_tqdm", "true", "--optim", optim),
+    ]
+
+
+@pytest.fixture(scope="session")
+def fsdp2_block_merge_run(tiny_bard_vl_dir, tmp_path_factory):
+    """An uninterrupted run under FSDP2 (`accelerate launch --config_file fsdp2_cpu.yaml`, 2 gloo processes) with
+    `fsdp2_resume_arguments(..., "adamw_torch")`, once per session: the reference of the FSDP2 resume tests
+    (tests/test_multiprocess.py: interrupted at a stage boundary; tests/test_kills.py: killed inside a save).
+    Returns ``(arguments, output folder)``."""
+    folder = tmp_path_factory.mktemp("fsdp2_block_merge")
+    arguments = fsdp2_resume_arguments(tiny_bard_vl_dir, folder / "data", "adamw_torch")
+    full = folder / "full"
+    result = accelerate_launch("fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(full)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return arguments, full
+
+
 def tiny_trainer_kwargs(output_dir, **overrides) -> dict:
     """Keyword arguments shared by the trainer tests' configs: CPU, fp32, quiet, tiny batches, no checkpointing."""
     defaults = dict(

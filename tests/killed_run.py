@@ -2,6 +2,7 @@
 
     python tests/killed_run.py block_merge|diffusion_distill [script arguments...]
     python tests/killed_run.py convert SOURCE OUTPUT
+    python tests/killed_run.py serve     # the runs above, forked from one process that imported everything once
 
 `BARD_KILL_AT` (environment) says where, as ``EVENT:BLOCK_SIZE:STEP`` (training) or ``EVENT:COUNT`` (conversion):
 
@@ -15,12 +16,21 @@
 
 Without `BARD_KILL_AT` the run is not interrupted. Under `accelerate launch` every process kills itself at the same
 point (a rank killed alone takes the others down through the launcher anyway).
+
+`serve` saves the 10 s that importing torch, transformers and TRL costs every run: it imports them once, then reads
+one JSON request a line from stdin, ``{"argv": [...], "kill_at": "..." or null, "stdout": PATH, "stderr": PATH,
+"timeout": seconds}``, runs each in a forked child process (its own process, which the kill ends like any run, with
+its output in the two files) and answers a JSON line on stdout: ``{"returncode": ...}`` (negative: the signal that
+ended it; -9 is SIGKILL), or ``{"timed_out": true}`` for a run it ended past its timeout.
 """
 
+import json
 import os
 import shutil
 import signal
 import sys
+import time
+import traceback
 
 
 def kill() -> None:
@@ -121,5 +131,46 @@ def main(argv: list[str]) -> None:
     {"block_merge": scripts.run_block_merge, "diffusion_distill": scripts.run_diffusion_distill}[command](arguments)
 
 
+def serve() -> None:
+    # what the runs import, once (the trainers import TRL's, which imports wandb where it is installed: 4 s alone)
+    import transformers_bard.conversion  # noqa: F401
+    from transformers_bard.trainer import block_merge_trainer, diffusion_distill_trainer, scripts  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the run: the environment and output of a fresh process
+            code = 1
+            try:
+                os.environ.pop("BARD_KILL_AT", None)
+                if request["kill_at"] is not None:
+                    os.environ["BARD_KILL_AT"] = request["kill_at"]
+                for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.dup2(target, fd)
+                    os.close(target)
+                main(request["argv"])
+                code = 0
+            except SystemExit as error:  # argparse and friends: the exit status a fresh process would have
+                code = error.code if isinstance(error.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + request["timeout"]
+        while not (finished := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not finished[0]:  # past its timeout: ended here, and said so (not taken for a kill of the test's)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            print(json.dumps({"timed_out": True}), flush=True)
+            continue
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(finished[1])}), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    serve() if sys.argv[1:] == ["serve"] else main(sys.argv[1:])

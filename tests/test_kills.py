@@ -3,10 +3,12 @@ a stage save resumes from its last complete checkpoint to the same weights and l
 half-written checkpoint folder is never resumed from (killed inside the first save, resuming starts from step 0); a
 conversion killed mid-write leaves no target folder; a failed upload leaves the local files intact and says so.
 
-The runs (marked slow) are subprocesses of `tests/killed_run.py` (the example scripts' entry points, with a kill at a chosen point:
-see its docstring), on the tiny recipes with a checkpoint every 2 steps.
+The runs (marked slow) are processes of `tests/killed_run.py` (the example scripts' entry points, with a kill at a chosen
+point: see its docstring), on the tiny recipes with a checkpoint every 2 steps; each is forked from one `killed_run.py
+serve` process of the module, which imports torch, transformers and TRL once for all of them.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -28,13 +30,37 @@ KILLED_RUN = REPO / "tests" / "killed_run.py"
 SAVES = ["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1", "--disable_tqdm", "true"]
 
 
-def run(arguments, kill_at=None, timeout=600) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``run(arguments, kill_at=None)``: `tests/killed_run.py ARGUMENTS` killed at `kill_at` (or not), as a
+    `subprocess.CompletedProcess` with its output. Each run is a process of its own, forked by one `killed_run.py
+    serve` (offline, one thread) that imported the libraries once."""
+    logs = tmp_path_factory.mktemp("killed_runs")
+    server_log = (logs / "serve.log").open("w")
     env = offline_env()
     env.pop("BARD_KILL_AT", None)
-    if kill_at is not None:
-        env["BARD_KILL_AT"] = kill_at
-    command = [sys.executable, str(KILLED_RUN), *map(str, arguments)]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    server = subprocess.Popen([sys.executable, str(KILLED_RUN), "serve"], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=server_log, text=True)
+    numbers = itertools.count()
+
+    def run_one(arguments, kill_at=None, timeout=600) -> subprocess.CompletedProcess:
+        argv = [*map(str, arguments)]
+        number = next(numbers)
+        stdout, stderr = logs / f"{number}.out", logs / f"{number}.err"
+        request = {"argv": argv, "kill_at": kill_at, "stdout": str(stdout), "stderr": str(stderr), "timeout": timeout}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        reply = server.stdout.readline()
+        assert reply, "killed_run.py serve exited: " + (logs / "serve.log").read_text()[-3000:]
+        reply = json.loads(reply)
+        if reply.get("timed_out"):
+            raise subprocess.TimeoutExpired(argv, timeout, stdout.read_text(), stderr.read_text())
+        return subprocess.CompletedProcess(argv, reply["returncode"], stdout.read_text(), stderr.read_text())
+
+    yield run_one
+    server.stdin.close()
+    server.wait(timeout=60)
+    server_log.close()
 
 
 def killed(result) -> bool:
@@ -66,7 +92,7 @@ def dirs(tiny_bard_vl_dir, tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(dirs, data_dir, tmp_path_factory):
+def uninterrupted(dirs, data_dir, run, tmp_path_factory):
     """The reference runs, never killed: {kind: output folder}."""
     runs = {}
     for kind in BLOCK_SIZES:
@@ -107,7 +133,7 @@ KILLS = [
     ("kind", "kill_at", "half_written", "resumes_from"), KILLS, ids=[f"{kind}-{at}" for kind, at, *_ in KILLS]
 )
 def test_killed_run_resumes_to_the_uninterrupted_result(kind, kill_at, half_written, resumes_from, dirs, data_dir,
-                                                          uninterrupted, tmp_path):
+                                                          uninterrupted, run, tmp_path):
     output = tmp_path / "run"
     result = run(arguments(kind, dirs, data_dir, output), kill_at=kill_at)
     assert killed(result), f"not killed at {kill_at} (rc {result.returncode}): {result.stderr[-3000:]}"
@@ -124,10 +150,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(kind, kill_at, half_writ
     assert all(torch.isfinite(param).all() for param in loaded.parameters())
 
     # 2. resuming ends where the uninterrupted run ended: same final weights, same losses
-    resume_to_the_uninterrupted_result(kind, dirs, data_dir, output, uninterrupted)
+    resume_to_the_uninterrupted_result(run, kind, dirs, data_dir, output, uninterrupted)
 
 
-def resume_to_the_uninterrupted_result(kind, dirs, data_dir, output, uninterrupted) -> subprocess.CompletedProcess:
+def resume_to_the_uninterrupted_result(run, kind, dirs, data_dir, output, uninterrupted) -> subprocess.CompletedProcess:
     """Run the same command again with `--resume_from_checkpoint true` (a requeued job); it must end with the
     uninterrupted run's final weights and losses, every checkpoint folder left complete."""
     result = run(arguments(kind, dirs, data_dir, output) + ["--resume_from_checkpoint", "true"])
@@ -146,7 +172,7 @@ def resume_to_the_uninterrupted_result(kind, dirs, data_dir, output, uninterrupt
 
 
 @pytest.mark.slow
-def test_killed_inside_the_first_save_restarts_from_step_0(dirs, data_dir, uninterrupted, tmp_path):
+def test_killed_inside_the_first_save_restarts_from_step_0(dirs, data_dir, uninterrupted, run, tmp_path):
     """Killed inside the very first checkpoint save: nothing complete to resume from. The half-written folder is
     refused by path; the same command with `--resume_from_checkpoint true` (a requeued job) warns, starts from step 0
     and ends with the uninterrupted run's result (issue 39)."""
@@ -156,12 +182,12 @@ def test_killed_inside_the_first_save_restarts_from_step_0(dirs, data_dir, unint
     assert resume_point(str(output), [4, 8], True) == (0, None, None)
     with pytest.raises(ValueError, match="its save was interrupted"):
         resume_point(str(output), [4, 8], str(output / "checkpoints-b4" / "checkpoint-2"))
-    result = resume_to_the_uninterrupted_result("block_merge", dirs, data_dir, output, uninterrupted)
+    result = resume_to_the_uninterrupted_result(run, "block_merge", dirs, data_dir, output, uninterrupted)
     assert "holds no complete checkpoint" in result.stderr and "from the beginning (step 0)" in result.stderr
 
 
 @pytest.mark.slow
-def test_conversion_killed_mid_write_leaves_no_target_folder(tiny_qwen3_vl_dir, tmp_path):
+def test_conversion_killed_mid_write_leaves_no_target_folder(tiny_qwen3_vl_dir, run, tmp_path):
     target = tmp_path / "converted"
     result = run(["convert", tiny_qwen3_vl_dir, target], kill_at="copy:3")
     assert killed(result), result.stderr[-3000:]
@@ -199,10 +225,12 @@ def test_failed_upload_leaves_the_local_folder_intact_and_says_so(tiny_bard_vl_d
 
 @pytest.mark.slow
 @pytest.mark.skipif(not accelerate_available(), reason="no accelerate")
-def test_fsdp2_run_killed_inside_a_save_resumes_to_the_uninterrupted_result(dirs, data_dir, tmp_path):
-    """2 gloo processes under FSDP2 (examples/accelerate_configs/fsdp2_cpu.yaml), both killed inside the save of
-    ``checkpoints-b8/checkpoint-4`` after the sharded optimizer state is written: resuming from ``checkpoint-2``
-    ends like an uninterrupted FSDP2 run."""
+def test_fsdp2_run_killed_inside_a_save_resumes_to_the_uninterrupted_result(fsdp2_block_merge_run, tmp_path):
+    """2 gloo processes under FSDP2 (examples/accelerate_configs/fsdp2_cpu.yaml; the run of conftest's
+    `fsdp2_block_merge_run`: AdamW, a checkpoint every step, here at most one kept), both killed inside the save of
+    ``checkpoints-b8/checkpoint-2`` after the sharded optimizer state is written: resuming from ``checkpoint-1`` (mid
+    stage) ends like the uninterrupted FSDP2 run."""
+    script_arguments, full = fsdp2_block_merge_run
 
     def launch(output, *extra, kill_at=None):
         env = offline_env()
@@ -212,19 +240,17 @@ def test_fsdp2_run_killed_inside_a_save_resumes_to_the_uninterrupted_result(dirs
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(EXAMPLES / "accelerate_configs" / "fsdp2_cpu.yaml"), "--main_process_port", str(free_port()),
-            str(KILLED_RUN), *map(str, arguments("block_merge", dirs, data_dir, output)),
-            "--per_device_train_batch_size", "2", *extra,
+            str(KILLED_RUN), "block_merge", *script_arguments, "--output_dir", str(output), "--save_total_limit", "1",
+            *extra,
         ]
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
-    full, output = tmp_path / "full", tmp_path / "run"
-    result = launch(full)
-    assert result.returncode == 0, result.stderr[-6000:]
-    result = launch(output, kill_at="save-optimizer:8:4")
+    output = tmp_path / "run"
+    result = launch(output, kill_at="save-optimizer:8:2")
     assert result.returncode != 0 and "SIGKILL" in result.stdout + result.stderr, result.stderr[-6000:]
-    half = output / "checkpoints-b8" / "checkpoint-4"
+    half = output / "checkpoints-b8" / "checkpoint-2"
     assert half.is_dir() and not (half / STAGE_STATE_NAME).exists()
-    assert resume_point(str(output), [4, 8], True)[1] == str(output / "checkpoints-b8" / "checkpoint-2")
+    assert resume_point(str(output), [4, 8], True)[1] == str(output / "checkpoints-b8" / "checkpoint-1")
     result = launch(output, "--resume_from_checkpoint", "true")
     assert result.returncode == 0, result.stderr[-6000:]
     assert losses(output / "stage-b8") == pytest.approx(losses(full / "stage-b8"), rel=1e-5)

@@ -18,6 +18,7 @@ from conftest import (
     EXAMPLES,
     accelerate_available,
     accelerate_launch,
+    fsdp2_resume_arguments,
     interrupted_copies,
     load_example_script,
     tiny_chat_rows,
@@ -84,20 +85,41 @@ def distill_arguments(student_dir, teacher_dir, tmp_path, *extra, num_rows: int 
     ]
 
 
-def one_and_two_processes(script: str, accelerate_config: str, arguments: list[str], tmp_path):
-    """Run example `script` in this process with batch 4 (into ``one``), then under `accelerate launch` with
-    `accelerate_config` as 2 processes x batch 2 (into ``two``); returns ``(one, two, launch result)``."""
+def one_process(script: str, arguments: list[str], one) -> None:
+    """Run example `script` in this process with batch 4, into `one`."""
     config_class = {"block_merge": BlockMergeConfig, "diffusion_distill": DiffusionDistillConfig}[script]
-    one, two = tmp_path / "one", tmp_path / "two"
     parser = TrlParser((ScriptArguments, config_class, ModelConfig))
     load_example_script(script).main(
         *parser.parse_args_and_config(arguments + ["--output_dir", str(one), "--per_device_train_batch_size", "4"])
     )
+
+
+def two_processes(script: str, accelerate_config: str, arguments: list[str], two):
+    """Run example `script` under `accelerate launch` with `accelerate_config` as 2 processes x batch 2, into `two`;
+    returns the launch result."""
     result = accelerate_launch(
         accelerate_config, script, arguments + ["--output_dir", str(two), "--per_device_train_batch_size", "2"]
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return one, two, result
+    return result
+
+
+def one_and_two_processes(script: str, accelerate_config: str, arguments: list[str], tmp_path):
+    """Run example `script` in this process with batch 4 (into ``one``), then under `accelerate launch` with
+    `accelerate_config` as 2 processes x batch 2 (into ``two``); returns ``(one, two, launch result)``."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(script, arguments, one)
+    return one, two, two_processes(script, accelerate_config, arguments, two)
+
+
+@pytest.fixture(scope="module")
+def distill_one_process(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path_factory):
+    """The 1-process reference of both distillation tests (DDP and FSDP2 run the same arguments): 2 SGD steps in
+    this process, batch 4, once. Returns ``(arguments, output folder)``."""
+    folder = tmp_path_factory.mktemp("distill")
+    arguments = distill_arguments(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, folder, "--max_steps", "2", *SGD)
+    one_process("diffusion_distill", arguments, folder / "one")
+    return arguments, folder / "one"
 
 
 def logged(stage_dir, keys=("loss",)) -> list[float]:
@@ -128,10 +150,11 @@ def test_block_merge_two_processes_equal_one_process(tiny_bard_vl_dir, tmp_path)
     assert_same_weights(one / "stage-b4", two / "stage-b4", tiny_bard_vl_dir)
 
 
-def test_diffusion_distill_two_processes_equal_one_process(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path):
+def test_diffusion_distill_two_processes_equal_one_process(distill_one_process, tiny_bard_vl_b8_dir, tmp_path):
     """DDP, the teacher placed by accelerate on each rank; the masked tokens of the step are counted over both."""
-    arguments = distill_arguments(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path, "--max_steps", "2", *SGD)
-    one, two, _ = one_and_two_processes("diffusion_distill", "multi_cpu", arguments, tmp_path)
+    arguments, one = distill_one_process
+    two = tmp_path / "two"
+    two_processes("diffusion_distill", "multi_cpu", arguments, two)
 
     keys = ("loss", "ce", "kd")
     assert len(logged(one / "stage-b8", keys)) == 2 * len(keys)
@@ -171,9 +194,19 @@ def test_fsdp2_sharded_step_equals_one_process(tiny_bard_vl_dir, tiny_bard_vl_te
             str(folders["two"]),
         ],
     }
+    runs = {}  # the reference and the sharded run at once: 3 one-thread processes, independent of each other
     for name, command in commands.items():
-        result = subprocess.run(command, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-6000:]
+        log = tmp_path / f"{name}.log"
+        with log.open("w") as output:
+            runs[name] = (subprocess.Popen(command, cwd=REPO, env=offline_env(), stdout=output,
+                                           stderr=subprocess.STDOUT), log)
+    try:
+        for name, (process, log) in runs.items():
+            assert process.wait(timeout=300) == 0, name + log.read_text()[-6000:]
+    finally:
+        for process, _ in runs.values():
+            if process.poll() is None:
+                process.kill()
 
     one = json.loads((folders["one"] / "rank0.json").read_text())
     ranks = [json.loads((folders["two"] / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -240,11 +273,12 @@ def test_block_merge_fsdp2_two_stages_equal_one_process(tiny_bard_vl_dir, tmp_pa
     assert_loads_with_remote_code_only(two / "stage-b8", tmp_path)
 
 
-def test_diffusion_distill_fsdp2_equals_one_process(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path):
+def test_diffusion_distill_fsdp2_equals_one_process(distill_one_process, tiny_bard_vl_b8_dir, tmp_path):
     """FSDP2 on 2 gloo processes with the teacher sharded too (TRL's `prepare_fsdp`: the teacher's weights are split
     like the student's instead of held whole on every rank): equal losses, CE, KD and weights to 1 process."""
-    arguments = distill_arguments(tiny_bard_vl_b8_dir, tiny_bard_vl_teacher_dir, tmp_path, "--max_steps", "2", *SGD)
-    one, two, result = one_and_two_processes("diffusion_distill", "fsdp2_cpu", arguments, tmp_path)
+    arguments, one = distill_one_process
+    two = tmp_path / "two"
+    result = two_processes("diffusion_distill", "fsdp2_cpu", arguments, two)
     assert FSDP2_WARNING in result.stderr
 
     keys = ("loss", "ce", "kd", "grad_norm")
@@ -254,35 +288,36 @@ def test_diffusion_distill_fsdp2_equals_one_process(tiny_bard_vl_b8_dir, tiny_ba
     assert_loads_with_remote_code_only(two / "stage-b8", tmp_path)
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
-def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(optim, tiny_bard_vl_dir, tmp_path):
-    """Under FSDP2 (2 gloo processes, TRL's fused LM head gathering the sharded head weight), a run interrupted
-    mid-stage (from `checkpoints-b8/checkpoint-1`) or right after stage b4 and resumed with `--resume_from_checkpoint
-    true` ends with the uninterrupted run's losses and weights. With AdamW (a state per parameter) and with plain SGD,
-    whose optimizer state is empty. A mid-stage checkpoint holds the weights once, as safetensors."""
-    arguments = block_merge_arguments(
-        tiny_bard_vl_dir,
-        tmp_path,
-        *("--block_sizes", "4", "8", "--stage_steps", "2", "--per_device_train_batch_size", "2"),
-        *("--use_fused_lm_head", "true", "--save_strategy", "steps", "--save_steps", "1"),
-        *("--max_warmup_steps", "0", "--disable_tqdm", "true", "--optim", optim),
-    )
-    full = tmp_path / "full"
-    result = accelerate_launch("fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(full)])
+def test_fsdp2_resume_mid_stage_and_at_a_stage_boundary(fsdp2_block_merge_run, tiny_bard_vl_dir, tmp_path):
+    """Under FSDP2 (2 gloo processes, TRL's fused LM head gathering the sharded head weight), an interrupted run
+    resumed with `--resume_from_checkpoint true` ends with the uninterrupted run's losses and weights: with AdamW (a
+    state per parameter) interrupted right after stage b4, with plain SGD, whose optimizer state is empty, interrupted
+    mid-stage (from `checkpoints-b8/checkpoint-1`). (A boundary resume loads the stage's weights only, whatever the
+    optimizer; the AdamW run resumed mid-stage, from a kill inside a save, is tests/test_kills.py's FSDP2 test.) A
+    mid-stage checkpoint holds the weights once, as safetensors."""
+    adamw_arguments, adamw_full = fsdp2_block_merge_run
+    sgd_arguments = fsdp2_resume_arguments(tiny_bard_vl_dir, tmp_path / "data", "sgd")
+    sgd_full = tmp_path / "sgd_full"
+    result = accelerate_launch("fsdp2_cpu", "block_merge", sgd_arguments + ["--output_dir", str(sgd_full)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    checkpoint = full / "checkpoints-b8" / "checkpoint-1"
-    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file()
-    assert not list(checkpoint.glob("pytorch_model*")), sorted(path.name for path in checkpoint.iterdir())
-    for folder in interrupted_copies(full, tmp_path):
+    for full in (adamw_full, sgd_full):
+        checkpoint = full / "checkpoints-b8" / "checkpoint-1"
+        assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file()
+        assert not list(checkpoint.glob("pytorch_model*")), sorted(path.name for path in checkpoint.iterdir())
+    _, boundary = interrupted_copies(adamw_full, tmp_path / "adamw")
+    mid, _ = interrupted_copies(sgd_full, tmp_path / "sgd")
+    for name, arguments, full, folder in (("adamw_torch", adamw_arguments, adamw_full, boundary),
+                                          ("sgd", sgd_arguments, sgd_full, mid)):
         result = accelerate_launch(
             "fsdp2_cpu", "block_merge", arguments + ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]
         )
-        assert result.returncode == 0, folder.name + result.stdout[-3000:] + result.stderr[-6000:]
-        assert logged(folder / "stage-b8") == pytest.approx(logged(full / "stage-b8"), rel=1e-5), folder.name
+        what = f"{name}, {folder.name}"
+        assert result.returncode == 0, what + result.stdout[-3000:] + result.stderr[-6000:]
+        assert logged(folder / "stage-b8") == pytest.approx(logged(full / "stage-b8"), rel=1e-5), what
         expected = load_file(str(full / "stage-b8" / "model.safetensors"))
         got = load_file(str(folder / "stage-b8" / "model.safetensors"))
         for key, tensor in expected.items():
-            torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-7, msg=f"{folder.name}: {key}")
+            torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-7, msg=f"{what}: {key}")
 
 
 def test_unsupported_sharding_on_cpu_is_refused(tiny_bard_vl_dir, tmp_path):

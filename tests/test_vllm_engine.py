@@ -56,29 +56,35 @@ def checkpoints(tmp_path_factory):
     return causal, block_causal
 
 
-def engine_config(vllm_python, checkpoint, tmp_path, **env) -> dict:
-    out = tmp_path / "config.json"
-    done = run_in_vllm(vllm_python, "config", checkpoint, out, timeout=300, **env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 def test_real_vllm_discovers_the_plugin_and_configures_the_diffusion_path(vllm_python, checkpoints, tmp_path):
     """vLLM's entry-point discovery registers the architecture; vLLM's own engine configuration runs the plugin's
     hook: a block-causal checkpoint is refused by name; a causal one becomes a diffusion model with a canvas of one
     block, Model Runner V2 and the CPU platform's attention backend; without Triton for the device (here: without
-    the interpreter) vLLM cannot run its diffusion path, and the plugin's refusal names why."""
+    the interpreter) vLLM cannot run its diffusion path, and the plugin's refusal names why. (Two processes at once:
+    both checkpoints configured in one, the one without the interpreter in the other.)"""
     causal, block_causal = checkpoints
-    record = engine_config(vllm_python, block_causal, tmp_path)
+    outs = {name: tmp_path / f"{name}.json" for name in ("block_causal", "causal", "no_interpreter")}
+    runs = []
+    for number, (arguments, env) in enumerate((
+        ((block_causal, outs["block_causal"], causal, outs["causal"]), {**os.environ, **CPU_ENV}),
+        ((causal, outs["no_interpreter"]), {**os.environ, **CPU_ENV, "TRITON_INTERPRET": "0"}),
+    )):
+        log = tmp_path / f"config{number}.log"
+        with log.open("w") as stderr:  # a file, not a pipe: neither process waits for the test to read it
+            runs.append((subprocess.Popen([str(vllm_python), str(RUN), "config", *map(str, arguments)], cwd=ROOT,
+                                          env=env, stdout=subprocess.DEVNULL, stderr=stderr), log))
+    for run, log in runs:
+        assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
+    record = json.loads(outs["block_causal"].read_text())
     assert record["registered"] and record["vllm"].startswith("0.3")
     assert not record["ok"] and "prompt_attention" in record["error"] and "'block_causal'" in record["error"], record
-    record = engine_config(vllm_python, causal, tmp_path)
+    record = json.loads(outs["causal"].read_text())
     assert record["registered"] and record["model_state"] == "vllm.v1.worker.gpu.model_states.default"
     assert record["platform_is_cpu"] and record["default_backend"] == "CPU_ATTN" == record["allowed_backends"][0]
     assert record["ok"], record["error"]
     assert record["is_diffusion"] and record["canvas_length"] == BLOCK_SIZE and record["model_runner_v2"]
     assert record["backend"] == "CPU_ATTN"
-    record = engine_config(vllm_python, causal, tmp_path, TRITON_INTERPRET="0")
+    record = json.loads(outs["no_interpreter"].read_text())
     assert not record["ok"] and "only Model Runner V2 runs" in record["error"], record
 
 

@@ -1,12 +1,13 @@
 """Runs inside the vLLM virtual environment (`make vllm`), started by tests/test_vllm_engine.py: BARD-VL through a
 real `vllm.LLM` on CPU, the plugin loaded by vLLM's own entry-point discovery (the package is installed there).
 
-    .venv-vllm/bin/python tests/vllm_engine_run.py config CHECKPOINT OUT.json
+    .venv-vllm/bin/python tests/vllm_engine_run.py config CHECKPOINT OUT.json [CHECKPOINT OUT.json ...]
     .venv-vllm/bin/python tests/vllm_engine_run.py generate CHECKPOINT REQUESTS.json OUT.json
 
 `config`: vLLM's plugin discovery (`load_general_plugins`, the `vllm.general_plugins` entry point) and vLLM's own
 engine configuration of CHECKPOINT (`EngineArgs.create_engine_config`, which runs the plugin's config hook): whether
-the architecture was registered, and the diffusion settings or vLLM's error. `generate`: the answers.
+the architecture was registered, and the diffusion settings or vLLM's error; several checkpoints in one process, each
+configured on its own, share the cost of importing vLLM. `generate`: the answers.
 
 REQUESTS.json: a list of requests, each ``{"prompt_token_ids": [...]}`` or ``{"prompt": chat_text, "image_seed": s,
 "image_size": [w, h]}`` (the image is rebuilt with `transformers_bard.testing.make_image`, so vLLM runs its own
@@ -51,7 +52,10 @@ def engine_config(checkpoint: str, out_path: str) -> int:
 
 def main() -> int:
     if sys.argv[1] == "config":
-        return engine_config(*sys.argv[2:4])
+        pairs = sys.argv[2:]
+        for checkpoint, out_path in zip(pairs[::2], pairs[1::2]):
+            engine_config(checkpoint, out_path)
+        return 0
     checkpoint, requests_path, out_path = sys.argv[2:5]
     import vllm
     from vllm import LLM, SamplingParams
