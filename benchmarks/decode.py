@@ -125,6 +125,9 @@ def parse_args():
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.num_prompts = 3, max(args.batch_sizes)
+    if args.size in PUBLISHED and args.context < max(args.block_sizes):
+        parser.error(f"--context {args.context} is below the largest block size {max(args.block_sizes)}: the verifier's "
+                     "check re-reads the last B cached tokens.")
     if args.model and args.size:
         parser.error("--model and --size exclude each other: a checkpoint has its own size.")
     if args.num_prompts < max(args.batch_sizes):
