@@ -51,6 +51,15 @@ class SequentialGenerateEngine(ModelThread):
     def __init__(self, model):
         super().__init__(model)
         self.peak_batch_size = 1
+        self._current: DecodeRequest | None = None  # the request being generated
+
+    @property
+    def running(self) -> int:
+        return int(self._current is not None)
+
+    def _running_requests(self) -> list[DecodeRequest]:
+        current = self._current
+        return [] if current is None else [current]
 
     def prepare(self, request: DecodeRequest) -> DecodeRequest:
         options = dict(request.options)
@@ -78,7 +87,11 @@ class SequentialGenerateEngine(ModelThread):
                     return
                 request = self._pending.popleft()
             if not request.cancelled.is_set():
-                self._generate(request)
+                self._current = request
+                try:
+                    self._generate(request)
+                finally:
+                    self._current = None
 
     def _call_generate(self, inputs: dict, request: DecodeRequest, streamer) -> None:
         self.model.generate(**inputs, generation_config=request.plan, streamer=streamer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from ..models.bard_vl.masking_bard_vl import PAD
+
+logger = logging.getLogger(__name__)
 
 # What the scheduler sends to a request's sink, from its own thread.
 TOKENS = "tokens"  # payload: list[int], the row's newly finished tokens (cut after EOS and at max_new_tokens)
@@ -113,8 +116,10 @@ class _Batch:
     (`rows.index`); a slot is reused once its request has left.
     """
 
-    def __init__(self, model, plan, capacity: int):
+    def __init__(self, model, plan, capacity: int, totals: collections.Counter | None = None):
         self.model, self.plan = model, plan
+        # the scheduler's counts of finished rows: "tokens" kept and decoding "forwards" (for tokens per forward)
+        self.totals = totals if totals is not None else collections.Counter()
         self.cache = self.rows = self.step_mask = None
         self.requests: dict[int, DecodeRequest] = {}
         self.free = list(range(capacity - 1, -1, -1))
@@ -172,6 +177,8 @@ class _Batch:
         for r, slot in enumerate(slots):
             request = self.requests[slot]
             if bool(stop[r]):
+                self.totals["tokens"] += int(self.lengths[slot])
+                self.totals["forwards"] += int(self.forwards[slot])
                 request.sink(DONE, self._finish_reason(slot))
             elif request.cancelled.is_set():
                 leave[r] = True
@@ -204,10 +211,19 @@ class _Batch:
         self.cache = self.rows = self.step_mask = None
 
 
+class EngineStopped(RuntimeError):
+    """What a request's sink gets when the engine stops before its answer ends (server shutdown, or the engine's
+    thread died)."""
+
+
 class ModelThread:
     """A model owned by one worker thread, fed through a queue of `DecodeRequest`s: `submit` from any thread,
-    `start`, `close`. Subclasses define `prepare` (checks a request, no forward) and `_run` (the worker's loop, which
-    waits on `_condition` for `_pending` requests until `_closing`)."""
+    `start`, `close`. Subclasses define `prepare` (checks a request, no forward), `_run` (the worker's loop, which
+    waits on `_condition` for `_pending` requests until `_closing`) and `_running_requests` (those taken from the
+    queue and not finished).
+
+    If `_run` raises, the thread ends: `failure` holds the error, every request it held gets `ERROR`, and `submit`
+    refuses new ones (the server's `/health` answers 503)."""
 
     thread_name = "model"
 
@@ -217,6 +233,7 @@ class ModelThread:
         self._condition = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
 
     def prepare(self, request: DecodeRequest) -> DecodeRequest:
         raise NotImplementedError
@@ -224,26 +241,63 @@ class ModelThread:
     def _run(self) -> None:
         raise NotImplementedError
 
+    def _running_requests(self) -> list[DecodeRequest]:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet taken by the worker."""
+        return len(self._pending)
+
     def submit(self, request: DecodeRequest) -> None:
         """Queue a request (prepared here if it was not); the worker takes it at its next iteration."""
         if request.plan is None:
             self.prepare(request)
         with self._condition:
+            if self.failure is not None:
+                raise EngineStopped(f"The {type(self).__name__} stopped: {self.failure!r}.")
             if self._closing:
-                raise RuntimeError(f"The {type(self).__name__} is closed.")
+                raise EngineStopped(f"The {type(self).__name__} is closed.")
             self._pending.append(request)
             self._condition.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread = threading.Thread(target=self._main, name=self.thread_name, daemon=True)
         self._thread.start()
 
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:  # noqa: BLE001 (recorded and reported; nothing can decode any more)
+            logger.exception("The %s thread died; the server answers 503 from now on.", self.thread_name)
+            with self._condition:
+                self.failure = error
+            self.cancel_all(EngineStopped(f"The {type(self).__name__} stopped: {error!r}."))
+
+    def cancel_all(self, error: Exception) -> int:
+        """Cancel every queued and running request and send each `ERROR` (`error`); returns how many. Called when
+        the server shuts down (after its grace period) and when the worker dies."""
+        with self._condition:
+            requests = list(self._pending)
+            self._pending.clear()
+        queued = {id(request) for request in requests}  # by identity: a dataclass's == compares tensors
+        requests += [request for request in self._running_requests() if id(request) not in queued]
+        for request in requests:  # a request whose answer ended meanwhile gets an ERROR nobody reads
+            request.cancelled.set()
+            request.sink(ERROR, error)
+        return len(requests)
+
     def close(self) -> None:
+        """Stop the worker after its current iteration; requests still queued or running get `EngineStopped`."""
         with self._condition:
             self._closing = True
             self._condition.notify()
+            held = list(self._pending)
+        for request in held + self._running_requests():
+            request.cancelled.set()  # a running `generate` stops at its next token
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.cancel_all(EngineStopped(f"The {type(self).__name__} is closed."))
 
 
 class BlockDiffusionScheduler(ModelThread):
@@ -263,6 +317,8 @@ class BlockDiffusionScheduler(ModelThread):
         self.max_batch_size = max_batch_size
         self._batches: dict[tuple, _Batch] = {}
         self.peak_batch_size = 0  # most rows decoded in one iteration so far (a measure that joining happened)
+        # over the rows that finished: tokens kept and decoding forwards (after the prefill, as `generate` counts)
+        self.totals: collections.Counter = collections.Counter()
 
     # ------------------------------------------------------------------ called from any thread
     def prepare(self, request: DecodeRequest) -> DecodeRequest:
@@ -290,7 +346,10 @@ class BlockDiffusionScheduler(ModelThread):
 
     @property
     def running(self) -> int:
-        return sum(len(batch) for batch in self._batches.values())
+        return sum(len(batch) for batch in list(self._batches.values()))
+
+    def _running_requests(self) -> list[DecodeRequest]:
+        return [request for batch in list(self._batches.values()) for request in list(batch.requests.values())]
 
     # ------------------------------------------------------------------ the scheduler thread
     def _run(self) -> None:
@@ -315,7 +374,8 @@ class BlockDiffusionScheduler(ModelThread):
                 continue
             batch = self._batches.get(request.key)
             if batch is None:
-                batch = self._batches[request.key] = _Batch(self.model, request.plan, self.max_batch_size)
+                batch = self._batches[request.key] = _Batch(self.model, request.plan, self.max_batch_size,
+                                                            self.totals)
             try:
                 batch.join(request)
             except Exception as error:  # noqa: BLE001 (reported to the request; the others go on)
