@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -352,6 +353,22 @@ def _add_serve(sub) -> None:
                    help="Verified decoding (DESIGN 4.2 a): the AR Qwen3-VL checkpoint at PATH checks every drafted "
                    "block, so every answer is its greedy answer; one request at a time, greedy only.")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning).")
+    p.add_argument("--access-log", action="store_true", help="Log one line per request (off by default).")
+    p.add_argument("--api-key", default=None,
+                   help="Require `Authorization: Bearer KEY` on every /v1 route (default: the environment variable "
+                   "TRANSFORMERS_BARD_API_KEY, else none; serving beyond 127.0.0.1 without a key logs a warning).")
+    p.add_argument("--shutdown-grace", type=float, default=20.0,
+                   help="Seconds requests in flight may take to finish after SIGTERM before they are cancelled and "
+                   "the server exits (default 20).")
+    # the limits of what a request may cost (issue 39): flags, defaults and help from ServeLimits
+    from .serving.limits import ServeLimits
+
+    for f in dataclasses.fields(ServeLimits):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "image_formats":
+            p.add_argument(flag, nargs="+", type=str.upper, default=list(f.default), help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     p.set_defaults(func=_run_serve)
 
 
@@ -366,11 +383,13 @@ def _run_serve(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .serving import run_server
+    from .serving import ServeLimits, run_server
 
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     run_server(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-               autoregressive=args.autoregressive, log_level=args.log_level, verifier=args.verifier)
+               autoregressive=args.autoregressive, log_level=args.log_level, verifier=args.verifier, limits=limits,
+               api_key=args.api_key, shutdown_grace=args.shutdown_grace, access_log=args.access_log)
     return 0
 
 
