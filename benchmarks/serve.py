@@ -26,6 +26,13 @@ Reported per server and client count: completion tokens per second over the run'
     python benchmarks/serve.py --quick
     python benchmarks/serve.py --model demo_output/pbm/stage-b32 --clients 1 4 16 --requests-per-client 4
     python benchmarks/serve.py --model causal_run/swd-b32/stage-b32 --prompts digits --engines transformers-bard vllm
+    python benchmarks/serve.py --model demo_output/pbm/stage-b32 --abuse --clients 16
+
+With `--abuse` only the BARD server runs, and each client count runs twice: honest clients alone ("bard"), then the
+same honest clients while one bounded abuser sends hostile requests one after another ("bard+abuse"): a 17.5 KB PNG
+declaring 12000 x 12000 pixels, a body declared as 64 MiB, a streaming client that hangs up after its first chunk,
+9 images in one prompt and a NaN temperature (issue 39). Reported besides the table: what the server answered the
+abuser, and the server's peak resident memory (VmHWM) after the honest-only runs and after the abused ones.
 """
 
 import argparse
@@ -70,9 +77,14 @@ def parse_args():
                         help="Also serve the checkpoint with `--verifier AR_SOURCE` (the 'bard-verified' rows).")
     parser.add_argument("--engines", nargs="+", choices=["transformers-bard", "vllm"], default=["transformers-bard"],
                         help="which servers to load: transformers-bard serve (default) and/or vLLM's OpenAI server")
+    parser.add_argument("--abuse", action="store_true",
+                        help="BARD server only: each client count without and with a bounded abuser (bombs, huge "
+                             "bodies, disconnects); reports honest tokens/s, p95 latency and the server's peak RSS")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"),
                         help="python of the vLLM environment (default: .venv-vllm of `make vllm`)")
     args = parser.parse_args()
+    if args.abuse and (args.verify or args.engines != ["transformers-bard"]):
+        parser.error("--abuse runs the transformers-bard BARD server alone: drop --verify and --engines.")
     if "vllm" in args.engines and not Path(args.vllm_python).exists():
         parser.error(f"--engines vllm needs the vLLM environment: {args.vllm_python} does not exist; run `make vllm`.")
     if args.max_tokens is None:
@@ -271,6 +283,108 @@ def run_level(server: Server, clients: int, requests_per_client: int, max_tokens
     return {"wall": wall, "results": results}
 
 
+def png_bomb(width: int = 12000, height: int = 12000) -> bytes:
+    """A 1-bit grayscale PNG of zero pixels written by hand: 17.5 KB declaring 144 M pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * height, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+class Abuser:
+    """One hostile request at a time, in turn, until stopped; counts what the server answered each kind."""
+
+    def __init__(self, server: Server):
+        self.server, self.answers = server, {}
+        self.bomb = "data:image/png;base64," + base64.b64encode(png_bomb()).decode()
+
+    def _post(self, body: dict) -> str:
+        return str(httpx.post(f"{self.server.url}/v1/chat/completions", json=body, timeout=60).status_code)
+
+    def _raw(self, head: bytes, body: bytes, read_until: bytes) -> str:
+        """A request on a raw socket; reads until `read_until`, then hangs up. Returns the status line's code."""
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=60) as sock:
+            try:
+                sock.sendall(head + body)
+            except OSError:  # the server answered and closed before the body was sent
+                pass
+            received = b""
+            while read_until not in received:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        return received.split(b" ", 2)[1].decode() if received.startswith(b"HTTP/") else "closed"
+
+    def requests(self):
+        name, text = self.server.name, "Tell me a long story."
+        image = {"type": "image_url", "image_url": {"url": image_url(0)}}
+        long_stream = json.dumps({"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": 10_000,
+                                  "stream": True}).encode()
+        yield "png bomb", lambda: self._post({"model": name, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": self.bomb}}, {"type": "text", "text": text}]}]})
+        yield "64 MiB body", lambda: self._raw(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 67108864\r\n\r\n", b"{" + b" " * 65536, b"\r\n\r\n")
+        yield "hang-up mid-stream (status before it)", lambda: self._raw(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(long_stream)}\r\n\r\n".encode(), long_stream, b"data: ")
+        yield "9 images", lambda: self._post({"model": name, "messages": [{"role": "user", "content": [image] * 9}]})
+        yield "NaN temperature", lambda: str(httpx.post(
+            f"{self.server.url}/v1/chat/completions", headers={"content-type": "application/json"}, timeout=60,
+            content=json.dumps({"model": name, "messages": [{"role": "user", "content": text}]})[:-1]
+            + ', "temperature": NaN}').status_code)
+
+    def run(self, stop: threading.Event) -> None:
+        kinds = list(self.requests())
+        index = 0
+        while not stop.is_set():
+            kind, send = kinds[index % len(kinds)]
+            index += 1
+            try:
+                answer = send()
+            except Exception as error:  # noqa: BLE001 (counted: what the abuser saw)
+                answer = type(error).__name__
+            counts = self.answers.setdefault(kind, {})
+            counts[answer] = counts.get(answer, 0) + 1
+
+
+def peak_rss_mib(server: Server) -> float:
+    """The server process's peak resident memory so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def abuse_runs(server: Server, args) -> tuple[list[dict], dict]:
+    """Each client count without, then with, the abuser; returns the rows and the peak RSS after each half."""
+    rows, peaks, abuser = [], {}, Abuser(server)
+    for clients in args.clients:
+        rows.append({"server": "bard", "clients": clients,
+                     **run_level(server, clients, args.requests_per_client, args.max_tokens)})
+    peaks["honest only"] = peak_rss_mib(server)
+    for clients in args.clients:
+        stop = threading.Event()
+        thread = threading.Thread(target=abuser.run, args=(stop,))
+        thread.start()
+        try:
+            rows.append({"server": "bard+abuse", "clients": clients,
+                         **run_level(server, clients, args.requests_per_client, args.max_tokens)})
+        finally:
+            stop.set()
+            thread.join()
+    peaks["with the abuser"] = peak_rss_mib(server)
+    return rows, {"peaks": peaks, "answers": abuser.answers}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -309,8 +423,11 @@ def main():
             bard_path, ar_path = toy_checkpoints(Path(args.workdir or tmp), for_vllm="vllm" in args.engines)
         else:
             bard_path, ar_path = Path(args.model), Path(args.ar_source or ar_source_of(args.model))
-        servers = []
-        if "transformers-bard" in args.engines:
+        servers, abuse = [], None
+        if args.abuse:
+            servers.append(Server("bard", str(bard_path), ["--max-batch-size", str(args.max_batch_size)],
+                                  args.threads))
+        elif "transformers-bard" in args.engines:
             servers += [Server("bard", str(bard_path), ["--max-batch-size", str(args.max_batch_size)], args.threads),
                         Server("ar", str(ar_path), ["--autoregressive"], args.threads)]
             if args.verify:
@@ -324,16 +441,20 @@ def main():
             for server in servers:  # warm-up: the first request pays for lazy initialisation
                 run_level(server, 1, 1, min(args.max_tokens, 8))
             rows = []
-            for level, clients in enumerate(args.clients):
+            if args.abuse:
+                rows, abuse = abuse_runs(servers[0], args)
+            for level, clients in enumerate([] if args.abuse else args.clients):
                 for server in servers if level % 2 == 0 else servers[::-1]:
                     run = run_level(server, clients, args.requests_per_client, args.max_tokens)
                     rows.append({"server": server.name, "clients": clients, **run})
         finally:
             for server in servers:
                 server.stop()
-    order = ["bard", "bard-verified", "ar", "bard-vllm", "ar-vllm"]
+    order = ["bard", "bard+abuse", "bard-verified", "ar", "bard-vllm", "ar-vllm"]
     rows.sort(key=lambda row: (row["clients"], order.index(row["server"])))
-    print(f"bard: {bard_path}\nar: {ar_path} (transformers-bard serve: one generate at a time)")
+    print(f"bard: {bard_path}")
+    if not args.abuse:
+        print(f"ar: {ar_path} (transformers-bard serve: one generate at a time)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
           f"{args.threads} torch thread(s) per server; python {platform.python_version()}")
     print(f"{args.requests_per_client} streaming request(s) per client, max_tokens {args.max_tokens}, greedy; "
@@ -341,6 +462,15 @@ def main():
     print("\n".join(table(rows)))
     answers = {(row["server"], row["clients"], r["index"]): r["text"] for row in rows for r in row["results"]}
     print()
+    if abuse is not None:
+        peaks = abuse["peaks"].items()
+        print("server's peak RSS (VmHWM): " + ", ".join(f"{mib:.0f} MiB {when}" for when, mib in peaks))
+        print("the abuser's requests and the server's answers: " + "; ".join(
+            f"{kind}: " + ", ".join(f"{count} x {answer}" for answer, count in sorted(counts.items()))
+            for kind, counts in abuse["answers"].items()))
+        same = [text == answers[("bard", clients, index)] for (server, clients, index), text in answers.items()
+                if server == "bard+abuse" and ("bard", clients, index) in answers]
+        print(f"honest answers equal with and without the abuser: {sum(same)} of {len(same)}")
     for left, right, what in (("bard", "ar", "BARD's answers equal to AR's"),
                               ("bard-verified", "ar", "verified BARD's answers equal to AR's"),
                               ("bard-vllm", "ar-vllm", "BARD's answers equal to AR's under vLLM"),

@@ -318,7 +318,8 @@ def test_malformed_fields_are_refused_before_anything_is_queued(bard, case):
 @pytest.mark.parametrize("field, literal", [("temperature", "NaN"), ("top_p", "Infinity"), ("temperature", "1e999"),
                                            ("max_tokens", "-Infinity")])
 def test_non_finite_numbers_are_refused(bard, field, literal):
-    body = json.dumps({name: value for name, value in chat().items() if name != field})[:-1] + f', "{field}": {literal}}}'
+    without = json.dumps({name: value for name, value in chat().items() if name != field})
+    body = without[:-1] + f', "{field}": {literal}}}'
     with serving(bard) as (http, engine):
         response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
         assert_error(response, 400, param=field, mentions=("finite", f"`{field}`"))
