@@ -66,6 +66,27 @@ def test_quick_pipeline_end_to_end(tiny_qwen3_vl_dir, tmp_path):
     assert any(str(tmp_path / "results.json") in line for line in lines)
 
 
+def test_verified_rows_benchmark_on_a_pipeline_output(tiny_qwen3_vl_dir, tmp_path, monkeypatch, capsys):
+    """`benchmarks/verified_rows.py` on the quick run's folder: both final models verified by the recorded AR
+    source at two draft thresholds, every answer the AR source's."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    run_pipeline(_tiny_config(tmp_path, tiny_qwen3_vl_dir, verify=False), report=lambda line: None)
+    spec = importlib.util.spec_from_file_location("verified_rows", REPO / "benchmarks" / "verified_rows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["verified_rows.py", str(tmp_path), "--eval-samples", "4", "--max-new-tokens",
+                                      "8", "--batch-size", "4", "--draft-thresholds", "0.9", "0.1"])
+    module.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| PBM")]
+    assert [(r[0].strip(), float(r[1])) for r in rows] == [
+        ("PBM B=8", 0.9), ("PBM B=8", 0.1), ("PBM+SWD B=8", 0.9), ("PBM+SWD B=8", 0.1)]
+    assert all(float(r[3]) == 1.0 for r in rows)  # same answers as AR
+
+
 @pytest.mark.slow
 def test_pipeline_with_all_ablations(tiny_qwen3_vl_dir, tmp_path):
     ablations = ("direct", "ar_teacher", "mix", "sample_norm", "wide_mask_rates")
