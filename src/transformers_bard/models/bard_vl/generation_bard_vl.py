@@ -825,7 +825,19 @@ class BardVLGenerationMixin:
         if streamer is not None:
             streamer.end()
         # 5. outputs
-        sequences = self._sequences(input_ids, generated, lengths, plan)
+        return self._outputs(input_ids, generated, lengths, forwards, plan, return_dict_in_generate, trace)
+
+    @staticmethod
+    def _outputs(input_ids, generated, lengths, forwards, plan: _DecodingPlan, return_dict_in_generate, trace,
+                 **verified):
+        """The prompt followed by each row's kept tokens ``[batch, P + longest]`` (pad-filled after a row's end), or
+        with `return_dict_in_generate` the `BardVLGenerationOutput` (`verified`: the fields of verified decoding)."""
+        width = int(lengths.max())
+        new_tokens = generated[:, :width]
+        if plan.pad_token_id is not None:
+            beyond = torch.arange(width, device=generated.device)[None, :] >= lengths[:, None]
+            new_tokens = new_tokens.masked_fill(beyond, plan.pad_token_id)
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
         if not return_dict_in_generate:
             return sequences
         return BardVLGenerationOutput(
@@ -834,17 +846,8 @@ class BardVLGenerationMixin:
             num_forwards=forwards,
             num_generated_tokens=lengths,
             trace=trace,
+            **verified,
         )
-
-    @staticmethod
-    def _sequences(input_ids, generated, lengths, plan: _DecodingPlan):
-        """The prompt followed by each row's kept tokens ``[batch, P + longest]``, pad-filled after a row's end."""
-        width = int(lengths.max())
-        new_tokens = generated[:, :width]
-        if plan.pad_token_id is not None:
-            beyond = torch.arange(width, device=generated.device)[None, :] >= lengths[:, None]
-            new_tokens = new_tokens.masked_fill(beyond, plan.pad_token_id)
-        return torch.cat([input_ids, new_tokens], dim=1)
 
     def _verified_generate(self, verifier, input_ids, attention_mask, pixel_values, image_grid_thw,
                            mm_token_type_ids, model_kwargs, plan, streamer, return_dict_in_generate):
@@ -878,20 +881,8 @@ class BardVLGenerationMixin:
             accepted.append(accepted_row)
         if streamer is not None:
             streamer.end()
-        sequences = self._sequences(input_ids, generated, lengths, plan)
-        if not return_dict_in_generate:
-            return sequences
-        forwards = drafts + checks
-        return BardVLGenerationOutput(
-            sequences=sequences,
-            tokens_per_forward=lengths.float() / forwards.clamp(min=1).float(),
-            num_forwards=forwards,
-            num_generated_tokens=lengths,
-            trace=trace,
-            num_draft_forwards=drafts,
-            num_verify_forwards=checks,
-            accepted_lengths=accepted,
-        )
+        return self._outputs(input_ids, generated, lengths, drafts + checks, plan, return_dict_in_generate, trace,
+                             num_draft_forwards=drafts, num_verify_forwards=checks, accepted_lengths=accepted)
 
     # ------------------------------------------------------------------ 0. configuration and inputs
     def _resolve_generation_config(self, generation_config, kwargs: dict):
