@@ -59,6 +59,7 @@ import transformers
 from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from transformers_bard import BardVLConfig, BardVLForConditionalGeneration
+from transformers_bard.demo.digits import _answer_tokens
 from transformers_bard.models.bard_vl.processing_bard_vl import BardVLProcessor
 from transformers_bard.testing import build_tiny_qwen3_vl, make_image, published_qwen3_vl_config, tiny_chat_messages
 
@@ -315,14 +316,6 @@ def _option(pair: str):
     return key, value
 
 
-def _answer(new_tokens: list[int], eos_ids) -> list[int]:
-    """A row's generated tokens up to and including the first EOS (padding after it dropped)."""
-    for index, token in enumerate(new_tokens):
-        if token in eos_ids:
-            return new_tokens[: index + 1]
-    return new_tokens
-
-
 # ---------------------------------------------------------------------------------------------- main
 def machine_lines():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -559,7 +552,7 @@ def main():
                 warm, outputs = run_one(i)
                 calls[i] = warm.calls / len(prompt_batches)
                 answers[i] = [  # each row's new tokens up to its first EOS
-                    _answer(row[b["input_ids"].shape[1]:], eos)
+                    _answer_tokens(row[b["input_ids"].shape[1]:], eos)
                     for b, o in zip(prompt_batches, outputs)
                     for row in (o[2] if runs[i][0] == "AR" else o.sequences).tolist()
                 ]

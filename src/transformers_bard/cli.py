@@ -106,6 +106,8 @@ def _run_generate(args) -> int:
         if value is not None
     }
     if args.verifier:
+        from .models.bard_vl.verification_bard_vl import load_verifier
+
         options["verifier"] = load_verifier(args.verifier)
     if args.show_steps or args.compare_ar:
         from .app.terminal import run_show_steps
@@ -120,18 +122,6 @@ def _run_generate(args) -> int:
         print(text)
     print(f"[tokens per forward: {float(out.tokens_per_forward[0]):.2f}]", file=sys.stderr)
     return 0
-
-
-def load_verifier(path: str):
-    """The AR Qwen3-VL model at `path` for `verifier=` (DESIGN 4.2 a), in eval mode, with an error naming the path
-    when it is not one."""
-    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
-
-    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
-    if model_type != "qwen3_vl":
-        raise ValueError(f"--verifier {path}: expected an autoregressive Qwen3-VL checkpoint (model_type 'qwen3_vl'), "
-                         f"found model_type {model_type!r}. Pass the AR source the BARD model was converted from.")
-    return Qwen3VLForConditionalGeneration.from_pretrained(path).eval()
 
 
 def _add_demo(sub) -> None:

@@ -207,6 +207,7 @@ class BardVL(lmms):
         import transformers_bard  # noqa: F401  (registers the BARD-VL Auto classes)
 
         from ..models.bard_vl.processing_bard_vl import BardVLProcessor
+        from ..models.bard_vl.verification_bard_vl import load_verifier
 
         args = self.args
         config = AutoConfig.from_pretrained(args.pretrained, trust_remote_code=args.trust_remote_code)
@@ -226,11 +227,7 @@ class BardVL(lmms):
             path = args.verifier
             if path == "source":
                 path = self._source_model(config)
-            verifier_config = AutoConfig.from_pretrained(path)
-            if verifier_config.model_type != "qwen3_vl":
-                raise ValueError(f"`verifier`={args.verifier!r} is a {verifier_config.model_type!r} checkpoint; "
-                                 "verified decoding needs the autoregressive Qwen3-VL source (model_type 'qwen3_vl').")
-            self.verifier = AutoModelForImageTextToText.from_pretrained(path, **load_kwargs).to(self._device).eval()
+            self.verifier = load_verifier(path, **load_kwargs).to(self._device)
         self._model = model.to(self._device).eval()
         self.checkpoint = checkpoint
         self.processor = BardVLProcessor.from_pretrained(checkpoint)

@@ -37,7 +37,7 @@ def load_engine(checkpoint: str, autoregressive: bool = False, max_batch_size: i
         raise ValueError(f"--verifier {verifier} checks a BARD model's drafts; with --autoregressive there are none. "
                          "Drop one of them.")
     if verifier is not None:
-        from ..cli import load_verifier
+        from ..models.bard_vl.verification_bard_vl import load_verifier
         from .autoregressive import VerifiedGenerateEngine
 
         engine = VerifiedGenerateEngine(AutoModel.from_pretrained(checkpoint).eval(), load_verifier(verifier))

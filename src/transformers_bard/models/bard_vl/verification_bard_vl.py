@@ -122,6 +122,18 @@ def check_verifier(model, verifier, generation_config, logits_processor, stoppin
                              f"`verifier.generation_config.{field} = None`.")
 
 
+def load_verifier(path, **load_kwargs):
+    """The autoregressive Qwen3-VL checkpoint at `path` as a verifier, in eval mode (`load_kwargs` go to
+    `from_pretrained`); anything else is refused naming the path."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
+    if model_type != "qwen3_vl":
+        raise ValueError(f"--verifier / verifier= {path}: expected an autoregressive Qwen3-VL checkpoint (model_type 'qwen3_vl'), "
+                         f"found model_type {model_type!r}. Pass the AR source the BARD model was converted from.")
+    return Qwen3VLForConditionalGeneration.from_pretrained(path, **load_kwargs).eval()
+
+
 class ARVerifier:
     """A separate autoregressive Qwen3-VL model as the verifier of one row: its own vision tower and DynamicCache.
 
